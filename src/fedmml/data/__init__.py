@@ -1,0 +1,1 @@
+"""Datasets, preprocessing and client partitioning; independent of models and federation."""

@@ -1,0 +1,188 @@
+"""Image-caption datasets in the COCO captions layout (root/images/ + root/captions_<split>.json)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from fedmml.data.images import UnreadableImage, load_image, random_resized_crop, to_tensor
+
+PREPARE_HINT = "run `fedmml data prepare emoji` (or point data.root at a COCO-format folder)"
+
+
+class DatasetNotFound(FileNotFoundError):
+    """A dataset root, image folder or captions file that does not exist."""
+
+
+def _missing(what: str, path: Path) -> DatasetNotFound:
+    return DatasetNotFound(f"{what} not found: {path}; {PREPARE_HINT}")
+
+
+def _sort_key(image_id: Any) -> tuple[bool, Any]:
+    # Ids are ints in COCO, but tolerate strings without mixing types in one comparison.
+    return (isinstance(image_id, str), image_id)
+
+
+def _valid_id(value: Any) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, str) and value != ""
+    )
+
+
+class CaptionDataset(Dataset):
+    """Images with one or more captions each, preloaded into memory as uint8 arrays."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        images_dir: str = "images",
+        image_size: int = 64,
+        train: bool = True,
+        augment: bool = False,
+        seed: int = 0,
+        limit: int = 0,
+        captions_file: str | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.image_size = image_size
+        self.train = train
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        if not self.root.is_dir():
+            raise _missing("dataset root", self.root)
+        self.captions_path = self.root / (captions_file or f"captions_{split}.json")
+        if not self.captions_path.is_file():
+            raise _missing(f"captions file for split {split!r}", self.captions_path)
+        self.images_path = self.root / images_dir
+        if not self.images_path.is_dir():
+            raise _missing("image folder", self.images_path)
+
+        records, captions, skipped = _parse_captions(self.captions_path)
+        self.image_ids: list[Any] = []
+        self.file_names: list[str] = []
+        self.captions: list[list[str]] = []
+        self.labels: list[str | None] = []
+        self.images: list[np.ndarray] = []
+        for image_id in sorted(records, key=_sort_key):
+            if limit > 0 and len(self.image_ids) >= limit:
+                break
+            if not captions.get(image_id):
+                skipped["image_without_caption"] += 1
+                continue
+            record = records[image_id]
+            try:
+                pixels = load_image(self.images_path / record["file_name"])
+            except UnreadableImage:
+                skipped["unreadable_image"] += 1
+                continue
+            self.images.append(self._store(pixels))
+            self.image_ids.append(image_id)
+            self.file_names.append(record["file_name"])
+            self.captions.append(captions[image_id])
+            category = record.get("category")
+            self.labels.append(category if isinstance(category, str) else None)
+        self.skipped: dict[str, int] = dict(skipped)
+        if not self.images:
+            raise ValueError(
+                f"no usable image-caption pairs in {self.captions_path} (skipped: {self.skipped})"
+            )
+
+    def _store(self, pixels: np.ndarray) -> np.ndarray:
+        # Without augmentation every access resizes to image_size anyway, so do it once here; with
+        # augmentation keep more resolution for the crops but bound memory at 4x the output size.
+        size = self.image_size
+        if not self.augment:
+            if pixels.shape[:2] == (size, size):
+                return pixels
+            resized = Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(resized, dtype=np.uint8)
+        side = min(pixels.shape[:2])
+        if side <= 4 * size:
+            return pixels
+        scale = 4 * size / side
+        height, width = pixels.shape[:2]
+        resized = Image.fromarray(pixels).resize(
+            (round(width * scale), round(height * scale)), Image.Resampling.BILINEAR
+        )
+        return np.asarray(resized, dtype=np.uint8)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose seeded caption draws and augmentations __getitem__ returns."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str] | tuple[torch.Tensor, list[str]]:
+        pixels = self.images[index]
+        if not self.train:
+            return to_tensor(pixels, self.image_size), list(self.captions[index])
+        # Seeded by (seed, epoch, index) so draws do not depend on access order or DataLoader workers.
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        options = self.captions[index]
+        caption = options[int(rng.integers(len(options)))]
+        if self.augment:
+            pixels = random_resized_crop(pixels, self.image_size, rng=rng)
+        return to_tensor(pixels, self.image_size), caption
+
+    @property
+    def num_captions(self) -> int:
+        """Total number of valid captions across all kept images."""
+        return sum(len(c) for c in self.captions)
+
+
+def _parse_captions(path: Path) -> tuple[dict[Any, dict], dict[Any, list[str]], Counter]:
+    """Read a COCO captions JSON into id->image record and id->captions, counting malformed entries."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot parse captions file {path}: {err}") from err
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(f"{path} is not a COCO captions file: expected an object with an 'images' list")
+    annotations = data.get("annotations", [])
+    if not isinstance(annotations, list):
+        raise ValueError(f"{path}: 'annotations' must be a list")
+
+    skipped: Counter = Counter(bad_image_entry=0, bad_caption=0, unreadable_image=0, image_without_caption=0)
+    records: dict[Any, dict] = {}
+    for entry in data["images"]:
+        ok = (
+            isinstance(entry, dict) and _valid_id(entry.get("id")) and isinstance(entry.get("file_name"), str)
+        )
+        if not ok or entry["id"] in records:
+            skipped["bad_image_entry"] += 1
+            continue
+        records[entry["id"]] = entry
+
+    captions: dict[Any, list[str]] = {}
+    for ann in annotations:
+        image_id = ann.get("image_id") if isinstance(ann, dict) else None
+        caption = ann.get("caption") if isinstance(ann, dict) else None
+        known = _valid_id(image_id) and image_id in records
+        if not known or not isinstance(caption, str) or not caption.strip():
+            skipped["bad_caption"] += 1
+            continue
+        captions.setdefault(image_id, []).append(caption.strip())
+    return records, captions, skipped
+
+
+def collate_train(batch: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[str]]:
+    """Stack pixels and keep captions as a list of strings."""
+    pixels, captions = zip(*batch, strict=True)
+    return torch.stack(pixels), list(captions)
+
+
+def collate_eval(batch: list[tuple[torch.Tensor, list[str]]]) -> tuple[torch.Tensor, list[list[str]]]:
+    """Stack pixels and keep each image's caption list."""
+    pixels, captions = zip(*batch, strict=True)
+    return torch.stack(pixels), [list(c) for c in captions]

@@ -1,0 +1,1 @@
+"""Engines deliver the server's messages to clients and bring back their replies."""

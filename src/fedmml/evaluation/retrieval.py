@@ -1,0 +1,110 @@
+"""Image-text retrieval Recall@K over a whole evaluation set, its relevance matrix, and its chance level.
+
+Ranks are exact and cheap: for each query, the rank of its best relevant item is the number of items that
+score *strictly higher* than that item's score, so a hit at K means ``rank < K``. No argsort is needed, and
+the result does not depend on how a sort would order tied scores: an item tied with the best relevant one
+does not push it down. (Exact ties between float similarities of distinct items are rare in practice; this
+rule only makes them deterministic.)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
+
+# Rows of the similarity matrix processed at once: 1,024 x 25,000 floats is about 100 MB of temporaries.
+_CHUNK_ROWS = 1024
+
+
+def normalise_caption(text: str) -> str:
+    """Caption key used for de-duplication: stripped, lowercased, whitespace collapsed."""
+    return re.sub(r"\s+", " ", text.strip().lower())
+
+
+def build_relevance(captions_per_image: Sequence[Sequence[str]]) -> tuple[list[str], Tensor]:
+    """Unique normalised captions in first-seen order and the bool matrix ``relevant[image, text]``.
+
+    Captions are de-duplicated because a caption string can belong to several images: the emoji datasets
+    carry the same caption (the Unicode name) for the same emoji drawn in two vendor styles, and that
+    caption is equally correct for both images. Keeping two copies of the text would make each copy count
+    as a miss when the model ranks the other image first, which penalises a correct answer.
+    """
+    index: dict[str, int] = {}
+    pairs: list[tuple[int, int]] = []
+    for image, captions in enumerate(captions_per_image):
+        for caption in captions:
+            text = index.setdefault(normalise_caption(caption), len(index))
+            pairs.append((image, text))
+    relevant = torch.zeros(len(captions_per_image), len(index), dtype=torch.bool)
+    if pairs:
+        rows, cols = zip(*pairs, strict=True)
+        relevant[list(rows), list(cols)] = True
+    return list(index), relevant
+
+
+def _best_relevant_rank(sim: Tensor, relevant: Tensor) -> Tensor:
+    """Per row, the 0-based rank of its best relevant column: the count of columns scoring strictly higher."""
+    ranks = torch.empty(sim.shape[0], dtype=torch.long)
+    for start in range(0, sim.shape[0], _CHUNK_ROWS):
+        scores = sim[start : start + _CHUNK_ROWS].detach().float()
+        mask = relevant[start : start + _CHUNK_ROWS].to(scores.device)
+        best = scores.masked_fill(~mask, float("-inf")).amax(dim=1, keepdim=True)
+        ranks[start : start + _CHUNK_ROWS] = (scores > best).sum(dim=1).cpu()
+    return ranks
+
+
+def recall_at_k(sim: Tensor, relevant: Tensor, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """Percent Recall@K both ways (``i2t_r{k}``, ``t2i_r{k}``) and their sum ``rsum``; ``sim[image, text]``.
+
+    A query is a hit at K when ANY of its relevant items has rank < K (see the module docstring for ranks).
+    """
+    _check_relevance(relevant)
+    if sim.shape != relevant.shape:
+        raise ValueError(f"sim {tuple(sim.shape)} and relevant {tuple(relevant.shape)} differ in shape")
+    ranks = {"i2t": _best_relevant_rank(sim, relevant), "t2i": _best_relevant_rank(sim.t(), relevant.t())}
+    result = {
+        f"{direction}_r{k}": 100.0 * (rank < k).double().mean().item()
+        for direction, rank in ranks.items()
+        for k in ks
+    }
+    result["rsum"] = sum(result.values())
+    return result
+
+
+def chance_rsum(relevant: Tensor, ks: Sequence[int] = DEFAULT_KS) -> float:
+    """Exact expected ``rsum`` of a uniformly random ranking, for judging how far a model is above chance."""
+    _check_relevance(relevant)
+    n_img, n_txt = relevant.shape
+    per_image = relevant.sum(dim=1, dtype=torch.int32)  # relevant texts of each image
+    per_text = relevant.sum(dim=0, dtype=torch.int32)  # relevant images of each text
+    return sum(_chance_recall(per_image, n_txt, k) + _chance_recall(per_text, n_img, k) for k in ks)
+
+
+def _chance_recall(relevant_counts: Tensor, n: int, k: int) -> float:
+    """Percent expected Recall@k of queries with these relevant counts, their n candidates shuffled."""
+    counts, queries = torch.unique(relevant_counts, return_counts=True)
+    total = 0.0
+    for m, weight in zip(counts.tolist(), queries.tolist(), strict=True):
+        # P(miss) = C(n-m, k) / C(n, k), evaluated as a product so it never builds huge integers.
+        miss = 1.0
+        for j in range(min(k, n)):
+            miss *= max(n - m - j, 0) / (n - j)
+        total += weight * (1.0 - miss)
+    return 100.0 * total / relevant_counts.numel()
+
+
+def _check_relevance(relevant: Tensor) -> None:
+    """Reject anything but a 2-D bool matrix in which every image and every text has a relevant partner."""
+    if relevant.dim() != 2 or relevant.dtype != torch.bool:
+        raise ValueError(f"relevant must be a 2-D bool tensor, got {relevant.dtype} {tuple(relevant.shape)}")
+    # A query with no relevant item has no defined recall; counting it as a miss would hide a data bug.
+    for dim, name in ((1, "image"), (0, "text")):
+        missing = (~relevant.any(dim=dim)).nonzero().flatten()
+        if missing.numel():
+            first = missing[0].item()
+            raise ValueError(f"{missing.numel()} {name}(s) have no relevant item, the first at index {first}")

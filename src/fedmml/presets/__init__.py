@@ -1,0 +1,1 @@
+"""Named configuration presets, one TOML file each."""

@@ -1,0 +1,395 @@
+"""Run and comparison reports: Markdown tables and PNG plots built from metrics records and summaries.
+
+Metrics records are the lines of ``metrics.jsonl``: one per round, in order, with ``round`` counted over the
+whole run, ``stage``, and ``bytes_up``/``bytes_down`` holding the bytes sent *in that round* (the plots and
+stage tables add them up). Evaluated rounds also carry retrieval keys (``rsum``, ``i2t_r1``, ...) or
+classification keys (``accuracy``, ``macro_f1``); which ones are present decides what is plotted and tabled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: reports are written by servers and CI with no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+Record = Mapping[str, Any]
+Line = tuple[str, Sequence[float], Sequence[float]]
+
+# Evaluation kind -> plot panels (title, y label, keys); the first key of the first panel is the headline.
+PANELS = {
+    "retrieval": (("rsum", "sum of recalls (%)", ("rsum",)), ("Recall@1", "%", ("i2t_r1", "t2i_r1"))),
+    "classification": (("Accuracy", "%", ("accuracy",)), ("Macro F1", "macro F1", ("macro_f1",))),
+}
+MB = 1e6  # decimal megabytes, as network traffic is usually quoted
+
+_RECALL = re.compile(r"(i2t|t2i)_r(\d+)")
+_PERCENT_KEYS = ("rsum", "chance_rsum", "accuracy", "macro_f1")
+_LABELS = {
+    "chance_rsum": "rsum of a random ranking",
+    "rsum_vs_chance": "rsum / chance",
+    "accuracy": "accuracy (%)",
+    "macro_f1": "macro F1",
+    "wall_s": "wall time",
+}
+
+
+def plot_run(metrics: Sequence[Record], out_dir: Path) -> list[Path]:
+    """Write the evaluation, cumulative-bytes and training-loss plots of one run; return their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rounds = _rounds(metrics)
+    paths = []
+    if kind := _kind(metrics):
+        panels = [(t, y, [(_label(k), *_series(metrics, k)) for k in keys]) for t, y, keys in PANELS[kind]]
+        paths.append(_plot(out_dir / f"{kind}.png", panels, "round", metrics))
+    cumulative = [(d, rounds, _cumulative_mb(metrics, (f"bytes_{d}",))) for d in ("up", "down")]
+    paths.append(
+        _plot(out_dir / "bytes.png", [("Cumulative communication", "MB", cumulative)], "round", metrics)
+    )
+    if any(_has(r, "train_loss") for r in metrics):
+        loss = [("train", *_series(metrics, "train_loss"))]
+        paths.append(_plot(out_dir / "loss.png", [("Training loss", "loss", loss)], "round", metrics))
+    return paths
+
+
+def write_run_report(
+    run_dir: Path, config: Mapping[str, Any], summary: Mapping[str, Any], metrics: Sequence[Record]
+) -> Path:
+    """Write ``report.md`` (summary, per-stage table, plots under ``plots/``) into the run directory."""
+    run_dir = Path(run_dir)
+    plots = plot_run(metrics, run_dir / "plots")
+    method = _find("method", summary, config, *metrics[:1]) or "run"
+    preset = _find("preset", config, summary) or _find("name", config) or "custom"
+    sections = [
+        f"# {method} on {preset}",
+        "## Summary\n\n" + _table(["metric", "value"], _summary_rows(summary, metrics)),
+        "## Stages\n\n" + _stage_table(metrics),
+        "## Plots\n\n" + _images(plots, run_dir),
+    ]
+    path = run_dir / "report.md"
+    path.write_text("\n\n".join(sections) + "\n")
+    return path
+
+
+def plot_comparison(runs: Mapping[str, Sequence[Record]], out_dir: Path) -> list[Path]:
+    """Overlay methods: headline metric vs round and vs cumulative bytes, and cumulative bytes vs round."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    if kind := _kind([r for records in runs.values() for r in records]):
+        title, ylabel, _ = PANELS[kind][0]
+        key = _headline(kind)
+        by_round = [(m, *_series(records, key)) for m, records in runs.items()]
+        paths.append(_plot(out_dir / f"comparison_{key}.png", [(title, ylabel, by_round)], "round"))
+        by_bytes = [(m, *_series(records, key, x=_cumulative_mb(records))) for m, records in runs.items()]
+        per_byte = [(f"{title} vs bytes sent", ylabel, by_bytes)]
+        paths.append(_plot(out_dir / f"comparison_{key}_vs_bytes.png", per_byte, "cumulative MB (up + down)"))
+    panels = [
+        (
+            f"Cumulative bytes {d}",
+            "MB",
+            [(m, _rounds(rs), _cumulative_mb(rs, (f"bytes_{d}",))) for m, rs in runs.items()],
+        )
+        for d in ("up", "down")
+    ]
+    paths.append(_plot(out_dir / "comparison_bytes.png", panels, "round"))
+    return paths
+
+
+def write_comparison(
+    out_dir: Path,
+    summaries: Mapping[str, Mapping[str, Any]],
+    runs: Mapping[str, Sequence[Record]],
+    preset: str,
+) -> Path:
+    """Write ``comparison.md`` (table and plots) and ``comparison.json`` (the summaries, keyed by method)."""
+    out_dir = Path(out_dir)
+    plots = plot_comparison(runs, out_dir)
+    keys = _eval_keys(list(summaries.values())) or _eval_keys([r for rs in runs.values() for r in rs])
+    totals = {
+        m: {d: _bytes_total(s, runs.get(m, ()), d) for d in ("up", "down")} for m, s in summaries.items()
+    }
+    baseline = totals.get("e2e", {}).get("up")
+    headers = ["method", *map(_label, keys), "bytes up", "bytes down", "up vs e2e", "wall time"]
+    rows = [
+        [
+            method,
+            *(_fmt(k, _final(summary, runs.get(method, ()), k)) for k in keys),
+            _fmt("bytes", totals[method]["up"]),
+            _fmt("bytes", totals[method]["down"]),
+            _ratio(totals[method]["up"], baseline),
+            _fmt("wall", _pick(summary, lambda leaf: leaf.startswith("wall"))),
+        ]
+        for method, summary in summaries.items()
+    ]
+    text = f"# Comparison on {preset}\n\n{_table(headers, rows)}\n\n## Plots\n\n{_images(plots, out_dir)}\n"
+    (out_dir / "comparison.json").write_text(json.dumps(summaries, indent=2, default=str) + "\n")
+    path = out_dir / "comparison.md"
+    path.write_text(text)
+    return path
+
+
+# --- data helpers -------------------------------------------------------------------------------------------
+
+
+def _has(record: Record, key: str) -> bool:
+    """Whether a record carries a value for ``key`` (evaluation keys appear only on evaluated rounds)."""
+    return record.get(key) is not None
+
+
+def _kind(records: Sequence[Record]) -> str | None:
+    """Which evaluation these records report ("retrieval" or "classification"), by their headline key."""
+    return next((kind for kind in PANELS if any(_has(r, _headline(kind)) for r in records)), None)
+
+
+def _headline(kind: str) -> str:
+    """The key that sums up an evaluation kind: the first key of its first panel."""
+    return PANELS[kind][0][2][0]
+
+
+def _eval_keys(records: Sequence[Record]) -> list[str]:
+    """The evaluation keys tabled for these records, headline first; none if they were never evaluated."""
+    kind = _kind(records)
+    return [key for _, _, keys in PANELS[kind] for key in keys] if kind else []
+
+
+def _rounds(metrics: Sequence[Record]) -> list[Any]:
+    """The round of every record."""
+    return [r["round"] for r in metrics]
+
+
+def _series(metrics: Sequence[Record], key: str, x: Sequence[float] | None = None) -> tuple[list, list]:
+    """(x, value) for the records carrying ``key``; x is the round unless a per-record x is given."""
+    xs = _rounds(metrics) if x is None else x
+    points = [(xv, float(r[key])) for xv, r in zip(xs, metrics, strict=True) if _has(r, key)]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _cumulative_mb(
+    metrics: Sequence[Record], keys: Sequence[str] = ("bytes_up", "bytes_down")
+) -> list[float]:
+    """Running total, in MB, of the per-round byte counts under ``keys``."""
+    total, out = 0.0, []
+    for record in metrics:
+        total += sum(record.get(k) or 0 for k in keys)
+        out.append(total / MB)
+    return out
+
+
+def _stages(metrics: Sequence[Record]) -> list[tuple[Any, list[Record]]]:
+    """Records grouped into consecutive runs of the same stage, in order."""
+    groups: list[tuple[Any, list[Record]]] = []
+    for record in metrics:
+        if not groups or groups[-1][0] != record.get("stage"):
+            groups.append((record.get("stage"), []))
+        groups[-1][1].append(record)
+    return groups
+
+
+def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level with dotted keys, so nested summaries still fit a two-column table."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _pick(mapping: Mapping[str, Any], wanted: Callable[[str], bool]) -> Any:
+    """First non-None value, at any depth, whose key (last dotted part) satisfies ``wanted``."""
+    for key, value in _flatten(mapping).items():
+        if value is not None and wanted(key.rsplit(".", 1)[-1]):
+            return value
+    return None
+
+
+def _find(key: str, *mappings: Mapping[str, Any]) -> Any:
+    """The first value stored under ``key`` at any depth of the given mappings."""
+    for mapping in mappings:
+        if (value := _pick(mapping, lambda leaf: leaf == key)) is not None:
+            return value
+    return None
+
+
+def _final(summary: Mapping[str, Any], metrics: Sequence[Record], key: str) -> Any:
+    """A metric from the summary, or else from the last record that evaluated it."""
+    value = _find(key, summary)
+    if value is None:
+        value = next((r[key] for r in reversed(metrics) if _has(r, key)), None)
+    return value
+
+
+def _summary_bytes(summary: Mapping[str, Any], direction: str) -> float | None:
+    """The summary's own byte total one way (``bytes_up``, ``bytes_up_total`` or ``total_bytes_up``)."""
+    pattern = re.compile(rf"(total_)?bytes_{direction}(_total)?")
+    return _pick(summary, lambda leaf: pattern.fullmatch(leaf) is not None)
+
+
+def _bytes_total(summary: Mapping[str, Any], metrics: Sequence[Record], direction: str) -> float | None:
+    """Total bytes one way: the summary's own total if it has one, else the sum of the per-round counts."""
+    value = _summary_bytes(summary, direction)
+    if value is None and metrics:
+        value = sum(r.get(f"bytes_{direction}") or 0 for r in metrics)
+    return value
+
+
+# --- Markdown -----------------------------------------------------------------------------------------------
+
+
+def _summary_rows(summary: Mapping[str, Any], metrics: Sequence[Record]) -> list[list[str]]:
+    """Summary entries, metrics first, with byte totals taken from the records when the summary lacks them."""
+    flat = _flatten(summary)
+    for direction in ("up", "down"):
+        if _summary_bytes(summary, direction) is None and metrics:
+            flat[f"bytes_{direction}_total"] = _bytes_total({}, metrics, direction)
+    if "rsum" in flat and "chance_rsum" in flat:
+        flat["rsum_vs_chance"] = _ratio(flat["rsum"], flat["chance_rsum"])
+    ordered = sorted(flat, key=_summary_order)
+    return [[_label(k), _fmt(k, flat[k])] for k in ordered]
+
+
+def _summary_order(key: str) -> tuple[int, int, int]:
+    """Sort key: recalls (i2t, then t2i, by K), then rsum, chance, accuracy, F1, then the rest as given."""
+    leaf = key.rsplit(".", 1)[-1]
+    if match := _RECALL.fullmatch(leaf):
+        return 0, match[1] == "t2i", int(match[2])
+    if leaf in _PERCENT_KEYS:
+        return 1, _PERCENT_KEYS.index(leaf), 0
+    if leaf == "rsum_vs_chance":
+        return 1, len(_PERCENT_KEYS), 0
+    return 2, 0, 0
+
+
+def _stage_table(metrics: Sequence[Record]) -> str:
+    """Per stage: its rounds, bytes each way, and its last evaluation."""
+    keys = _eval_keys(metrics)
+    headers = ["stage", "rounds", "bytes up", "bytes down", "last eval round", *map(_label, keys)]
+    rows = []
+    for stage, records in _stages(metrics):
+        last = next((r for r in reversed(records) if keys and _has(r, keys[0])), {})
+        rows.append(
+            [
+                stage,
+                f"{records[0]['round']}–{records[-1]['round']} ({len(records)})",
+                _fmt("bytes", _bytes_total({}, records, "up")),
+                _fmt("bytes", _bytes_total({}, records, "down")),
+                last.get("round", "—"),
+                *(_fmt(k, last.get(k)) for k in keys),
+            ]
+        )
+    return _table(headers, rows)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table, numbers right-aligned (every column but the first)."""
+    cells = [[str(c).replace("|", r"\|") for c in row] for row in [headers, *rows]]
+    rule = ["---", *(["---:"] * (len(headers) - 1))]
+    return "\n".join("| " + " | ".join(row) + " |" for row in [cells[0], rule, *cells[1:]])
+
+
+def _images(paths: Sequence[Path], base: Path) -> str:
+    """Markdown image links relative to the report's folder, so the folder can be moved or published."""
+    return "\n\n".join(f"![{p.stem}]({p.relative_to(base).as_posix()})" for p in paths)
+
+
+def _label(key: str) -> str:
+    """Human name for a metric or summary key."""
+    leaf = key.rsplit(".", 1)[-1]
+    if match := _RECALL.fullmatch(leaf):
+        arrow = "image→text" if match[1] == "i2t" else "text→image"
+        label = f"{arrow} R@{match[2]}"
+    else:
+        # Units are dropped from the name because the formatted value carries them.
+        label = _LABELS.get(leaf, leaf.removesuffix("_s").removesuffix("_bytes").replace("_", " "))
+    return label if leaf == key else f"{key.rsplit('.', 1)[0]}: {label}"
+
+
+def _fmt(key: str, value: Any) -> str:
+    """Human-friendly value: bytes in MB, FLOPs with an SI prefix, percents with 2 decimals, durations."""
+    leaf = key.rsplit(".", 1)[-1]
+    if value is None:
+        return "—"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return json.dumps(value) if isinstance(value, list | tuple) else str(value)
+    if "bytes" in leaf:
+        return f"{value / MB:,.1f} MB"
+    if "flops" in leaf:
+        return _si(value, "FLOPs")
+    if _is_percent(leaf):
+        return f"{value:.2f}"
+    if leaf.startswith("wall") or leaf.endswith("_s") or "time" in leaf:
+        return _duration(value)
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
+
+
+def _is_percent(leaf: str) -> bool:
+    """Whether a key holds a percentage (recalls, rsum, accuracies, zero-shot scores)."""
+    return bool(_RECALL.fullmatch(leaf)) or leaf in _PERCENT_KEYS or "accuracy" in leaf or "zeroshot" in leaf
+
+
+def _ratio(value: float | None, baseline: float | None) -> str:
+    """``value / baseline`` as ``0.42×``, or a dash when either is missing or the baseline is zero."""
+    return f"{value / baseline:.2f}×" if value is not None and baseline else "—"
+
+
+def _si(value: float, unit: str) -> str:
+    """A large count with an SI prefix (FLOP totals span k to P)."""
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f} {prefix}{unit}"
+    return f"{value:g} {unit}"
+
+
+def _duration(seconds: float) -> str:
+    """Seconds as ``1 h 02 min 03 s``, ``2 min 03 s`` or ``12.3 s``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min {secs:02d} s" if hours else f"{minutes} min {secs:02d} s"
+
+
+# --- plots --------------------------------------------------------------------------------------------------
+
+
+def _plot(
+    path: Path, panels: Sequence[tuple[str, str, Sequence[Line]]], xlabel: str, stages: Sequence[Record] = ()
+) -> Path:
+    """Save side-by-side line panels (title, y label, lines) to ``path``, marking stage starts if given."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    for ax, (title, ylabel, lines) in zip(axes[0], panels, strict=True):
+        for label, xs, ys in lines:
+            ax.plot(xs, ys, label=label, marker="o" if len(xs) <= 40 else None, markersize=3)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        if len(lines) > 1:
+            ax.legend(fontsize=8)
+        _mark_stages(ax, stages)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _mark_stages(ax: Any, metrics: Sequence[Record]) -> None:
+    """Dashed line before each stage's first round and a "stage k" label; nothing for single-stage runs."""
+    starts = [(stage, records[0]["round"]) for stage, records in _stages(metrics)]
+    if len(starts) < 2:
+        return
+    for i, (stage, first) in enumerate(starts):
+        # Halfway between rounds, so the boundary does not hide the first point of the stage.
+        x = first - 0.5
+        if i:
+            ax.axvline(x, color="grey", linestyle="--", linewidth=0.8)
+        ax.text(
+            x, 0.98, f" stage {stage}", transform=ax.get_xaxis_transform(), fontsize=8, color="grey", va="top"
+        )

@@ -1,0 +1,103 @@
+"""Server and clients over real emoji images with the tiny preset: what is sent, frozen and aggregated."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedmml.config import load_config
+from fedmml.experiment import build_setup
+from fedmml.federation.payload import deserialize
+from fedmml.methods import trainable_keys
+
+
+def _setup(emoji_root: Path, method: str, *extra: str):
+    cfg = load_config(
+        "tiny",
+        [f'data.root="{emoji_root}"', f'run.method="{method}"', "schedules.uniform.rounds=[1, 2, 1]", *extra],
+    )
+    return build_setup(cfg)
+
+
+class Recorder:
+    """Wraps an engine's dispatch and keeps every message, plus a snapshot of the global model per round."""
+
+    def __init__(self, setup) -> None:
+        self.setup = setup
+        self.rounds: list[dict] = []
+
+    def __call__(self, outgoing):
+        before = {k: v.clone() for k, v in self.setup.server.model.state_dict().items()}
+        replies = self.setup.engine.dispatch(outgoing)
+        self.rounds.append({"down": outgoing, "up": replies, "before": before})
+        return replies
+
+
+@pytest.fixture(scope="module")
+def lw_run(emoji_root: Path):
+    setup = _setup(emoji_root, "lw")
+    recorder = Recorder(setup)
+    metrics = setup.server.run(recorder)
+    return setup, recorder, metrics
+
+
+def test_lw_uploads_exactly_the_trainable_keys(lw_run) -> None:
+    setup, rec, _ = lw_run
+    model, stages = setup.server.model, setup.server.stages
+    stage_of_round = [s for s in stages for _ in range(s.rounds)]
+    for rnd, stage in zip(rec.rounds, stage_of_round, strict=True):
+        # trainable_keys depends only on the stage's new blocks and the encoder depth at that stage.
+        expected = {k for k in trainable_keys(model, "lw", stage) if _present_at(k, stage)}
+        for _, reply in rnd["up"]:
+            assert set(deserialize(reply.blob)) == expected
+
+
+def _present_at(key: str, stage) -> bool:
+    parts = key.split(".")
+    return not (parts[0] == "encoders" and parts[2] == "blocks" and int(parts[3]) >= stage.depth[parts[1]])
+
+
+def test_lw_sends_frozen_tensors_once(lw_run) -> None:
+    setup, rec, _ = lw_run
+    # Rounds 2 and 3 are both in stage 2: the first carries the newly frozen stage-1 tensors, the second not.
+    first, second = rec.rounds[1]["down"], rec.rounds[2]["down"]
+    for (_, m1), (_, m2) in zip(first, second, strict=True):
+        keys1, keys2 = set(deserialize(m1.blob)), set(deserialize(m2.blob))
+        assert keys2 < keys1
+        assert any(".stem." in k for k in keys1 - keys2)
+        assert not any(".stem." in k for k in keys2)
+
+
+def test_lw_frozen_tensors_bit_identical_across_a_stage(lw_run) -> None:
+    setup, rec, _ = lw_run
+    start, end = rec.rounds[1]["before"], rec.rounds[2]["before"]
+    final = setup.server.model.state_dict()
+    frozen = [k for k in start if ".stem." in k or ".blocks.0." in k or ".blocks.1." in k and "text" not in k]
+    assert frozen
+    for k in frozen:
+        assert torch.equal(start[k], end[k]) and torch.equal(end[k], final[k]), k
+
+
+def test_reported_bytes_equal_serialised_sizes(lw_run) -> None:
+    _, rec, metrics = lw_run
+    for rnd, m in zip(rec.rounds, metrics, strict=True):
+        assert m["bytes_down"] == sum(len(msg.blob) + len(msg.header) for _, msg in rnd["down"])
+        assert m["bytes_up"] == sum(len(msg.blob) + len(msg.header) for _, msg in rnd["up"])
+
+
+def test_client_leaves_frozen_tensors_untouched(emoji_root: Path) -> None:
+    setup = _setup(emoji_root, "lw", "model.head.dropout=0.5")
+    rec = Recorder(setup)
+    setup.server.run(rec)
+    client = setup.clients[0]
+    local = setup.clients[0].workspace.model.state_dict()
+    for key, value in client.store.items():
+        assert torch.equal(local[key], value), key
+
+
+def test_lw_moves_fewer_bytes_than_e2e(emoji_root: Path) -> None:
+    totals = {}
+    for method in ("e2e", "lw"):
+        setup = _setup(emoji_root, method)
+        totals[method] = sum(m["bytes_up"] for m in setup.server.run(setup.engine.dispatch))
+    assert totals["lw"] < totals["e2e"] / 2

@@ -1,0 +1,81 @@
+"""Stage planning and the trainable/frozen split of each method."""
+
+import pytest
+
+from fedmml.config import ConfigError, Schedule, load_config
+from fedmml.methods import configure, frozen_modules, plan_stages, set_train_mode, trainable_keys
+from fedmml.models.multimodal import build_model
+
+SCHEDULE = Schedule(
+    rounds=[1, 0, 2],
+    blocks={"image": [2, 2, 2], "text": [1, 1, 1]},
+    lr={"image": [0.1, 0.2, 0.3], "text": [1.0, 2.0, 3.0], "heads": [5.0, 6.0, 7.0]},
+)
+TOTALS = {"image": 6, "text": 3}
+
+
+def test_plan_lw_and_prog_grow_stage_by_stage() -> None:
+    for method in ("lw", "prog"):
+        stages = plan_stages(SCHEDULE, method, TOTALS)
+        assert [s.depth for s in stages] == [
+            {"image": 2, "text": 1},
+            {"image": 4, "text": 2},
+            {"image": 6, "text": 3},
+        ]
+        assert stages[1].new_blocks == {"image": (2, 3), "text": (1,)}
+        assert [s.rounds for s in stages] == [1, 0, 2]
+        assert stages[2].lr == {"image": 0.3, "text": 3.0, "heads": 7.0}
+
+
+def test_plan_e2e_is_one_full_depth_stage_with_the_same_budget() -> None:
+    (stage,) = plan_stages(SCHEDULE, "e2e", TOTALS)
+    assert stage.rounds == 3 and stage.depth == {"image": 6, "text": 3}
+    assert stage.lr == {"image": 0.3, "text": 3.0, "heads": 7.0}
+
+
+def test_schedule_deeper_than_encoder_is_an_error_before_training() -> None:
+    with pytest.raises(ConfigError, match="adds 6 image blocks, but the image encoder has only 4"):
+        plan_stages(SCHEDULE, "lw", {"image": 4, "text": 3})
+
+
+@pytest.fixture
+def tiny_model():
+    return build_model(load_config("tiny").model, load_weights=False)
+
+
+def _grown(model, stage):
+    for m, d in stage.depth.items():
+        model.encoders[m].grow_to(d)
+    return model
+
+
+def test_lw_trains_only_new_blocks_norms_necks_heads(tiny_model) -> None:
+    stages = plan_stages(SCHEDULE, "lw", TOTALS)
+    model = _grown(tiny_model, stages[1])
+    keys = configure(model, "lw", stages[1])
+    blocks = {k.split(".")[1] + "." + k.split(".")[3] for k in keys if ".blocks." in k}
+    assert blocks == {"image.2", "image.3", "text.1"}
+    assert not any(".stem." in k for k in keys)
+    assert any(k.startswith("heads.image.") for k in keys) and any(".norm." in k for k in keys)
+    grads = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and grads <= set(keys)
+    assert trainable_keys(model, "lw", stages[1]) == keys
+    # Frozen parts run in eval mode (no dropout, fixed norm statistics); trainable parts in train mode.
+    set_train_mode(model, "lw", stages[1])
+    frozen = frozen_modules(model, "lw", stages[1])
+    assert model.encoders["image"].stem in frozen and all(not m.training for m in frozen)
+    assert model.encoders["image"].blocks[2].training and model.heads.training
+
+
+def test_lw_first_stage_trains_the_stem(tiny_model) -> None:
+    stage = plan_stages(SCHEDULE, "lw", TOTALS)[0]
+    keys = configure(_grown(tiny_model, stage), "lw", stage)
+    assert any(k.startswith("encoders.image.stem.") for k in keys)
+    assert any(k.startswith("encoders.text.stem.") for k in keys)
+
+
+def test_prog_and_e2e_train_everything_present(tiny_model) -> None:
+    stage = plan_stages(SCHEDULE, "prog", TOTALS)[2]
+    model = _grown(tiny_model, stage)
+    assert set(configure(model, "prog", stage)) == set(model.state_dict())
+    assert not frozen_modules(model, "prog", stage)
