@@ -141,14 +141,15 @@ def build_setup(cfg: Config, listener: Listener | None = None) -> Setup:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     device = select_device(cfg.run.device)
-    emit("phase", {"phase": "loading data"})
-    train = load_split(cfg, cfg.data.train_split, train=True)
-    test = load_split(cfg, cfg.data.test_split, train=False)
-    parts = client_partitions(cfg, train)
+    # The model comes first so that a schedule that cannot fit the encoders fails before data is loaded.
     emit("phase", {"phase": "building model"})
     model = global_model(cfg, device)
     totals = {m: enc.total_blocks for m, enc in model.encoders.items()}
     stages = plan_stages(cfg.active_schedule, cfg.run.method, totals)
+    emit("phase", {"phase": "loading data"})
+    train = load_split(cfg, cfg.data.train_split, train=True)
+    test = load_split(cfg, cfg.data.test_split, train=False)
+    parts = client_partitions(cfg, train)
     workspace = Workspace(cfg, device)
     clients = [Client(cid, cfg, train, idx, workspace) for cid, idx in enumerate(parts)]
 

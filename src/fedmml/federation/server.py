@@ -89,7 +89,8 @@ class Server:
     def message_for(self, cid: int, stage: Stage, round_no: int, trainable: list[str]) -> Message:
         """The trainable tensors plus the frozen tensors this client lacks."""
         state = self.model.state_dict()
-        frozen = [k for k in state if k not in set(trainable)]
+        trainable_set = set(trainable)
+        frozen = [k for k in state if k not in trainable_set]
         missing_frozen = self.ledger.lacking(cid, frozen)
         self.ledger.record(cid, missing_frozen)
         tensors = {k: state[k] for k in trainable + missing_frozen}
@@ -129,7 +130,8 @@ class Server:
         self.listener("round", {"round": round_no, "rounds": self.total_rounds, "clients": cids})
         outgoing = [(cid, self.message_for(cid, stage, round_no, trainable)) for cid in cids]
         replies = dispatch(outgoing)
-        expected = {k: v for k, v in self.model.state_dict().items() if k in set(trainable)}
+        trainable_set = set(trainable)
+        expected = {k: v for k, v in self.model.state_dict().items() if k in trainable_set}
         updates = []
         for _, reply in replies:
             tensors = deserialize(reply.blob)
