@@ -48,6 +48,7 @@ def text_cfg(**kw) -> types.SimpleNamespace:
         "neck_dim": 0,
         "tokenizer": "package",
         "max_length": 16,
+        "pooling": "cls",
     }
     return types.SimpleNamespace(**{**base, **kw})
 
@@ -178,6 +179,24 @@ def test_minilm_matches_reference(minilm_enc, minilm_ref):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert isinstance(minilm_enc.norm, nn.Identity)
     assert top_level_prefixes(minilm_enc) == {"stem", "blocks"}
+
+
+def test_minilm_mean_pooling_is_the_sentence_transformers_embedding(minilm_enc, minilm_ref):
+    tokens = minilm_enc.tokenize(TEXTS)
+    mean_enc = build_encoder(text_cfg(pooling="mean"))
+    mean_enc.grow(6)
+    mean_enc.eval()
+    with torch.no_grad():
+        hidden = minilm_ref(**tokens).last_hidden_state
+        mask = tokens["attention_mask"].unsqueeze(-1).float()
+        want = (hidden * mask).sum(1) / mask.sum(1)
+        got = mean_enc(tokens)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_unknown_pooling_is_rejected():
+    with pytest.raises(ValueError, match="valid choices: cls, mean"):
+        build_encoder(text_cfg(pooling="max"))
 
 
 @pytest.mark.parametrize("model_type", ["bert", "distilbert"])

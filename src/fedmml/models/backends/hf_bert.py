@@ -46,8 +46,11 @@ def _no_norm(width: int) -> nn.Module:
     return nn.Identity()
 
 
+POOLINGS = ("cls", "mean")
+
+
 class HFBertEncoder(StagedEncoder):
-    """BERT/DistilBERT: stem = embeddings, blocks = transformer layers, pool = CLS token, no final norm."""
+    """BERT/DistilBERT: stem = embeddings, blocks = transformer layers, CLS or mean pooling, no final norm."""
 
     def __init__(self, cfg: EncoderConfig, load_weights: bool = True) -> None:
         # from_pretrained returns eval mode, a fresh model train mode; blocks appended later keep the mode
@@ -67,6 +70,9 @@ class HFBertEncoder(StagedEncoder):
         # A plain attribute (not a module): the mask builder reads the attention implementation from it.
         self.hf_config = model.config
         self.max_length = cfg.max_length
+        if cfg.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {cfg.pooling!r}; valid choices: {', '.join(POOLINGS)}")
+        self.pooling = cfg.pooling
         source = package_dir() if cfg.tokenizer == "package" else cfg.tokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(source)
 
@@ -81,15 +87,22 @@ class HFBertEncoder(StagedEncoder):
         """Token embeddings, and the attention mask in the form the attention implementation expects."""
         hidden = self.stem(input_ids=inputs["input_ids"])
         # The same call BertModel/DistilBertModel make: 4D additive mask (eager), bool/None (sdpa), etc.
+        attention_mask = inputs.get("attention_mask")
         mask = create_bidirectional_mask(
-            config=self.hf_config, inputs_embeds=hidden, attention_mask=inputs.get("attention_mask")
+            config=self.hf_config, inputs_embeds=hidden, attention_mask=attention_mask
         )
-        return hidden, mask
+        return hidden, (mask, attention_mask)
 
     def run_block(self, block: nn.Module, hidden: torch.Tensor, context: Any) -> torch.Tensor:
         """One transformer layer with the prepared attention mask."""
-        return block(hidden, context)
+        return block(hidden, context[0])
 
     def pool(self, hidden: torch.Tensor, context: Any) -> torch.Tensor:
-        """CLS token, as in the paper."""
-        return hidden[:, 0]
+        """CLS token (the paper), or the mean over real tokens (how sentence-transformers trained MiniLM)."""
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = context[1]
+        if mask is None:
+            return hidden.mean(dim=1)
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
