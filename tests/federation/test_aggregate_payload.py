@@ -46,3 +46,20 @@ def test_validate_names_the_problem() -> None:
         validate({}, ref)
     with pytest.raises(PayloadError, match=r"a: got \(3,\)"):
         validate({"a": torch.zeros(3)}, ref)
+
+
+def test_median_and_trimmed_mean_ignore_one_outlier() -> None:
+    from fedmml.federation.aggregate import coordinate_median, trimmed_mean
+
+    honest = [({"w": torch.tensor([1.0, 2.0])}, 10) for _ in range(4)]
+    attacked = [*honest, ({"w": torch.tensor([1e6, -1e6])}, 1000)]
+    assert torch.equal(coordinate_median(attacked)["w"], torch.tensor([1.0, 2.0]))
+    assert torch.equal(trimmed_mean(attacked, trim=0.2)["w"], torch.tensor([1.0, 2.0]))
+    assert fedavg(attacked)["w"].abs().max() > 1e5  # plain FedAvg is dragged away
+
+
+def test_median_of_even_count_averages_the_middle_pair() -> None:
+    from fedmml.federation.aggregate import coordinate_median
+
+    ups = [({"w": torch.tensor([float(v)])}, 1) for v in (1, 2, 3, 10)]
+    assert coordinate_median(ups)["w"].item() == 2.5
