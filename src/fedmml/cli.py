@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedmml.config import METHODS, ConfigError, available_presets, load_config
+from fedmml.config import ENGINES, METHODS, ConfigError, available_presets, load_config
 from fedmml.federation.payload import PayloadError
 
 console = Console(stderr=True)
@@ -31,6 +31,8 @@ examples:
   fedmml compare --preset tiny              e2e, lw and prog side by side
   fedmml evaluate --run runs/emoji-lw --data data/emoji
   fedmml config --preset paper-coco         print the fully resolved configuration
+  fedmml bench resources --preset paper-coco --schedule late-heavy --json cost.json
+                                            measured client memory, FLOPs and bytes of e2e, lw, prog
 
 methods: e2e (FedMML, end to end), lw (LW-FedMML, layer-wise), prog (Prog-FedMML, progressive)
 """
@@ -79,12 +81,25 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="run directory (default runs/<preset>-<method>-<time>)")
     run.add_argument("--quiet", action="store_true", help="no progress display")
     run.add_argument("--print-config", action="store_true", help="print the resolved config before running")
+    run.add_argument(
+        "--engine", choices=ENGINES, help="inprocess (default), flower-sim or flower (deployment)"
+    )
 
     cmp_ = sub.add_parser("compare", help="run e2e, lw and prog with the same seed and round budget")
     _config_args(cmp_)
     cmp_.add_argument("--methods", default="e2e,lw,prog", help="comma-separated methods to compare")
     cmp_.add_argument("--out", type=Path, help="output directory (default runs/compare-<preset>-<time>)")
     cmp_.add_argument("--quiet", action="store_true", help="no progress display")
+    cmp_.add_argument("--engine", choices=ENGINES, help="inprocess (default), flower-sim or flower")
+
+    dep = sub.add_parser(
+        "deploy", help="train on a loopback Flower deployment: SuperLink + one SuperNode per client"
+    )
+    dep.add_argument("--method", choices=METHODS, help="training method (default: the preset's, lw)")
+    _config_args(dep)
+    dep.add_argument("--out", type=Path, help="run directory (default runs/<preset>-<method>-flower-<time>)")
+    dep.add_argument("--insecure", action="store_true", help="no TLS and no node authentication")
+    dep.add_argument("--quiet", action="store_true", help="no progress display")
 
     ev = sub.add_parser("evaluate", help="score a saved run's model on a COCO-format dataset")
     ev.add_argument(
@@ -92,6 +107,19 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--data", type=Path, required=True, help="dataset root in the COCO captions format")
     ev.add_argument("--split", default="test", help="split name: reads captions_<split>.json (default test)")
+
+    bench = sub.add_parser("bench", help="measure what the methods cost a client")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="ACTION")
+    res = bench_sub.add_parser(
+        "resources",
+        help="per-client peak memory, FLOPs and bytes of e2e, lw and prog on a preset's architecture",
+    )
+    _config_args(res)
+    res.add_argument("--json", type=Path, help="also write the full result as JSON to this path")
+    res.add_argument("--steps", type=int, default=2, help="training steps measured per stage (default 2)")
+    res.add_argument(
+        "--no-rss-check", action="store_true", help="skip the peak-RSS cross-check in a fresh process"
+    )
 
     cfg = sub.add_parser("config", help="print the fully resolved configuration as JSON")
     _config_args(cfg)
@@ -105,6 +133,8 @@ def _resolve(args: argparse.Namespace) -> Any:
         overrides.append(f'run.method="{args.method}"')
     if args.schedule:
         overrides.append(f'schedule="{args.schedule}"')
+    if getattr(args, "engine", None):
+        overrides.append(f'run.engine="{args.engine}"')
     return load_config(args.preset, overrides)
 
 
@@ -203,6 +233,24 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     console.print(f"comparison written to {out / 'comparison.md'}")
 
 
+def _cmd_deploy(args: argparse.Namespace) -> None:
+    from fedmml.engines.flower.deploy import run_deployment
+
+    cfg = _resolve(args)
+    cfg.run.engine = "flower"
+    out = args.out or Path("runs") / f"{cfg.preset}-{cfg.run.method}-flower-{_stamp()}"
+    display = _Display(args.quiet)
+    display.method = cfg.run.method
+    with display.live():
+        summary = run_deployment(cfg, out, display, insecure=args.insecure)
+    _print_summary(summary)
+    traffic = summary["flower"].get("network-traffic", {})
+    console.print(
+        f"Flower run {summary['flower']['run-id']}: {summary['flower']['status']}, traffic {traffic}"
+    )
+    console.print(f"run written to {out} (report: {out / 'report.md'})")
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from fedmml.experiment import evaluate_on, load_run_model, load_split, select_device
 
@@ -223,11 +271,35 @@ def _cmd_data(args: argparse.Namespace) -> None:
     print(json.dumps(stats))
 
 
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from fedmml.bench import render_markdown, run_bench
+
+    if args.steps < 1:
+        raise ConfigError("--steps must be at least 1")
+    cfg = _resolve(args)
+    with console.status("measuring client cost") as status:
+        result = run_bench(
+            cfg, steps=args.steps, rss_check=not args.no_rss_check, progress=lambda msg: status.update(msg)
+        )
+    print(render_markdown(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+        console.print(f"JSON written to {args.json}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedmml`` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _build_parser().parse_args(argv)
-    handlers = {"run": _cmd_run, "compare": _cmd_compare, "evaluate": _cmd_evaluate, "data": _cmd_data}
+    handlers = {
+        "run": _cmd_run,
+        "compare": _cmd_compare,
+        "evaluate": _cmd_evaluate,
+        "data": _cmd_data,
+        "bench": _cmd_bench,
+        "deploy": _cmd_deploy,
+    }
     try:
         if args.command == "config":
             print(_resolve(args).to_json())

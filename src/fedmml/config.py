@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 METHODS = ("e2e", "lw", "prog")
-ENGINES = ("inprocess",)
+ENGINES = ("inprocess", "flower-sim", "flower")  # flower-sim: Flower simulation; flower: deployment
 PARTITIONS = ("iid", "dirichlet")
 
 
@@ -36,6 +36,7 @@ class EncoderConfig:
     neck_dim: int = 0  # 0: no neck (constant-width encoders)
     tokenizer: str = "package"  # text encoders only
     max_length: int = 32  # text encoders only
+    pooling: str = "cls"  # text encoders only: cls (the paper) or mean (sentence-transformers models)
     image_size: int = 64  # image encoders only
 
 

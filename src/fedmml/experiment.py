@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedmml import report
+from fedmml.accounting import memory_method
 from fedmml.config import Config, config_from_dict
 from fedmml.data import fashion_mnist
 from fedmml.data.coco import CaptionDataset
@@ -125,21 +126,39 @@ class _MetricsWriter:
 
 
 @dataclass
-class Setup:
-    """Everything one run needs, built from its config."""
+class ServerSetup:
+    """The server side of one run: its data and the engine-agnostic :class:`Server`."""
 
     train: CaptionDataset
     test: CaptionDataset
-    clients: list[Client]
+    partitions: list[list[int]]
     server: Server
+
+
+@dataclass
+class Setup(ServerSetup):
+    """Everything an in-process run needs: the server side plus every client and the engine."""
+
+    clients: list[Client]
     engine: InProcessEngine
 
 
-def build_setup(cfg: Config, listener: Listener | None = None) -> Setup:
-    """Data, client partitions, the global model, the server and the in-process engine for ``cfg``."""
-    emit = listener or (lambda kind, info: None)
+def apply_threads(cfg: Config) -> None:
+    """Torch intra-op threads as configured (0 keeps PyTorch's default)."""
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
+
+
+def client_data(cfg: Config) -> tuple[CaptionDataset, list[list[int]]]:
+    """The training split and every client's share of it (the same on the server and on every client)."""
+    train = load_split(cfg, cfg.data.train_split, train=True)
+    return train, client_partitions(cfg, train)
+
+
+def build_server(cfg: Config, listener: Listener | None = None) -> ServerSetup:
+    """Data, client partitions, the global model and the server for ``cfg``; no clients."""
+    emit = listener or (lambda kind, info: None)
+    apply_threads(cfg)
     device = select_device(cfg.run.device)
     # The model comes first so that a schedule that cannot fit the encoders fails before data is loaded.
     emit("phase", {"phase": "building model"})
@@ -147,31 +166,44 @@ def build_setup(cfg: Config, listener: Listener | None = None) -> Setup:
     totals = {m: enc.total_blocks for m, enc in model.encoders.items()}
     stages = plan_stages(cfg.active_schedule, cfg.run.method, totals)
     emit("phase", {"phase": "loading data"})
-    train = load_split(cfg, cfg.data.train_split, train=True)
+    train, parts = client_data(cfg)
     test = load_split(cfg, cfg.data.test_split, train=False)
-    parts = client_partitions(cfg, train)
-    workspace = Workspace(cfg, device)
-    clients = [Client(cid, cfg, train, idx, workspace) for cid, idx in enumerate(parts)]
 
     def evaluate(m: DualEncoder) -> dict[str, float]:
         emit("phase", {"phase": "evaluating"})
         return evaluate_on(m, test, cfg)
 
-    server = Server(cfg, model, stages, [c.num_samples for c in clients], evaluate, emit)
-    return Setup(train, test, clients, server, InProcessEngine(clients, emit))
+    server = Server(cfg, model, stages, [len(p) for p in parts], evaluate, emit)
+    return ServerSetup(train, test, parts, server)
 
 
-def run_experiment(cfg: Config, out_dir: Path, listener: Listener | None = None) -> dict[str, Any]:
-    """Run one method as configured and write every output to ``out_dir``; return the summary."""
-    start = time.perf_counter()
+def build_setup(cfg: Config, listener: Listener | None = None) -> Setup:
+    """Data, client partitions, the global model, the server and the in-process engine for ``cfg``."""
+    emit = listener or (lambda kind, info: None)
+    side = build_server(cfg, emit)
+    workspace = Workspace(cfg, select_device(cfg.run.device))
+    clients = [Client(cid, cfg, side.train, idx, workspace) for cid, idx in enumerate(side.partitions)]
+    return Setup(side.train, side.test, side.partitions, side.server, clients, InProcessEngine(clients, emit))
+
+
+def start_run(cfg: Config, out_dir: Path, listener: Listener | None = None) -> Listener:
+    """Create the run directory with config.json and an empty metrics.jsonl; return the recording listener."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(cfg.to_json())
     (out_dir / "metrics.jsonl").write_text("")
-    emit = _MetricsWriter(out_dir / "metrics.jsonl", listener)
-    setup = build_setup(cfg, emit)
-    train, test, model, stages = setup.train, setup.test, setup.server.model, setup.server.stages
-    metrics = setup.server.run(setup.engine.dispatch)
+    return _MetricsWriter(out_dir / "metrics.jsonl", listener)
 
+
+def finish_run(
+    cfg: Config,
+    out_dir: Path,
+    side: ServerSetup,
+    metrics: list[dict[str, Any]],
+    started: float,
+    emit: Listener,
+) -> dict[str, Any]:
+    """Write the model, summary.json and the report of a finished run; return the summary."""
+    train, test, model, stages = side.train, side.test, side.server.model, side.server.stages
     emit("phase", {"phase": "writing outputs"})
     save_model(model, out_dir / "model.safetensors")
     final = next(m for m in reversed(metrics) if "rsum" in m)
@@ -186,6 +218,10 @@ def run_experiment(cfg: Config, out_dir: Path, listener: Listener | None = None)
         "chance_rsum": retrieval_chance(test.captions, cfg.eval.ks),
         "bytes_up_total": sum(m["bytes_up"] for m in metrics),
         "bytes_down_total": sum(m["bytes_down"] for m in metrics),
+        # Measured per client (fedmml.accounting): FLOPs summed over the run, peak memory as the maximum.
+        "client_flops_total": sum(m["client_flops"] for m in metrics),
+        "client_peak_mem_bytes": max((m["client_peak_mem_bytes"] for m in metrics), default=0),
+        "memory_method": memory_method(select_device(cfg.run.device)),
         "train_images": len(train),
         "test_images": len(test),
         "skipped": {"train": train.skipped, "test": test.skipped},
@@ -193,10 +229,24 @@ def run_experiment(cfg: Config, out_dir: Path, listener: Listener | None = None)
     zs = zeroshot_fmnist(model, cfg)
     if zs is not None:
         summary["zeroshot_fmnist_top1"] = zs
-    summary["wall_s"] = time.perf_counter() - start
+    summary["wall_s"] = time.perf_counter() - started
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     report.write_run_report(out_dir, cfg.to_dict(), summary, metrics)
     return summary
+
+
+def run_experiment(cfg: Config, out_dir: Path, listener: Listener | None = None) -> dict[str, Any]:
+    """Run one method on its configured engine and write every output to ``out_dir``; return the summary."""
+    if cfg.run.engine != "inprocess":
+        # Flower is an optional extra: only runs that ask for it import it.
+        from fedmml.engines.flower.launch import run_on_flower
+
+        return run_on_flower(cfg, out_dir, listener)
+    started = time.perf_counter()
+    emit = start_run(cfg, out_dir, listener)
+    setup = build_setup(cfg, emit)
+    metrics = setup.server.run(setup.engine.dispatch)
+    return finish_run(cfg, out_dir, setup, metrics, started, emit)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

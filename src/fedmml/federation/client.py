@@ -7,6 +7,7 @@ same method with the message it received, keeping :attr:`Client.store` in the no
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from typing import Any
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from fedmml.accounting import StepMeter
 from fedmml.config import Config
 from fedmml.data.coco import collate_train
 from fedmml.federation.payload import Message, PayloadError, deserialize, serialize
@@ -46,6 +48,8 @@ class Workspace:
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.device = device
         self.model: DualEncoder = build_model(cfg.model, load_weights=False).to(device)
+        # Measured FLOPs and peak memory, cached per stage and shared by the clients of this process.
+        self.meter = StepMeter(device)
 
     def at_depth(self, depth: dict[str, int]) -> DualEncoder:
         """The skeleton grown to ``depth`` blocks per modality."""
@@ -76,7 +80,13 @@ def make_optimizer(model: torch.nn.Module, stage: Stage, cfg: Config) -> torch.o
 
 
 def train_epochs(
-    model: DualEncoder, dataset: Dataset, indices: list[int], stage: Stage, meta: dict[str, Any], cfg: Config
+    model: DualEncoder,
+    dataset: Dataset,
+    indices: list[int],
+    stage: Stage,
+    meta: dict[str, Any],
+    cfg: Config,
+    meter: StepMeter | None = None,
 ) -> tuple[float, int]:
     """Local training of the configured model; returns (mean loss over steps, steps)."""
     method = meta["method"]
@@ -93,18 +103,24 @@ def train_epochs(
         drop_last=len(indices) >= batch,
         collate_fn=collate_train,
     )
+    # Gradients left on parameters that are frozen now (trained in an earlier stage) would otherwise stay
+    # allocated for the rest of the run.
+    model.zero_grad(set_to_none=True)
     optimizer = make_optimizer(model, stage, cfg)
     set_train_mode(model, method, stage)
+    if meter is not None:
+        meter.start(method, stage)
     losses = []
     for epoch in range(meta["local_epochs"]):
         dataset.set_epoch(meta["round"] * meta["local_epochs"] + epoch)
         for pixels, texts in loader:
             if len(texts) < 2:  # a contrastive batch needs negatives; BatchNorm needs two samples
                 continue
-            loss = model.loss(pixels.to(device), texts)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            with meter.step(model, optimizer, pixels, texts) if meter is not None else nullcontext():
+                loss = model.loss(pixels.to(device), texts)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
             losses.append(loss.item())
     return (float(np.mean(losses)) if losses else float("nan")), len(losses)
 
@@ -141,7 +157,8 @@ class Client:
         model.load_state_dict(state, strict=True)
         # Frozen tensors are kept for later rounds; trainable ones change every round and are re-sent.
         self.store = {k: v for k, v in state.items() if k not in trainable}
-        loss, steps = train_epochs(model, self.dataset, self.indices, stage, meta, self.cfg)
+        meter = self.workspace.meter
+        loss, steps = train_epochs(model, self.dataset, self.indices, stage, meta, self.cfg, meter)
         current = model.state_dict()
         update = {k: current[k] for k in sorted(trainable)}
         reply = {
@@ -149,6 +166,7 @@ class Client:
             "num_samples": self.num_samples,
             "train_loss": loss,
             "steps": steps,
+            **meter.finish(),  # flops, peak_mem_bytes
             "wall_s": time.perf_counter() - start,
         }
         return Message(reply, serialize(update))

@@ -108,14 +108,19 @@ class Server:
         every = self.cfg.eval.every
         return round_no == self.total_rounds or (every > 0 and round_no % every == 0)
 
+    def enter_stage(self, stage: Stage) -> list[str]:
+        """Grow the global model to ``stage``, set what trains, track new tensors; return trainable keys."""
+        for modality, depth in stage.depth.items():
+            self.model.encoders[modality].grow_to(depth)
+        trainable = configure(self.model, self.cfg.run.method, stage)
+        self.ledger.track(self.model.state_dict())
+        return trainable
+
     def run(self, dispatch: Dispatch) -> list[dict[str, Any]]:
         """Run every stage; return the per-round metrics."""
         round_no = 0
         for stage in self.stages:
-            for modality, depth in stage.depth.items():
-                self.model.encoders[modality].grow_to(depth)
-            trainable = configure(self.model, self.cfg.run.method, stage)
-            self.ledger.track(self.model.state_dict())
+            trainable = self.enter_stage(stage)
             self.listener(
                 "stage", {"stage": stage.index + 1, "stages": len(self.stages), "rounds": stage.rounds}
             )
@@ -150,6 +155,9 @@ class Server:
             "bytes_up": sum(r.nbytes for _, r in replies),
             "bytes_down": sum(m.nbytes for _, m in outgoing),
             "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+            # Measured by the clients on their real training steps (fedmml.accounting).
+            "client_flops": sum(r.meta.get("flops", 0) for _, r in replies),
+            "client_peak_mem_bytes": max((r.meta.get("peak_mem_bytes", 0) for _, r in replies), default=0),
         }
         if self.evaluate is not None and self._eval_due(round_no):
             record.update(self.evaluate(self.model))

@@ -1,0 +1,97 @@
+"""Per-client cost of local training, measured on the real training steps and cached per stage.
+
+Measuring is expensive, so a :class:`StepMeter` (one per process, shared by the clients it runs) measures
+FLOPs once per (stage, batch shape) and peak memory once per stage, and reuses the figures:
+
+- FLOPs: the first step with a new (stage, pixel shape, token shape) runs under ``FlopCounterMode``; every
+  later step of that shape adds the cached count. A client's ``flops`` is the sum over the steps it ran.
+- Memory: the first two steps of the first client trained in a stage run under the live-tensor tracker; the
+  stage's peak is the larger of the two (the second step is the steady state: gradients and optimiser state
+  from the first are live). Every client of that stage reports it as ``peak_mem_bytes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedmml.accounting.flops import flop_counter
+from fedmml.accounting.memory import MemoryPeak, measure_memory, memory_method
+from fedmml.methods import Stage
+
+MEMORY_STEPS = 2  # steps measured for memory in each stage
+
+
+def stage_key(method: str, stage: Stage) -> tuple[Hashable, ...]:
+    """What identifies a stage in the caches: method, index and depth."""
+    return method, stage.index, tuple(sorted(stage.depth.items()))
+
+
+def batch_key(model: nn.Module, pixels: torch.Tensor, texts: list[str]) -> tuple[Hashable, ...]:
+    """The shapes that fix a step's FLOPs: the pixel batch and the padded token batch."""
+    tokens = model.encoders["text"].tokenize(texts)["input_ids"]
+    return tuple(pixels.shape), tuple(tokens.shape)
+
+
+class StepMeter:
+    """Counts FLOPs and peak memory of local training steps, with the per-stage caches described above."""
+
+    def __init__(self, device: torch.device, rss: bool = False) -> None:
+        self.memory_method = memory_method(device)
+        self.rss = rss  # also sample peak RSS around memory-measured steps (isolated cross-checks only)
+        self.step_flops: dict[tuple[Hashable, ...], int] = {}
+        self.memory: dict[Hashable, MemoryPeak] = {}
+        self._memory_steps: dict[Hashable, int] = {}
+        self._stage: Hashable = None
+        self.flops = 0
+        self.peak_mem_bytes = 0
+
+    def start(self, method: str, stage: Stage) -> None:
+        """Begin one client's local training in ``stage`` of ``method``."""
+        self._stage = stage = stage_key(method, stage)
+        self.flops = 0
+        self.peak_mem_bytes = 0
+        if stage not in self._memory_steps:
+            self._memory_steps[stage] = MEMORY_STEPS
+
+    def finish(self) -> dict[str, int]:
+        """This client's cost: FLOPs summed over its steps, the stage's peak memory."""
+        peak = self.memory.get(self._stage)
+        self.peak_mem_bytes = peak.peak_bytes if peak is not None else 0
+        return {"flops": self.flops, "peak_mem_bytes": self.peak_mem_bytes}
+
+    @contextmanager
+    def step(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, pixels: torch.Tensor, texts: list[str]
+    ) -> Iterator[None]:
+        """Wrap one training step (forward, backward, optimiser step)."""
+        key = (self._stage, *batch_key(model, pixels, texts))
+        count_flops = key not in self.step_flops
+        measure_mem = self._memory_steps.get(self._stage, 0) > 0
+        with ExitStack() as stack:
+            counter = stack.enter_context(flop_counter()) if count_flops else None
+            mem = (
+                stack.enter_context(measure_memory(model, optimizer, [pixels], self.rss))
+                if measure_mem
+                else None
+            )
+            yield
+        if counter is not None:
+            self.step_flops[key] = int(counter.get_total_flops())
+        self.flops += self.step_flops[key]
+        if mem is not None and mem.result is not None:
+            self._memory_steps[self._stage] -= 1
+            best = self.memory.get(self._stage)
+            if best is None or mem.result.peak_bytes > best.peak_bytes:
+                self.memory[self._stage] = mem.result
+
+    def stage_summary(self, method: str, stage: Stage) -> dict[str, Any]:
+        """FLOPs per step by batch shape and the memory measurement of ``stage``."""
+        key = stage_key(method, stage)
+        flops = {k[1:]: v for k, v in self.step_flops.items() if k[0] == key}
+        peak = self.memory.get(key)
+        return {"step_flops": flops, "memory": peak.to_dict() if peak is not None else None}

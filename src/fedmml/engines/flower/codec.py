@@ -1,0 +1,55 @@
+"""fedmml messages inside Flower messages: the payload bytes and JSON header travel unchanged.
+
+The fedmml header and safetensors blob go into one ``ConfigRecord`` as a str and bytes, so the bytes Flower
+carries are the project's counted bytes plus Flower's own framing. A second ``ConfigRecord`` repeats the
+per-round settings (round, stage, method, learning rates) in Flower's own form, for mods and logs.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from fedmml.federation.payload import Message
+
+PAYLOAD = "fedmml"
+ROUND_CONFIG = "config"
+METRICS = "metrics"
+
+
+def round_config(meta: dict[str, Any]) -> ConfigRecord:
+    """The per-round settings of a training instruction as a flat ConfigRecord."""
+    stage = meta["stage"]
+    record: dict[str, Any] = {
+        "round": meta["round"],
+        "stage": stage["index"] + 1,
+        "method": meta["method"],
+        "local-epochs": meta["local_epochs"],
+    }
+    record.update({f"lr-{group}": float(lr) for group, lr in stage["lr"].items()})
+    return ConfigRecord(record)
+
+
+def pack(message: Message, train: bool) -> RecordDict:
+    """A fedmml message as Flower message content."""
+    content = RecordDict({PAYLOAD: ConfigRecord({"meta": message.header.decode(), "blob": message.blob})})
+    if train and "stage" in message.meta:
+        content[ROUND_CONFIG] = round_config(message.meta)
+    elif "num_samples" in message.meta:
+        content[METRICS] = MetricRecord(
+            {"num-examples": message.meta["num_samples"], "train-loss": float(message.meta["train_loss"])}
+        )
+    return content
+
+
+def unpack(content: RecordDict) -> Message:
+    """The fedmml message carried in Flower message content."""
+    record = content.config_records[PAYLOAD]
+    return Message(json.loads(str(record["meta"])), bytes(record["blob"]))
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Bytes of a message's records as Flower counts them (values plus keys, without transport framing)."""
+    return sum(record.count_bytes() for record in content.values())
