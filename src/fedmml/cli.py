@@ -84,6 +84,12 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--engine", choices=ENGINES, help="inprocess (default), flower-sim or flower (deployment)"
     )
+    run.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue a stopped run from its newest checkpoint (its config.json is used as is)",
+    )
 
     cmp_ = sub.add_parser("compare", help="run e2e, lw and prog with the same seed and round budget")
     _config_args(cmp_)
@@ -170,6 +176,14 @@ class _Display:
             self._describe(f"{self.stage} client {info['position']}/{info['of']} (#{info['client']})")
         elif kind == "phase":
             self._describe(info["phase"])
+        elif kind in ("client_failed", "rejected"):
+            if not self.quiet:
+                console.print(f"  [yellow]client {info['client']} dropped:[/] {info['reason']}")
+        elif kind == "skipped":
+            if not self.quiet:
+                console.print(
+                    f"  [yellow]round {info['round']} skipped: only {info['accepted']} valid updates[/]"
+                )
         elif kind == "round_done":
             if self.task is not None:
                 self.progress.advance(self.task)
@@ -177,7 +191,7 @@ class _Display:
                 console.print(
                     f"  {self.method} round {info['round']}: rsum {info['rsum']:.1f}  "
                     f"i2t R@1 {info['i2t_r1']:.1f}  t2i R@1 {info['t2i_r1']:.1f}  "
-                    f"loss {info['train_loss']:.3f}"
+                    f"loss {info.get('train_loss', float('nan')):.3f}"
                 )
 
     def _describe(self, text: str) -> None:
@@ -202,8 +216,15 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    from fedmml.experiment import run_experiment
+    from fedmml.experiment import resume_experiment, run_experiment
 
+    if args.resume is not None:
+        display = _Display(args.quiet)
+        with display.live():
+            summary = resume_experiment(args.resume, display)
+        _print_summary(summary)
+        console.print(f"run resumed and finished in {args.resume}")
+        return
     cfg = _resolve(args)
     if args.print_config:
         print(cfg.to_json())
@@ -306,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             handlers[args.command](args)
     except KeyboardInterrupt:
-        console.print("interrupted")
+        # Every finished round is already checkpointed, so nothing but the round in flight is lost.
+        console.print("interrupted; continue with `fedmml run --resume <run dir>`")
         return 130
     except USER_ERRORS as err:
         if args.debug:

@@ -106,6 +106,21 @@ class FederationConfig:
     batch_size: int = 32
     weight_decay: float = 0.01  # encoder groups (PyTorch's AdamW default, as the paper's code)
     head_weight_decay: float = 1e-6
+    aggregator: str = "fedavg"  # fedavg | median | trimmed_mean
+    trim: float = 0.2  # fraction cut from each end by trimmed_mean
+    min_clients: int = 1  # a round aggregates only if at least this many valid updates arrived
+    round_retries: int = 2  # re-sample and retry a round that fell short, then skip it
+    client_timeout_s: float = 0.0  # a reply slower than this is dropped; 0: no deadline
+    max_update_norm: float = 0.0  # reject an update whose change exceeds this x the global norm; 0: off
+
+
+@dataclass
+class FaultsConfig:
+    """Injected client faults, for testing and robustness studies (seeded by run.seed)."""
+
+    crash_rate: float = 0.0  # probability that a sampled client raises instead of replying
+    straggler_rate: float = 0.0  # probability that a sampled client is delayed
+    straggler_delay_s: float = 1.0  # in-process: simulated, added to the client's measured reply time
 
 
 @dataclass
@@ -128,6 +143,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads; 0: PyTorch's default
+    keep_checkpoints: int = 2  # per-round checkpoints kept in <run>/checkpoints; 0 keeps all
 
 
 @dataclass
@@ -143,6 +159,7 @@ class Config:
     schedule: str = "uniform"
     schedules: dict[str, Schedule] = field(default_factory=lambda: {"uniform": Schedule()})
     eval: EvalConfig = field(default_factory=EvalConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     @property
     def active_schedule(self) -> Schedule:
@@ -329,5 +346,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("federation: num_clients >= 1, local_epochs >= 1 and batch_size >= 2 are required")
     if not 0 <= fed.clients_per_round <= fed.num_clients:
         raise ConfigError(f"federation.clients_per_round must be between 0 and {fed.num_clients}")
+    _choice(fed.aggregator, ("fedavg", "median", "trimmed_mean"), "federation.aggregator")
+    if not 1 <= fed.min_clients <= fed.num_clients:
+        raise ConfigError(f"federation.min_clients must be between 1 and {fed.num_clients}")
+    for name in ("crash_rate", "straggler_rate"):
+        if not 0 <= getattr(cfg.faults, name) <= 1:
+            raise ConfigError(f"faults.{name} must be a probability between 0 and 1")
     if cfg.eval.every < 0:
         raise ConfigError("eval.every must be >= 0")

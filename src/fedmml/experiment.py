@@ -18,17 +18,19 @@ from safetensors.torch import load_file, save_file
 
 from fedmml import report
 from fedmml.accounting import memory_method
-from fedmml.config import Config, config_from_dict
+from fedmml.config import Config, ConfigError, config_from_dict
 from fedmml.data import fashion_mnist
 from fedmml.data.coco import CaptionDataset
 from fedmml.data.partition import partition
 from fedmml.engines.inprocess import InProcessEngine
 from fedmml.evaluation.scoring import retrieval_chance, retrieval_scores, zeroshot_score
+from fedmml.federation.checkpoint import latest_checkpoint, load_checkpoint
 from fedmml.federation.client import Client, Workspace, derive_seed
 from fedmml.federation.server import Listener, Server
 from fedmml.methods import plan_stages
 from fedmml.models.multimodal import DualEncoder, build_model
 
+CHECKPOINTS = "checkpoints"
 SUMMARY_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
 
@@ -155,7 +157,9 @@ def client_data(cfg: Config) -> tuple[CaptionDataset, list[list[int]]]:
     return train, client_partitions(cfg, train)
 
 
-def build_server(cfg: Config, listener: Listener | None = None) -> ServerSetup:
+def build_server(
+    cfg: Config, listener: Listener | None = None, checkpoint_dir: Path | None = None
+) -> ServerSetup:
     """Data, client partitions, the global model and the server for ``cfg``; no clients."""
     emit = listener or (lambda kind, info: None)
     apply_threads(cfg)
@@ -173,22 +177,30 @@ def build_server(cfg: Config, listener: Listener | None = None) -> ServerSetup:
         emit("phase", {"phase": "evaluating"})
         return evaluate_on(m, test, cfg)
 
-    server = Server(cfg, model, stages, [len(p) for p in parts], evaluate, emit)
+    server = Server(cfg, model, stages, [len(p) for p in parts], evaluate, emit, checkpoint_dir)
     return ServerSetup(train, test, parts, server)
 
 
-def build_setup(cfg: Config, listener: Listener | None = None) -> Setup:
+def build_setup(cfg: Config, listener: Listener | None = None, checkpoint_dir: Path | None = None) -> Setup:
     """Data, client partitions, the global model, the server and the in-process engine for ``cfg``."""
     emit = listener or (lambda kind, info: None)
-    side = build_server(cfg, emit)
+    side = build_server(cfg, emit, checkpoint_dir)
     workspace = Workspace(cfg, select_device(cfg.run.device))
     clients = [Client(cid, cfg, side.train, idx, workspace) for cid, idx in enumerate(side.partitions)]
-    return Setup(side.train, side.test, side.partitions, side.server, clients, InProcessEngine(clients, emit))
+    engine = InProcessEngine(clients, cfg, workspace.meter, emit)
+    side.server.engine_state = engine.state_dict
+    return Setup(side.train, side.test, side.partitions, side.server, clients, engine)
 
 
 def start_run(cfg: Config, out_dir: Path, listener: Listener | None = None) -> Listener:
     """Create the run directory with config.json and an empty metrics.jsonl; return the recording listener."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    probe = out_dir / ".write-test"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"cannot write to the run directory {out_dir}: {err.strerror}") from None
     (out_dir / "config.json").write_text(cfg.to_json())
     (out_dir / "metrics.jsonl").write_text("")
     return _MetricsWriter(out_dir / "metrics.jsonl", listener)
@@ -219,8 +231,8 @@ def finish_run(
         "bytes_up_total": sum(m["bytes_up"] for m in metrics),
         "bytes_down_total": sum(m["bytes_down"] for m in metrics),
         # Measured per client (fedmml.accounting): FLOPs summed over the run, peak memory as the maximum.
-        "client_flops_total": sum(m["client_flops"] for m in metrics),
-        "client_peak_mem_bytes": max((m["client_peak_mem_bytes"] for m in metrics), default=0),
+        "client_flops_total": sum(m.get("client_flops", 0) for m in metrics),
+        "client_peak_mem_bytes": max((m.get("client_peak_mem_bytes", 0) for m in metrics), default=0),
         "memory_method": memory_method(select_device(cfg.run.device)),
         "train_images": len(train),
         "test_images": len(test),
@@ -244,9 +256,31 @@ def run_experiment(cfg: Config, out_dir: Path, listener: Listener | None = None)
         return run_on_flower(cfg, out_dir, listener)
     started = time.perf_counter()
     emit = start_run(cfg, out_dir, listener)
-    setup = build_setup(cfg, emit)
+    setup = build_setup(cfg, emit, out_dir / CHECKPOINTS)
     metrics = setup.server.run(setup.engine.dispatch)
     return finish_run(cfg, out_dir, setup, metrics, started, emit)
+
+
+def resume_experiment(run_dir: Path, listener: Listener | None = None) -> dict[str, Any]:
+    """Continue a stopped in-process run from its newest checkpoint, as if it had never stopped."""
+    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
+    found = latest_checkpoint(run_dir / CHECKPOINTS)
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir / CHECKPOINTS}; start the run again instead")
+    if cfg.run.engine != "inprocess":
+        raise ConfigError("--resume supports the in-process engine; Flower runs keep no server checkpoints")
+    started = time.perf_counter()
+    tensors, state = load_checkpoint(found)
+    # Rounds after the checkpoint are redone, so their lines are dropped from metrics.jsonl.
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in state["metrics"]))
+    emit = _MetricsWriter(run_dir / "metrics.jsonl", listener)
+    setup = build_setup(cfg, emit, run_dir / CHECKPOINTS)
+    setup.server.resume(tensors, state)
+    setup.engine.load_state_dict(state["engine"])
+    for client in setup.clients:
+        client.store = setup.server.held_tensors(client.cid)
+    metrics = setup.server.run(setup.engine.dispatch)
+    return finish_run(cfg, run_dir, setup, metrics, started, emit)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

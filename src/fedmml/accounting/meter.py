@@ -95,3 +95,14 @@ class StepMeter:
         flops = {k[1:]: v for k, v in self.step_flops.items() if k[0] == key}
         peak = self.memory.get(key)
         return {"step_flops": flops, "memory": peak.to_dict() if peak is not None else None}
+
+    def state(self) -> list[Any]:
+        """The per-stage memory measurements as JSON-able data (for checkpoints)."""
+        return [[[k[0], k[1], [list(d) for d in k[2]]], peak.to_dict()] for k, peak in self.memory.items()]
+
+    def load_state(self, state: list[Any]) -> None:
+        """Reuse saved measurements, so a resumed run reports what the uninterrupted run would have."""
+        for (method, index, depth), peak in state:
+            key = (method, index, tuple((m, d) for m, d in depth))
+            self.memory[key] = MemoryPeak(**peak)
+            self._memory_steps[key] = 0

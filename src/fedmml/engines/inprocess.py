@@ -2,22 +2,73 @@
 
 from __future__ import annotations
 
-from fedmml.federation.client import Client
+import time
+from typing import Any
+
+import numpy as np
+
+from fedmml.accounting import StepMeter
+from fedmml.config import Config
+from fedmml.federation.client import Client, derive_seed
 from fedmml.federation.payload import Message
 from fedmml.federation.server import Listener
 
 
-class InProcessEngine:
-    """Delivers messages by calling each client directly; payloads still travel as serialised bytes."""
+class InjectedFault(RuntimeError):
+    """A client crash drawn by the fault injector (``faults.crash_rate``)."""
 
-    def __init__(self, clients: list[Client], listener: Listener | None = None) -> None:
+
+class InProcessEngine:
+    """Delivers messages by calling each client directly; payloads still travel as serialised bytes.
+
+    A client that raises, or whose reply takes longer than ``federation.client_timeout_s``, is dropped from
+    the round: it sends no reply, as a crashed or late device would not. Injected faults draw from their
+    own seeded stream so that they never disturb the training randomness. An injected straggler's delay is
+    simulated (added to its measured reply time) rather than slept, so robustness studies cost no wall time.
+    """
+
+    def __init__(
+        self, clients: list[Client], cfg: Config, meter: StepMeter, listener: Listener | None = None
+    ) -> None:
         self.clients = clients
+        self.meter = meter
+        self.faults = cfg.faults
+        self.timeout_s = cfg.federation.client_timeout_s
         self.listener = listener or (lambda kind, info: None)
+        self.rng = np.random.default_rng(derive_seed(cfg.run.seed, 2))
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to continue exactly: the fault stream and the cost measurements."""
+        return {"faults_rng": self.rng.bit_generator.state, "meter": self.meter.state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`."""
+        self.rng.bit_generator.state = state["faults_rng"]
+        self.meter.load_state(state["meter"])
+
+    def _run_client(self, cid: int, message: Message) -> tuple[Message, float]:
+        """The client's reply and its simulated extra delay."""
+        crash, straggle = self.rng.random(2)
+        if crash < self.faults.crash_rate:
+            raise InjectedFault(f"injected crash of client {cid}")
+        delay = self.faults.straggler_delay_s if straggle < self.faults.straggler_rate else 0.0
+        return self.clients[cid].handle(message), delay
 
     def dispatch(self, outgoing: list[tuple[int, Message]]) -> list[tuple[int, Message]]:
-        """Run each addressed client's local training and collect the replies."""
+        """Run each addressed client's local training and collect the replies of those that succeeded."""
         replies = []
         for i, (cid, message) in enumerate(outgoing):
             self.listener("client", {"client": cid, "position": i + 1, "of": len(outgoing)})
-            replies.append((cid, self.clients[cid].handle(message)))
+            start = time.perf_counter()
+            try:
+                reply, delay = self._run_client(cid, message)
+            except Exception as err:  # noqa: BLE001 - one failing client must not end the round
+                self.listener("client_failed", {"client": cid, "reason": f"{type(err).__name__}: {err}"})
+                continue
+            elapsed = time.perf_counter() - start + delay
+            if self.timeout_s and elapsed > self.timeout_s:
+                reason = f"missed the {self.timeout_s:g} s deadline ({elapsed:.2f} s)"
+                self.listener("client_failed", {"client": cid, "reason": reason})
+                continue
+            replies.append((cid, reply))
         return replies

@@ -6,7 +6,6 @@ same method with the message it received, keeping :attr:`Client.store` in the no
 
 from __future__ import annotations
 
-import time
 from contextlib import nullcontext
 from dataclasses import asdict
 from typing import Any
@@ -143,7 +142,6 @@ class Client:
 
     def handle(self, message: Message) -> Message:
         """Answer one training instruction with this client's update."""
-        start = time.perf_counter()
         meta = message.meta
         stage = stage_from_meta(meta["stage"])
         received = deserialize(message.blob)
@@ -167,6 +165,5 @@ class Client:
             "train_loss": loss,
             "steps": steps,
             **meter.finish(),  # flops, peak_mem_bytes
-            "wall_s": time.perf_counter() - start,
         }
         return Message(reply, serialize(update))

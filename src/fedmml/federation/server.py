@@ -6,18 +6,21 @@ their replies (in-process: direct calls; Flower: ``grid.send_and_receive``).
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from fedmml.config import Config
-from fedmml.federation.aggregate import fedavg
+from fedmml.federation.aggregate import AGGREGATORS
+from fedmml.federation.checkpoint import save_checkpoint
 from fedmml.federation.client import derive_seed, stage_to_meta
-from fedmml.federation.payload import Message, deserialize, serialize, validate
+from fedmml.federation.payload import Message, PayloadError, deserialize, serialize, validate
 from fedmml.methods import Stage, configure
 from fedmml.models.multimodal import DualEncoder
 
@@ -68,6 +71,7 @@ class Server:
         client_sizes: list[int],
         evaluate: Evaluator | None = None,
         listener: Listener | None = None,
+        checkpoint_dir: Path | None = None,
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -75,10 +79,14 @@ class Server:
         self.client_sizes = client_sizes
         self.evaluate = evaluate
         self.listener = listener or (lambda kind, info: None)
+        self.checkpoint_dir = checkpoint_dir
         self.ledger = Ledger()
         self.rng = np.random.default_rng(derive_seed(cfg.run.seed, 1))
         self.metrics: list[dict[str, Any]] = []
         self.total_rounds = sum(s.rounds for s in stages)
+        self.done_rounds = 0
+        # The engine's own resumable state (fault streams, cached measurements), saved with each checkpoint.
+        self.engine_state: Callable[[], dict[str, Any]] = dict
 
     def sample_clients(self) -> list[int]:
         """Clients for one round: all, or a seeded sample without replacement."""
@@ -86,13 +94,14 @@ class Server:
         k = self.cfg.federation.clients_per_round or n
         return sorted(int(c) for c in self.rng.choice(n, size=k, replace=False)) if k < n else list(range(n))
 
-    def message_for(self, cid: int, stage: Stage, round_no: int, trainable: list[str]) -> Message:
-        """The trainable tensors plus the frozen tensors this client lacks."""
+    def message_for(
+        self, cid: int, stage: Stage, round_no: int, trainable: list[str]
+    ) -> tuple[Message, list[str]]:
+        """The trainable tensors plus the frozen tensors this client lacks (also returned, by name)."""
         state = self.model.state_dict()
         trainable_set = set(trainable)
         frozen = [k for k in state if k not in trainable_set]
         missing_frozen = self.ledger.lacking(cid, frozen)
-        self.ledger.record(cid, missing_frozen)
         tensors = {k: state[k] for k in trainable + missing_frozen}
         fed = self.cfg.federation
         meta = {
@@ -102,7 +111,7 @@ class Server:
             "seed": derive_seed(self.cfg.run.seed, round_no, cid),
             "local_epochs": fed.local_epochs,
         }
-        return Message(meta, serialize(tensors))
+        return Message(meta, serialize(tensors)), missing_frozen
 
     def _eval_due(self, round_no: int) -> bool:
         every = self.cfg.eval.every
@@ -116,51 +125,166 @@ class Server:
         self.ledger.track(self.model.state_dict())
         return trainable
 
+    # Checkpoints -----------------------------------------------------------------------------------------
+    def snapshot(self, round_no: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything needed to continue after ``round_no`` exactly as if the run had not stopped."""
+        state = {
+            "round": round_no,
+            "method": self.cfg.run.method,
+            "metrics": self.metrics,
+            "rng": self.rng.bit_generator.state,
+            "engine": self.engine_state(),
+            "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+            "ledger": {
+                "versions": self.ledger.versions,
+                "shapes": {k: list(v) for k, v in self.ledger.shapes.items()},
+                "held": {str(c): h for c, h in self.ledger.held.items()},
+            },
+        }
+        return self.model.state_dict(), state
+
+    def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        if state["method"] != self.cfg.run.method:
+            raise ValueError(f"checkpoint is for method {state['method']!r}, not {self.cfg.run.method!r}")
+        self.model.load_state_dict(tensors, strict=True)
+        self.metrics = list(state["metrics"])
+        self.rng.bit_generator.state = state["rng"]
+        raw = np.frombuffer(base64.b64decode(state["torch_rng"]), dtype=np.uint8).copy()
+        torch.set_rng_state(torch.from_numpy(raw))
+        ledger = state["ledger"]
+        self.ledger = Ledger(
+            dict(ledger["versions"]),
+            {k: tuple(v) for k, v in ledger["shapes"].items()},
+            {int(c): dict(h) for c, h in ledger["held"].items()},
+        )
+
+    def held_tensors(self, cid: int) -> dict[str, torch.Tensor]:
+        """Frozen tensors the ledger says ``cid`` holds at their current version (to rebuild a client)."""
+        state = self.model.state_dict()
+        held = self.ledger.held.get(cid, {})
+        return {
+            k: state[k].clone() for k, v in held.items() if k in state and self.ledger.versions.get(k) == v
+        }
+
+    # The loop --------------------------------------------------------------------------------------------
+    def resume(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Continue from a checkpoint: grow to its stage, restore weights, RNG streams, ledger and metrics."""
+        self.done_rounds = state["round"]
+        rounds_before = 0
+        for stage in self.stages:
+            self.enter_stage(stage)
+            rounds_before += stage.rounds
+            if rounds_before >= self.done_rounds:
+                break
+        self._restore(tensors, state)
+
     def run(self, dispatch: Dispatch) -> list[dict[str, Any]]:
-        """Run every stage; return the per-round metrics."""
+        """Run every stage (after :meth:`resume`, only rounds not yet done); return the per-round metrics."""
         round_no = 0
         for stage in self.stages:
+            if round_no + stage.rounds < self.done_rounds:
+                round_no += stage.rounds
+                continue
             trainable = self.enter_stage(stage)
             self.listener(
                 "stage", {"stage": stage.index + 1, "stages": len(self.stages), "rounds": stage.rounds}
             )
             for _ in range(stage.rounds):
                 round_no += 1
+                if round_no <= self.done_rounds:
+                    continue
                 self.metrics.append(self._round(dispatch, stage, round_no, trainable))
+                if self.checkpoint_dir is not None:
+                    tensors, state = self.snapshot(round_no)
+                    save_checkpoint(
+                        self.checkpoint_dir, round_no, tensors, state, self.cfg.run.keep_checkpoints
+                    )
         return self.metrics
+
+    def check_update(self, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
+        """Why an update must be rejected (keys, shapes, dtypes, non-finite values, norm bound), or None."""
+        try:
+            validate(tensors, expected)
+        except PayloadError as err:
+            return str(err)
+        for key, value in tensors.items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                return f"non-finite values in {key}"
+        bound = self.cfg.federation.max_update_norm
+        if bound > 0:
+            floats = [k for k, v in expected.items() if v.is_floating_point()]
+            delta = torch.sqrt(sum(((tensors[k] - expected[k]).double() ** 2).sum() for k in floats))
+            norm = torch.sqrt(sum((expected[k].double() ** 2).sum() for k in floats))
+            if delta > bound * norm:
+                return f"update norm {delta:.3g} exceeds {bound} x the global norm {norm:.3g}"
+        return None
 
     def _round(self, dispatch: Dispatch, stage: Stage, round_no: int, trainable: list[str]) -> dict[str, Any]:
         start = time.perf_counter()
-        cids = self.sample_clients()
-        self.listener("round", {"round": round_no, "rounds": self.total_rounds, "clients": cids})
-        outgoing = [(cid, self.message_for(cid, stage, round_no, trainable)) for cid in cids]
-        replies = dispatch(outgoing)
+        fed = self.cfg.federation
         trainable_set = set(trainable)
         expected = {k: v for k, v in self.model.state_dict().items() if k in trainable_set}
-        updates = []
-        for _, reply in replies:
-            tensors = deserialize(reply.blob)
-            validate(tensors, expected)
-            updates.append((tensors, reply.meta["num_samples"]))
-        averaged = fedavg(updates)
-        self.model.load_state_dict(averaged, strict=False)
-        self.ledger.bump(list(averaged))
-        total = sum(r.meta["num_samples"] for _, r in replies)
+        failed: list[int] = []
+        rejected: dict[int, str] = {}
+        bytes_up = bytes_down = 0
+        retries = -1
+        while retries < fed.round_retries:
+            retries += 1
+            cids = self.sample_clients()
+            self.listener("round", {"round": round_no, "rounds": self.total_rounds, "clients": cids})
+            sent = {cid: self.message_for(cid, stage, round_no, trainable) for cid in cids}
+            replies = dict(dispatch([(cid, message) for cid, (message, _) in sent.items()]))
+            bytes_down += sum(m.nbytes for m, _ in sent.values())
+            bytes_up += sum(r.nbytes for r in replies.values())
+            failed += [cid for cid in cids if cid not in replies]
+            accepted = []
+            for cid, reply in replies.items():
+                # A client that replied processed the message, so it now holds the frozen tensors sent to it.
+                self.ledger.record(cid, sent[cid][1])
+                tensors = deserialize(reply.blob)
+                reason = self.check_update(tensors, expected)
+                if reason is None:
+                    accepted.append((cid, tensors, reply))
+                else:
+                    rejected[cid] = reason
+                    self.listener("rejected", {"round": round_no, "client": cid, "reason": reason})
+            if len(accepted) >= fed.min_clients:
+                break
         record: dict[str, Any] = {
             "round": round_no,
             "stage": stage.index + 1,
             "method": self.cfg.run.method,
-            "clients": cids,
-            "train_loss": sum(r.meta["train_loss"] * r.meta["num_samples"] for _, r in replies) / total,
-            "bytes_up": sum(r.nbytes for _, r in replies),
-            "bytes_down": sum(m.nbytes for _, m in outgoing),
+            "clients": sorted(cid for cid, _, _ in accepted),
+            "failed_clients": sorted(set(failed)),
+            "rejected_clients": {str(c): r for c, r in rejected.items()},
+            "retries": retries,
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
             "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
-            # Measured by the clients on their real training steps (fedmml.accounting).
-            "client_flops": sum(r.meta.get("flops", 0) for _, r in replies),
-            "client_peak_mem_bytes": max((r.meta.get("peak_mem_bytes", 0) for _, r in replies), default=0),
         }
+        if len(accepted) >= fed.min_clients:
+            record.update(self._aggregate(accepted))
+        else:
+            record["skipped"] = True
+            self.listener("skipped", {"round": round_no, "accepted": len(accepted)})
         if self.evaluate is not None and self._eval_due(round_no):
             record.update(self.evaluate(self.model))
         record["wall_s"] = time.perf_counter() - start
         self.listener("round_done", record)
         return record
+
+    def _aggregate(self, accepted: list[tuple[int, dict[str, torch.Tensor], Message]]) -> dict[str, Any]:
+        fed = self.cfg.federation
+        updates = [(tensors, reply.meta["num_samples"]) for _, tensors, reply in accepted]
+        aggregate = AGGREGATORS[fed.aggregator]
+        averaged = aggregate(updates, fed.trim) if fed.aggregator == "trimmed_mean" else aggregate(updates)
+        self.model.load_state_dict(averaged, strict=False)
+        self.ledger.bump(list(averaged))
+        replies = [reply for _, _, reply in accepted]
+        total = sum(r.meta["num_samples"] for r in replies)
+        return {
+            "train_loss": sum(r.meta["train_loss"] * r.meta["num_samples"] for r in replies) / total,
+            # Measured by the clients on their real training steps (fedmml.accounting).
+            "client_flops": sum(r.meta.get("flops", 0) for r in replies),
+            "client_peak_mem_bytes": max((r.meta.get("peak_mem_bytes", 0) for r in replies), default=0),
+        }
