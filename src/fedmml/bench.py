@@ -140,10 +140,13 @@ def bench_method(
             continue
         say(f"{method}: stage {stage.index + 1}/{len(stages)}")
         round_no += 1
-        first = server.message_for(client.cid, stage, round_no, trainable)
+        first, frozen_sent = server.message_for(client.cid, stage, round_no, trainable)
         reply = client.handle(first)
-        server.ledger.bump(trainable)  # aggregation changes every trainable tensor
-        later = server.message_for(client.cid, stage, round_no + 1, trainable)
+        # As after a real round: the client holds what it was sent; aggregation changes every trainable tensor
+        # (its version is bumped).
+        server.ledger.record(client.cid, frozen_sent)
+        server.ledger.bump(trainable)
+        later, _ = server.message_for(client.cid, stage, round_no + 1, trainable)
         round_no += max(stage.rounds - 1, 0)
         measured = workspace.meter.stage_summary(method, stage)
         state = server.model.state_dict()

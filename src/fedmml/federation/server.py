@@ -226,7 +226,7 @@ class Server:
         expected = {k: v for k, v in self.model.state_dict().items() if k in trainable_set}
         failed: list[int] = []
         rejected: dict[int, str] = {}
-        bytes_up = bytes_down = 0
+        bytes_up = bytes_down = flops = peak_mem = 0
         retries = -1
         while retries < fed.round_retries:
             retries += 1
@@ -236,6 +236,9 @@ class Server:
             replies = dict(dispatch([(cid, message) for cid, (message, _) in sent.items()]))
             bytes_down += sum(m.nbytes for m, _ in sent.values())
             bytes_up += sum(r.nbytes for r in replies.values())
+            # Cost counts every client that trained and replied, whether or not its update was accepted.
+            flops += sum(r.meta.get("flops", 0) for r in replies.values())
+            peak_mem = max([peak_mem, *(r.meta.get("peak_mem_bytes", 0) for r in replies.values())])
             failed += [cid for cid in cids if cid not in replies]
             accepted = []
             for cid, reply in replies.items():
@@ -260,6 +263,9 @@ class Server:
             "retries": retries,
             "bytes_up": bytes_up,
             "bytes_down": bytes_down,
+            # Measured by the clients on their real training steps (fedmml.accounting).
+            "client_flops": flops,
+            "client_peak_mem_bytes": peak_mem,
             "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
         }
         if len(accepted) >= fed.min_clients:
@@ -282,9 +288,4 @@ class Server:
         self.ledger.bump(list(averaged))
         replies = [reply for _, _, reply in accepted]
         total = sum(r.meta["num_samples"] for r in replies)
-        return {
-            "train_loss": sum(r.meta["train_loss"] * r.meta["num_samples"] for r in replies) / total,
-            # Measured by the clients on their real training steps (fedmml.accounting).
-            "client_flops": sum(r.meta.get("flops", 0) for r in replies),
-            "client_peak_mem_bytes": max((r.meta.get("peak_mem_bytes", 0) for r in replies), default=0),
-        }
+        return {"train_loss": sum(r.meta["train_loss"] * r.meta["num_samples"] for r in replies) / total}
