@@ -104,3 +104,26 @@ def test_bad_input_is_one_clear_line(emoji_root: Path, tmp_path: Path, capsys, a
     err = capsys.readouterr().err
     assert message in " ".join(err.split())
     assert "Traceback" not in err
+
+
+def test_malformed_captions_and_unwritable_output_are_one_line_errors(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "bad"
+    (root / "images").mkdir(parents=True)
+    (root / "captions_train.json").write_text("{not json")
+    args = [
+        "run",
+        "--preset",
+        "tiny",
+        "--quiet",
+        "--set",
+        f'data.root="{root}"',
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    assert main(args) == 2
+    assert "cannot parse captions file" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["run", "--preset", "tiny", "--quiet", "--out", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write to the run directory" in " ".join(err.split()) and "Traceback" not in err

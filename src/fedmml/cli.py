@@ -16,12 +16,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedmml.config import ENGINES, METHODS, ConfigError, available_presets, load_config
+from fedmml.data import DataError
 from fedmml.federation.payload import PayloadError
 
 console = Console(stderr=True)
 
 # Errors caused by input the user controls (config, paths, data, payloads): one line, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, OSError, PayloadError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, OSError, PayloadError)
 
 EPILOG = """\
 examples:

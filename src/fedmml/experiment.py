@@ -194,9 +194,9 @@ def build_setup(cfg: Config, listener: Listener | None = None, checkpoint_dir: P
 
 def start_run(cfg: Config, out_dir: Path, listener: Listener | None = None) -> Listener:
     """Create the run directory with config.json and an empty metrics.jsonl; return the recording listener."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     probe = out_dir / ".write-test"
     try:
+        out_dir.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
         probe.unlink()
     except OSError as err:

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from fedmml.data import DataError
 from fedmml.data.images import UnreadableImage, load_image, random_resized_crop, to_tensor
 
 PREPARE_HINT = "run `fedmml data prepare emoji` (or point data.root at a COCO-format folder)"
@@ -93,7 +94,7 @@ class CaptionDataset(Dataset):
             self.labels.append(category if isinstance(category, str) else None)
         self.skipped: dict[str, int] = dict(skipped)
         if not self.images:
-            raise ValueError(
+            raise DataError(
                 f"no usable image-caption pairs in {self.captions_path} (skipped: {self.skipped})"
             )
 
@@ -146,12 +147,12 @@ def _parse_captions(path: Path) -> tuple[dict[Any, dict], dict[Any, list[str]], 
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot parse captions file {path}: {err}") from err
+        raise DataError(f"cannot parse captions file {path}: {err}") from err
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise ValueError(f"{path} is not a COCO captions file: expected an object with an 'images' list")
+        raise DataError(f"{path} is not a COCO captions file: expected an object with an 'images' list")
     annotations = data.get("annotations", [])
     if not isinstance(annotations, list):
-        raise ValueError(f"{path}: 'annotations' must be a list")
+        raise DataError(f"{path}: 'annotations' must be a list")
 
     skipped: Counter = Counter(bad_image_entry=0, bad_caption=0, unreadable_image=0, image_without_caption=0)
     records: dict[Any, dict] = {}
