@@ -9,6 +9,15 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo test install data lint clean
 
+# Optional Debian data packages (Fashion-MNIST for zero-shot evaluation, Tux Paint stamps for image+audio):
+# installed when we are root on a Debian-like system, otherwise skipped with a note.
+define apt_optional
+	-@if [ ! -d $(2) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y --no-install-recommends $(1) >/dev/null 2>&1 || \
+		 (apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends $(1) >/dev/null 2>&1)) \
+		|| echo "note: $(1) not installed; $(3)"; fi
+endef
+
 install: $(VENV)/.installed
 
 # torch first, from the CPU wheel, so that no CUDA build is pulled in; constraints.txt then pins it.
@@ -17,11 +26,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,flower]'
-	@# Fashion-MNIST for zero-shot evaluation: optional, installed when we are root on a Debian-like system.
-	-@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		(apt-get install -y --no-install-recommends dataset-fashion-mnist >/dev/null 2>&1 || \
-		 (apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends dataset-fashion-mnist >/dev/null 2>&1)) \
-		|| echo "note: dataset-fashion-mnist not installed; zero-shot evaluation will be skipped"; fi
+	$(call apt_optional,dataset-fashion-mnist,/usr/share/datasets/fashion-mnist,zero-shot evaluation will be skipped)
+	$(call apt_optional,tuxpaint-stamps-default,/usr/share/tuxpaint/stamps,Tux Paint tests will be skipped)
 	touch $@
 
 data: $(EMOJI)

