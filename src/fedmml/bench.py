@@ -4,8 +4,9 @@ For every method and every stage with rounds, the real server builds the real me
 (:meth:`Server.message_for`) and one real client trains a few steps on synthetic inputs of the preset's shapes
 (:meth:`Client.handle`), so every figure comes from the code path of a run:
 
-- bytes: safetensors payloads (:func:`fedmml.federation.payload.serialize`); down in the first round of a
-  stage = trainable tensors + the frozen ones the client lacks, down in later rounds = trainable only;
+- bytes: safetensors payloads in the configured ``transport.dtype`` (:func:`fedmml.federation.payload.pack`);
+  down in the first round of a stage = trainable tensors + the frozen ones the client lacks, down in later
+  rounds = trainable only;
 - FLOPs and peak memory: the client's :class:`fedmml.accounting.StepMeter`, as in every run.
 
 Totals assume the client takes part in every round; a stage with 0 rounds costs nothing. Weights are random
@@ -32,6 +33,7 @@ from fedmml.accounting import StepMeter
 from fedmml.config import Config, config_from_dict
 from fedmml.experiment import select_device
 from fedmml.federation.client import Client, Workspace
+from fedmml.federation.payload import encode
 from fedmml.federation.server import Server
 from fedmml.methods import ENCODER_PREFIX, plan_stages
 from fedmml.models.multimodal import build_model
@@ -84,11 +86,13 @@ def bench_config(cfg: Config, method: str) -> tuple[Config, list[str]]:
     return config_from_dict(tree), notes
 
 
-def upload_parts(state: dict[str, torch.Tensor], keys: list[str]) -> dict[str, int]:
-    """Tensor bytes of ``keys`` split into encoder blocks, stems, final norms + necks, and heads."""
+def upload_parts(state: dict[str, torch.Tensor], keys: list[str], dtype: str = "float32") -> dict[str, int]:
+    """Wire bytes of ``keys`` in ``dtype``, split into encoder blocks, stems, final norms + necks, heads."""
     parts = dict.fromkeys(UPLOAD_PARTS, 0)
     for key in keys:
-        nbytes = state[key].numel() * state[key].element_size()
+        # Through the transport's own encoder, so an int8 scale is counted with its tensor.
+        wire = encode({key: state[key]}, dtype).values()
+        nbytes = sum(t.numel() * t.element_size() for t in wire)
         if key.startswith(ENCODER_PREFIX):
             child = key.split(".")[2]  # stem | blocks | norm | neck
             parts[{"blocks": "encoder_blocks", "stem": "stems"}.get(child, "norms_necks")] += nbytes
@@ -158,7 +162,7 @@ def bench_method(
                 "bytes_down_first": len(first.blob),
                 "bytes_down_later": len(later.blob),
                 "bytes_up": len(reply.blob),
-                "upload_parts": upload_parts(state, trainable),
+                "upload_parts": upload_parts(state, trainable, bcfg.transport.dtype),
                 "peak_mem_bytes": reply.meta["peak_mem_bytes"],
                 "memory": measured["memory"],
                 "flops_per_step": int(step_flops),
@@ -271,6 +275,7 @@ def run_bench(
         "threads": torch.get_num_threads(),
         "batch_size": cfg.federation.batch_size,
         "local_epochs": cfg.federation.local_epochs,
+        "transport": cfg.transport.dtype,
         "steps_per_stage": steps,
         "notes": info.get("notes", []),
         "per_stage": per_stage,
@@ -311,7 +316,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
         f"Batch {result['batch_size']}, {result['local_epochs']} local epoch(s) per round, "
         f"{result['steps_per_stage']} measured steps per stage on {result['device']} "
-        f"({result['threads']} threads); memory method `{result['memory_method']}`; "
+        f"({result['threads']} threads); transport `{result.get('transport', 'float32')}`; "
+        f"memory method `{result['memory_method']}`; "
         f"bench wall time {result['wall_s']:.0f} s.",
         "",
     ]

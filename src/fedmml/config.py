@@ -20,6 +20,7 @@ from typing import Any
 METHODS = ("e2e", "lw", "prog")
 ENGINES = ("inprocess", "flower-sim", "flower")  # flower-sim: Flower simulation; flower: deployment
 PARTITIONS = ("iid", "dirichlet")
+TRANSPORT_DTYPES = ("float32", "float16", "int8")  # wire formats, see fedmml.federation.payload.encode
 
 
 class ConfigError(ValueError):
@@ -115,6 +116,13 @@ class FederationConfig:
 
 
 @dataclass
+class TransportConfig:
+    """How tensors travel between server and clients, both directions (the server keeps float32 weights)."""
+
+    dtype: str = "float32"  # float32 | float16 | int8 (per-tensor symmetric, float32 scale)
+
+
+@dataclass
 class FaultsConfig:
     """Injected client faults, for testing and robustness studies (seeded by run.seed)."""
 
@@ -155,6 +163,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     schedule: str = "uniform"
     schedules: dict[str, Schedule] = field(default_factory=lambda: {"uniform": Schedule()})
@@ -347,6 +356,7 @@ def validate(cfg: Config) -> None:
     if not 0 <= fed.clients_per_round <= fed.num_clients:
         raise ConfigError(f"federation.clients_per_round must be between 0 and {fed.num_clients}")
     _choice(fed.aggregator, ("fedavg", "median", "trimmed_mean"), "federation.aggregator")
+    _choice(cfg.transport.dtype, TRANSPORT_DTYPES, "transport.dtype")
     if not 1 <= fed.min_clients <= fed.num_clients:
         raise ConfigError(f"federation.min_clients must be between 1 and {fed.num_clients}")
     for name in ("crash_rate", "straggler_rate"):

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from fedmml.accounting import StepMeter
 from fedmml.config import Config
 from fedmml.data.coco import collate_train
-from fedmml.federation.payload import Message, PayloadError, deserialize, serialize
+from fedmml.federation.payload import Message, PayloadError, pack, unpack
 from fedmml.methods import Stage, configure, param_group, set_train_mode
 from fedmml.models.multimodal import DualEncoder, build_model
 
@@ -144,10 +144,11 @@ class Client:
         """Answer one training instruction with this client's update."""
         meta = message.meta
         stage = stage_from_meta(meta["stage"])
-        received = deserialize(message.blob)
         model = self.workspace.at_depth(stage.depth)
         trainable = set(configure(model, meta["method"], stage))
         expected = model.state_dict()
+        # Whatever the wire dtype, the model is loaded with its own (float32) dtypes.
+        received = unpack(message.blob, {k: v.dtype for k, v in expected.items()})
         state = {**{k: v for k, v in self.store.items() if k in expected}, **received}
         missing = sorted(set(expected) - set(state))
         if missing:
@@ -166,4 +167,5 @@ class Client:
             "steps": steps,
             **meter.finish(),  # flops, peak_mem_bytes
         }
-        return Message(reply, serialize(update))
+        # The reply travels as the server asked; messages from before transport.dtype existed mean float32.
+        return Message(reply, pack(update, meta.get("transport", "float32")))

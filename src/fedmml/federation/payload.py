@@ -1,18 +1,26 @@
 """Messages between server and clients: tensors as safetensors bytes plus a small JSON header.
 
 Every byte count in fedmml comes from here, from the serialised form, so what is reported is what a real
-transport would carry.
+transport would carry. Floating tensors can travel lighter than the float32 master weights
+(``transport.dtype``): :func:`encode` before serialising, :func:`decode` after deserialising.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from fedmml.config import TRANSPORT_DTYPES
+
+# int8 tensors travel with their float32 scale under this suffix; no model key ends like this.
+SCALE_SUFFIX = ".__scale__"
+_INT8_MAX = 127
 
 
 class PayloadError(ValueError):
@@ -58,3 +66,65 @@ def validate(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
             raise PayloadError(
                 f"{key}: got {tuple(got.shape)} {got.dtype}, expected {tuple(ref.shape)} {ref.dtype}"
             )
+
+
+def _quantise(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor symmetric int8 and its float32 scale; non-finite input gives a NaN scale."""
+    value = value.detach().to(torch.float32)
+    amax = value.abs().max() if value.numel() else torch.zeros(())
+    if not torch.isfinite(amax):
+        # Dequantises to all-NaN, so the receiver's non-finite check still rejects the tensor.
+        return torch.zeros_like(value, dtype=torch.int8), torch.tensor(float("nan"))
+    scale = amax / _INT8_MAX
+    # An all-zero tensor has scale 0: divide by 1 instead, the codes are 0 either way.
+    divisor = scale if scale > 0 else torch.ones(())
+    codes = torch.round(value / divisor).clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+    return codes, scale.reshape(())
+
+
+def encode(tensors: Mapping[str, torch.Tensor], dtype: str = "float32") -> dict[str, torch.Tensor]:
+    """Tensors as they travel in ``dtype``; integer tensors (e.g. ``num_batches_tracked``) are unchanged."""
+    if dtype not in TRANSPORT_DTYPES:
+        raise PayloadError(f"unknown transport dtype {dtype!r}; valid: {', '.join(TRANSPORT_DTYPES)}")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if not value.is_floating_point() or dtype == "float32":
+            out[key] = value
+        elif dtype == "float16":
+            out[key] = value.detach().to(torch.float16)
+        else:
+            out[key], out[key + SCALE_SUFFIX] = _quantise(value)
+    return out
+
+
+def decode(
+    tensors: Mapping[str, torch.Tensor], reference_dtypes: Mapping[str, torch.dtype] | None = None
+) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`encode`: floating tensors back to their reference dtype (default float32)."""
+    # Only floats and int8 codes with their scale are converted; anything else (an orphan scale, int8 codes
+    # without one, a float where an integer buffer belongs) is left as received for validate() to reject.
+    ref = reference_dtypes or {}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        base = key.removesuffix(SCALE_SUFFIX)
+        if base != key and base in tensors and tensors[base].dtype == torch.int8:
+            continue  # consumed with its codes below
+        target = ref.get(key, torch.float32)
+        scale = tensors.get(key + SCALE_SUFFIX)
+        if scale is not None and value.dtype == torch.int8 and target.is_floating_point:
+            out[key] = (value.to(torch.float32) * scale.to(torch.float32)).to(target)
+        elif value.is_floating_point() and target.is_floating_point:
+            out[key] = value.to(target)
+        else:
+            out[key] = value
+    return out
+
+
+def pack(tensors: Mapping[str, torch.Tensor], dtype: str = "float32") -> bytes:
+    """Encode for ``dtype`` and serialise: the blob of a message."""
+    return serialize(encode(tensors, dtype))
+
+
+def unpack(blob: bytes, reference_dtypes: Mapping[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
+    """Deserialise and decode a blob made by :func:`pack`."""
+    return decode(deserialize(blob), reference_dtypes)

@@ -20,7 +20,7 @@ from fedmml.config import Config
 from fedmml.federation.aggregate import AGGREGATORS
 from fedmml.federation.checkpoint import save_checkpoint
 from fedmml.federation.client import derive_seed, stage_to_meta
-from fedmml.federation.payload import Message, PayloadError, deserialize, serialize, validate
+from fedmml.federation.payload import Message, PayloadError, pack, unpack, validate
 from fedmml.methods import Stage, configure
 from fedmml.models.multimodal import DualEncoder
 
@@ -110,8 +110,10 @@ class Server:
             "method": self.cfg.run.method,
             "seed": derive_seed(self.cfg.run.seed, round_no, cid),
             "local_epochs": fed.local_epochs,
+            # The client decodes with it and encodes its reply alike (a Flower ClientApp has no config).
+            "transport": self.cfg.transport.dtype,
         }
-        return Message(meta, serialize(tensors)), missing_frozen
+        return Message(meta, pack(tensors, self.cfg.transport.dtype)), missing_frozen
 
     def _eval_due(self, round_no: int) -> bool:
         every = self.cfg.eval.every
@@ -224,6 +226,8 @@ class Server:
         fed = self.cfg.federation
         trainable_set = set(trainable)
         expected = {k: v for k, v in self.model.state_dict().items() if k in trainable_set}
+        # Updates are decoded back to the master weights' dtypes before validation and aggregation.
+        dtypes = {k: v.dtype for k, v in expected.items()}
         failed: list[int] = []
         rejected: dict[int, str] = {}
         bytes_up = bytes_down = flops = peak_mem = 0
@@ -244,7 +248,7 @@ class Server:
             for cid, reply in replies.items():
                 # A client that replied processed the message, so it now holds the frozen tensors sent to it.
                 self.ledger.record(cid, sent[cid][1])
-                tensors = deserialize(reply.blob)
+                tensors = unpack(reply.blob, dtypes)
                 reason = self.check_update(tensors, expected)
                 if reason is None:
                     accepted.append((cid, tensors, reply))

@@ -1,0 +1,183 @@
+"""Lighter transport (``transport.dtype``): encode/decode error bounds, measured bytes, float32 masters."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedmml.bench import upload_parts
+from fedmml.config import ConfigError, load_config
+from fedmml.experiment import build_setup
+from fedmml.federation.payload import (
+    SCALE_SUFFIX,
+    Message,
+    PayloadError,
+    decode,
+    deserialize,
+    encode,
+    pack,
+    serialize,
+    unpack,
+    validate,
+)
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "w": torch.randn(64, 32, generator=g),
+        "b": torch.randn(32, generator=g) * 1e-3,
+        "zero": torch.zeros(5),
+        "scalar": torch.tensor(0.05),
+        "bn.num_batches_tracked": torch.tensor(7, dtype=torch.int64),
+    }
+
+
+def test_float32_is_the_identity() -> None:
+    tensors = _tensors()
+    out = unpack(pack(tensors, "float32"))
+    assert all(torch.equal(out[k], v) and out[k].dtype == v.dtype for k, v in tensors.items())
+
+
+def test_float16_round_trip_relative_error() -> None:
+    tensors = _tensors()
+    wire = encode(tensors, "float16")
+    assert wire["w"].dtype == torch.float16 and set(wire) == set(tensors)
+    out = unpack(serialize(wire), {k: v.dtype for k, v in tensors.items()})
+    for key in ("w", "b", "scalar"):
+        assert out[key].dtype == torch.float32
+        # float16 has an 11-bit significand: relative rounding error <= 2**-11 in the normal range, and
+        # half the subnormal spacing (2**-25) below it.
+        assert torch.allclose(out[key], tensors[key], rtol=2**-11, atol=2**-25), key
+    assert torch.equal(out["zero"], tensors["zero"])
+    assert torch.equal(out["bn.num_batches_tracked"], tensors["bn.num_batches_tracked"])
+    assert out["bn.num_batches_tracked"].dtype == torch.int64
+
+
+def test_int8_round_trip_error_at_most_half_a_step() -> None:
+    tensors = _tensors()
+    wire = encode(tensors, "int8")
+    assert wire["w"].dtype == torch.int8 and wire["w" + SCALE_SUFFIX].dtype == torch.float32
+    assert "bn.num_batches_tracked" + SCALE_SUFFIX not in wire
+    out = decode(deserialize(serialize(wire)), {k: v.dtype for k, v in tensors.items()})
+    assert set(out) == set(tensors)
+    for key in ("w", "b", "scalar"):
+        scale = wire[key + SCALE_SUFFIX]
+        assert out[key].dtype == torch.float32
+        assert (out[key] - tensors[key]).abs().max() <= scale / 2 * (1 + 1e-5), key
+    # An all-zero tensor: scale 0, no division by zero, exact zeros back.
+    assert wire["zero" + SCALE_SUFFIX] == 0 and torch.equal(out["zero"], tensors["zero"])
+    assert torch.equal(out["bn.num_batches_tracked"], tensors["bn.num_batches_tracked"])
+
+
+def test_non_finite_values_survive_encoding_so_they_can_be_rejected() -> None:
+    bad = {"w": torch.tensor([1.0, float("nan")]), "v": torch.tensor([float("inf"), 2.0])}
+    for dtype in ("float16", "int8"):
+        out = unpack(pack(bad, dtype))
+        assert not torch.isfinite(out["w"]).all() and not torch.isfinite(out["v"]).all(), dtype
+
+
+def test_decode_leaves_mismatches_for_validate() -> None:
+    expected = {"w": torch.zeros(3), "n": torch.tensor(1)}
+    # int8 codes without a scale and a float where an integer buffer belongs are not silently fixed.
+    got = decode({"w": torch.zeros(3, dtype=torch.int8), "n": torch.tensor(1.0)}, {"w": torch.float32})
+    with pytest.raises(PayloadError, match="expected"):
+        validate(got, expected)
+    with pytest.raises(PayloadError, match="unexpected"):
+        validate(decode({**encode(expected, "int8"), "x" + SCALE_SUFFIX: torch.tensor(1.0)}), expected)
+
+
+def test_unknown_transport_dtype_is_a_config_error_listing_the_choices() -> None:
+    with pytest.raises(ConfigError, match="float32, float16, int8"):
+        load_config("tiny", ['transport.dtype="bfloat17"'])
+    with pytest.raises(PayloadError):
+        encode({"w": torch.zeros(1)}, "bfloat17")
+
+
+def _run(emoji_root: Path, dtype: str, *extra: str):
+    cfg = load_config(
+        "tiny",
+        [
+            f'data.root="{emoji_root}"',
+            'run.method="lw"',
+            "schedules.uniform.rounds=[1, 1, 1]",
+            # A small slice keeps three runs fast; bytes do not depend on the data.
+            "data.limit_train=64",
+            "data.limit_test=32",
+            "federation.num_clients=2",
+            "eval.every=0",
+            f'transport.dtype="{dtype}"',
+            *extra,
+        ],
+    )
+    setup = build_setup(cfg)
+    return setup, setup.server.run(setup.engine.dispatch)
+
+
+@pytest.fixture(scope="module")
+def runs(emoji_root: Path) -> dict:
+    return {dtype: _run(emoji_root, dtype) for dtype in ("float32", "float16", "int8")}
+
+
+def test_bytes_halve_with_float16_and_quarter_with_int8(runs) -> None:
+    up = {d: sum(r["bytes_up"] for r in m) for d, (_, m) in runs.items()}
+    down = {d: sum(r["bytes_down"] for r in m) for d, (_, m) in runs.items()}
+    for total in (up, down):
+        # Within a few % for the JSON headers, int8 scales and safetensors headers.
+        assert total["float16"] / total["float32"] == pytest.approx(0.5, abs=0.03)
+        assert total["int8"] / total["float32"] == pytest.approx(0.25, abs=0.04)
+
+
+def test_global_model_stays_float32_and_finite(runs) -> None:
+    for dtype, (setup, metrics) in runs.items():
+        assert not any(r.get("skipped") or r["rejected_clients"] for r in metrics), dtype
+        for key, value in setup.server.model.state_dict().items():
+            if value.is_floating_point():
+                assert value.dtype == torch.float32 and torch.isfinite(value).all(), (dtype, key)
+
+
+class NaNClient:
+    """Wraps a client and replaces its first tensor with NaN, re-encoded as the server asked."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+
+    def handle(self, message: Message) -> Message:
+        reply = self.client.handle(message)
+        tensors = unpack(reply.blob)
+        key = sorted(tensors)[0]
+        tensors[key] = torch.full_like(tensors[key], float("nan"))
+        return Message(reply.meta, pack(tensors, message.meta["transport"]))
+
+
+def test_nan_update_rejected_under_float16(emoji_root: Path) -> None:
+    cfg = load_config(
+        "tiny",
+        [
+            f'data.root="{emoji_root}"',
+            "federation.num_clients=3",
+            "data.limit_train=96",
+            "data.limit_test=32",
+            "schedules.uniform.rounds=[1, 0, 0]",
+            "eval.every=0",
+            'transport.dtype="float16"',
+        ],
+    )
+    setup = build_setup(cfg)
+    setup.clients[0] = NaNClient(setup.clients[0])
+    setup.engine.clients = setup.clients
+    metrics = setup.server.run(setup.engine.dispatch)
+    assert "non-finite" in metrics[0]["rejected_clients"]["0"]
+    assert metrics[0]["clients"] == [1, 2]
+    assert all(
+        torch.isfinite(v).all() for v in setup.server.model.state_dict().values() if v.is_floating_point()
+    )
+
+
+def test_bench_upload_parts_count_wire_bytes() -> None:
+    state = {"heads.image.0.weight": torch.randn(8, 4), "heads.image.1.num_batches_tracked": torch.tensor(3)}
+    keys = list(state)
+    f32 = upload_parts(state, keys)["heads"]
+    assert f32 == 32 * 4 + 8
+    assert upload_parts(state, keys, "float16")["heads"] == 32 * 2 + 8
+    assert upload_parts(state, keys, "int8")["heads"] == 32 + 4 + 8  # codes + float32 scale + int64 buffer
