@@ -94,7 +94,7 @@ def test_one_vendor_keeps_the_same_split(
 def test_refuses_foreign_folder(emoji_tarballs: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(RuntimeError, match="not an emoji dataset"):
+    with pytest.raises(RuntimeError, match="not an earlier `fedmml data prepare emoji` output"):
         prepare_emoji(tmp_path / "mine", tarballs=emoji_tarballs)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 

@@ -91,7 +91,7 @@ def test_errors(tmp_path: Path) -> None:
         prepare_tuxpaint(tmp_path / "out", stamps_dir=tmp_path / "missing")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    with pytest.raises(PrepareError, match="not a Tux Paint dataset"):
+    with pytest.raises(PrepareError, match="not an earlier `fedmml data prepare tuxpaint` output"):
         prepare_tuxpaint(tmp_path / "mine", **SUBSET)
     with pytest.raises(ValueError, match="unknown Tux Paint classes"):
         prepare_tuxpaint(tmp_path / "x", classes=["dinosaurs"])

@@ -13,6 +13,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+from fedmml.data.prepare.output import PrepareError, check_owned, dump_json, staging_dir, swap_in
+
 VERSION = "16.0.0"
 VENDORS = ("google", "twitter")
 FORMAT = 1  # bump when the output layout or captions change, so old folders are rebuilt
@@ -24,10 +26,6 @@ METADATA_LICENSE = "MIT (emoji-data by Cal Henderson, https://github.com/iamcal/
 EXCLUDED_CATEGORIES = ("Component",)  # bare skin-tone and hair swatches, not depictable objects
 
 Progress = Callable[[str], None]
-
-
-class PrepareError(RuntimeError):
-    """Fetching or reading the emoji source packages failed."""
 
 
 def default_cache_dir() -> Path:
@@ -129,10 +127,6 @@ def _png_size(data: bytes) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-def _dump(obj: object) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
-
-
 def _config(vendors: tuple[str, ...], test_fraction: float) -> dict:
     return {"format": FORMAT, "version": VERSION, "vendors": list(vendors), "test_fraction": test_fraction}
 
@@ -150,21 +144,6 @@ def _is_complete(out_dir: Path, config: dict) -> dict | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return info.get("stats")
-
-
-def _owned(out_dir: Path) -> bool:
-    """Only replace folders that are empty or an earlier output of this function."""
-    if not out_dir.exists():
-        return True
-    if not out_dir.is_dir():
-        return False
-    if not any(out_dir.iterdir()):
-        return True
-    try:
-        info = json.loads((out_dir / "prepare.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(info, dict) and info.get("dataset") == "emoji"
 
 
 def _readme(vendors: tuple[str, ...], versions: Mapping[str, str], stats: dict) -> str:
@@ -264,10 +243,10 @@ def _write(staging: Path, splits: dict, files: list[tuple[str, bytes]], readme: 
         path.write_bytes(png)
     for split, data in splits.items():
         header = {"description": f"emoji captions ({split}) from emoji-datasource {VERSION}", "split": split}
-        (staging / f"captions_{split}.json").write_bytes(_dump({"info": header, **data}))
+        (staging / f"captions_{split}.json").write_bytes(dump_json({"info": header, **data}))
     (staging / "README.txt").write_text(readme, encoding="utf-8")
     # Written last: its presence marks a complete build.
-    (staging / "prepare.json").write_bytes(_dump(info))
+    (staging / "prepare.json").write_bytes(dump_json(info))
 
 
 def prepare_emoji(
@@ -293,10 +272,7 @@ def prepare_emoji(
     if stats is not None:
         say(f"{out_dir} is already prepared")
         return stats
-    if not _owned(out_dir):
-        raise PrepareError(
-            f"{out_dir} exists and is not an emoji dataset built by fedmml; choose another folder"
-        )
+    check_owned(out_dir, "emoji")
 
     tarballs = dict(tarballs or {})
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -331,12 +307,9 @@ def prepare_emoji(
         "metadata_license": METADATA_LICENSE,
         "stats": stats,
     }
-    # Build next to out_dir and swap it in at the end, so an interrupted run never looks complete.
-    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    staging = staging_dir(out_dir)
     say(f"writing {len(files)} images to {out_dir}")
     _write(staging, splits, files, _readme(vendors, versions, stats), info)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
+    swap_in(staging, out_dir)
     say(f"prepared {stats['train']['images']} train and {stats['test']['images']} test images in {out_dir}")
     return stats

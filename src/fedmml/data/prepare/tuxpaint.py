@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmml.data.prepare.emoji import PrepareError, _dump
+from fedmml.data.prepare.output import PrepareError, check_owned, dump_json, staging_dir, swap_in
 
 PACKAGE = "tuxpaint-stamps-default"
 STAMPS_DIR = Path("/usr/share/tuxpaint/stamps")
@@ -230,21 +230,6 @@ def _is_complete(out_dir: Path, config: dict) -> dict | None:
     return info.get("stats")
 
 
-def _owned(out_dir: Path) -> bool:
-    """Only replace folders that are empty or an earlier output of this function."""
-    if not out_dir.exists():
-        return True
-    if not out_dir.is_dir():
-        return False
-    if not any(out_dir.iterdir()):
-        return True
-    try:
-        info = json.loads((out_dir / "prepare.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(info, dict) and info.get("dataset") == "tuxpaint"
-
-
 def _readme(version: str, stats: dict) -> str:
     mapping = "\n".join(f"  {src:<18} -> {dst}" for src, dst in sorted(CLASS_MAP.items()))
     lines = [
@@ -297,10 +282,10 @@ def _write(staging: Path, splits: dict[str, dict[str, dict]], readme: str, info:
             sound = staging / split / record["sound"]
             sound.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(record["_sound"], sound)
-        (staging / split / "meta.json").write_bytes(_dump({k: _public(r) for k, r in samples.items()}))
+        (staging / split / "meta.json").write_bytes(dump_json({k: _public(r) for k, r in samples.items()}))
     (staging / "README.txt").write_text(readme, encoding="utf-8")
     # Written last: its presence marks a complete build.
-    (staging / "prepare.json").write_bytes(_dump(info))
+    (staging / "prepare.json").write_bytes(dump_json(info))
 
 
 def prepare_tuxpaint(
@@ -336,10 +321,7 @@ def prepare_tuxpaint(
     if stats is not None:
         say(f"{out_dir} is already prepared")
         return stats
-    if not _owned(out_dir):
-        raise PrepareError(
-            f"{out_dir} exists and is not a Tux Paint dataset built by fedmml; choose another folder"
-        )
+    check_owned(out_dir, "tuxpaint")
 
     stamps = _select(stamps, config["classes"], config["languages"], limit)
     splits = _plan(stamps, test_fraction)
@@ -353,14 +335,11 @@ def prepare_tuxpaint(
         "class_map": CLASS_MAP,
         "stats": stats,
     }
-    # Build next to out_dir and swap it in at the end, so an interrupted run never looks complete.
-    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    staging = staging_dir(out_dir)
     total = stats["train"]["samples"] + stats["test"]["samples"]
     say(f"writing {total} samples from {len(stamps)} stamps to {out_dir}")
     _write(staging, splits, _readme(version, stats), info, say)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
+    swap_in(staging, out_dir)
     say(
         f"prepared {stats['train']['samples']} train and {stats['test']['samples']} test samples in {out_dir}"
     )
