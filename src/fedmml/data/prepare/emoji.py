@@ -13,7 +13,14 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from fedmml.data.prepare.output import PrepareError, check_owned, dump_json, staging_dir, swap_in
+from fedmml.data.prepare.output import (
+    PrepareError,
+    check_owned,
+    dump_json,
+    staging_dir,
+    stored_stats,
+    swap_in,
+)
 
 VERSION = "16.0.0"
 VENDORS = ("google", "twitter")
@@ -131,19 +138,11 @@ def _config(vendors: tuple[str, ...], test_fraction: float) -> dict:
     return {"format": FORMAT, "version": VERSION, "vendors": list(vendors), "test_fraction": test_fraction}
 
 
-def _is_complete(out_dir: Path, config: dict) -> dict | None:
-    """The stored stats if out_dir was fully built with this config, else None."""
-    try:
-        info = json.loads((out_dir / "prepare.json").read_text(encoding="utf-8"))
-        if info.get("config") != config:
-            return None
-        for split in ("train", "test"):
-            data = json.loads((out_dir / f"captions_{split}.json").read_text(encoding="utf-8"))
-            if not all((out_dir / "images" / img["file_name"]).is_file() for img in data["images"]):
-                return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return info.get("stats")
+def _listed_files(out_dir: Path) -> Iterable[Path]:
+    """Every image the captions files of a build refer to."""
+    for split in ("train", "test"):
+        data = json.loads((out_dir / f"captions_{split}.json").read_text(encoding="utf-8"))
+        yield from (out_dir / "images" / img["file_name"] for img in data["images"])
 
 
 def _readme(vendors: tuple[str, ...], versions: Mapping[str, str], stats: dict) -> str:
@@ -268,7 +267,7 @@ def prepare_emoji(
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     say = progress or (lambda _msg: None)
     config = _config(vendors, test_fraction)
-    stats = _is_complete(out_dir, config)
+    stats = stored_stats(out_dir, config, _listed_files)
     if stats is not None:
         say(f"{out_dir} is already prepared")
         return stats

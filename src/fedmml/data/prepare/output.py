@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
@@ -49,3 +50,14 @@ def swap_in(staging: Path, out_dir: Path) -> None:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
+
+
+def stored_stats(out_dir: Path, config: dict, listed_files: Callable[[Path], Iterable[Path]]) -> dict | None:
+    """The stats of an earlier build with this ``config`` whose listed files all exist, else None."""
+    try:
+        info = json.loads((out_dir / "prepare.json").read_text(encoding="utf-8"))
+        if info.get("config") != config or not all(f.is_file() for f in listed_files(out_dir)):
+            return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # a missing or damaged build is simply rebuilt
+    return info.get("stats")

@@ -13,7 +13,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmml.data.prepare.output import PrepareError, check_owned, dump_json, staging_dir, swap_in
+from fedmml.data.prepare.output import (
+    PrepareError,
+    check_owned,
+    dump_json,
+    staging_dir,
+    stored_stats,
+    swap_in,
+)
 
 PACKAGE = "tuxpaint-stamps-default"
 STAMPS_DIR = Path("/usr/share/tuxpaint/stamps")
@@ -211,23 +218,13 @@ def _stats(splits: dict[str, dict[str, dict]], skipped: Counter) -> dict:
     return stats
 
 
-def _is_complete(out_dir: Path, config: dict) -> dict | None:
-    """The stored stats if out_dir was fully built with this config, else None."""
-    try:
-        info = json.loads((out_dir / "prepare.json").read_text(encoding="utf-8"))
-        if info.get("config") != config:
-            return None
-        for split in ("train", "test"):
-            meta = json.loads((out_dir / split / "meta.json").read_text(encoding="utf-8"))
-            for record in meta.values():
-                if not (
-                    (out_dir / split / record["image"]).is_file()
-                    and (out_dir / split / record["sound"]).is_file()
-                ):
-                    return None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-    return info.get("stats")
+def _listed_files(out_dir: Path) -> Iterable[Path]:
+    """Every image and clip the meta.json files of a build refer to."""
+    for split in ("train", "test"):
+        meta = json.loads((out_dir / split / "meta.json").read_text(encoding="utf-8"))
+        for record in meta.values():
+            yield out_dir / split / record["image"]
+            yield out_dir / split / record["sound"]
 
 
 def _readme(version: str, stats: dict) -> str:
@@ -317,7 +314,7 @@ def prepare_tuxpaint(
     }
     # Check the source first, so a missing package is reported even when out_dir looks prepared.
     stamps, skipped = find_stamps(stamps_dir)
-    stats = _is_complete(out_dir, config)
+    stats = stored_stats(out_dir, config, _listed_files)
     if stats is not None:
         say(f"{out_dir} is already prepared")
         return stats
