@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from fedmml.accounting import StepMeter
 from fedmml.config import Config, config_from_dict
+from fedmml.data.coco import collate_train
 from fedmml.experiment import select_device
 from fedmml.federation.client import Client, Workspace
 from fedmml.federation.payload import encode
@@ -58,8 +59,14 @@ class SyntheticCaptions(Dataset):
         ids = torch.randint(low, tokenizer.vocab_size, (n, 2 * max_length), generator=g)
         self.captions = tokenizer.batch_decode(ids.tolist())
 
+    collate = staticmethod(collate_train)
+
     def set_epoch(self, epoch: int) -> None:
         """Nothing to reshuffle; present because the training loop calls it."""
+
+    def variants(self, i: int) -> dict[str, list[Any]]:
+        """The one image and caption of sample ``i`` (what a frozen-prefix cache stores)."""
+        return {"image": [self.pixels[i]], "text": [self.captions[i]]}
 
     def __len__(self) -> int:
         return len(self.captions)

@@ -123,6 +123,18 @@ class TransportConfig:
 
 
 @dataclass
+class CacheConfig:
+    """Frozen-prefix cache (lw): a client runs its frozen stem and blocks once per stage and trains the new
+    blocks and the heads from the stored hidden states. Needs deterministic preprocessing (data.augment off).
+    """
+
+    frozen_prefix: bool = True
+    store: str = "memory"  # memory | disk (files under the run directory, read back per batch)
+    dtype: str = "float32"  # float32 (exact) | float16 (half the size)
+    max_mib: float = 2048.0  # per client; a cache that would grow past this is dropped: train without it
+
+
+@dataclass
 class FaultsConfig:
     """Injected client faults, for testing and robustness studies (seeded by run.seed)."""
 
@@ -164,6 +176,7 @@ class Config:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     schedule: str = "uniform"
     schedules: dict[str, Schedule] = field(default_factory=lambda: {"uniform": Schedule()})
@@ -357,6 +370,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"federation.clients_per_round must be between 0 and {fed.num_clients}")
     _choice(fed.aggregator, ("fedavg", "median", "trimmed_mean"), "federation.aggregator")
     _choice(cfg.transport.dtype, TRANSPORT_DTYPES, "transport.dtype")
+    _choice(cfg.cache.store, ("memory", "disk"), "cache.store")
+    _choice(cfg.cache.dtype, ("float32", "float16"), "cache.dtype")
+    if cfg.cache.max_mib <= 0:
+        raise ConfigError("cache.max_mib must be > 0 (turn the cache off with cache.frozen_prefix=false)")
     if not 1 <= fed.min_clients <= fed.num_clients:
         raise ConfigError(f"federation.min_clients must be between 1 and {fed.num_clients}")
     for name in ("crash_rate", "straggler_rate"):

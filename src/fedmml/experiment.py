@@ -143,6 +143,14 @@ class Setup(ServerSetup):
 
     clients: list[Client]
     engine: InProcessEngine
+    workspace: Workspace
+
+    def run_rounds(self) -> list[dict[str, Any]]:
+        """Run the server's rounds on the in-process engine; frozen-prefix caches are dropped at the end."""
+        try:
+            return self.server.run(self.engine.dispatch)
+        finally:
+            self.workspace.caches.close()
 
 
 def apply_threads(cfg: Config) -> None:
@@ -185,11 +193,13 @@ def build_setup(cfg: Config, listener: Listener | None = None, checkpoint_dir: P
     """Data, client partitions, the global model, the server and the in-process engine for ``cfg``."""
     emit = listener or (lambda kind, info: None)
     side = build_server(cfg, emit, checkpoint_dir)
-    workspace = Workspace(cfg, select_device(cfg.run.device))
+    # A disk-backed frozen-prefix cache lives beside the checkpoints, in the run directory.
+    cache_dir = checkpoint_dir.parent / "prefix-cache" if checkpoint_dir is not None else None
+    workspace = Workspace(cfg, select_device(cfg.run.device), cache_dir)
     clients = [Client(cid, cfg, side.train, idx, workspace) for cid, idx in enumerate(side.partitions)]
     engine = InProcessEngine(clients, cfg, workspace.meter, emit)
     side.server.engine_state = engine.state_dict
-    return Setup(side.train, side.test, side.partitions, side.server, clients, engine)
+    return Setup(side.train, side.test, side.partitions, side.server, clients, engine, workspace)
 
 
 def start_run(cfg: Config, out_dir: Path, listener: Listener | None = None) -> Listener:
@@ -257,7 +267,7 @@ def run_experiment(cfg: Config, out_dir: Path, listener: Listener | None = None)
     started = time.perf_counter()
     emit = start_run(cfg, out_dir, listener)
     setup = build_setup(cfg, emit, out_dir / CHECKPOINTS)
-    metrics = setup.server.run(setup.engine.dispatch)
+    metrics = setup.run_rounds()
     return finish_run(cfg, out_dir, setup, metrics, started, emit)
 
 
@@ -279,7 +289,7 @@ def resume_experiment(run_dir: Path, listener: Listener | None = None) -> dict[s
     setup.engine.load_state_dict(state["engine"])
     for client in setup.clients:
         client.store = setup.server.held_tensors(client.cid)
-    metrics = setup.server.run(setup.engine.dispatch)
+    metrics = setup.run_rounds()
     return finish_run(cfg, run_dir, setup, metrics, started, emit)
 
 

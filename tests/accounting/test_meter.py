@@ -11,7 +11,7 @@ from fedmml.accounting.memory import CPU_METHOD
 from fedmml.accounting.meter import MEMORY_STEPS, stage_key
 from fedmml.config import load_config
 from fedmml.experiment import build_setup, run_experiment
-from fedmml.federation.client import make_optimizer
+from fedmml.federation.client import input_shapes, make_optimizer
 from fedmml.methods import configure, plan_stages, set_train_mode
 from fedmml.models.multimodal import build_model
 
@@ -79,10 +79,10 @@ def test_flops_are_counted_once_per_batch_shape() -> None:
     opt = make_optimizer(model, stage, cfg)
     meter = StepMeter(torch.device("cpu"))
     meter.start("e2e", stage)
-    pixels, texts = torch.rand(4, 3, 32, 32), ["a red apple", "a cat", "two dogs", "a green tree"]
+    batch = {"image": torch.rand(4, 3, 32, 32), "text": ["a red apple", "a cat", "two dogs", "a green tree"]}
     for _ in range(3):
-        with meter.step(model, opt, pixels, texts):
-            loss = model.loss(pixels, texts)
+        with meter.step(model, opt, input_shapes(model, batch), [batch["image"]]):
+            loss = model.loss(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

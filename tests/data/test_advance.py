@@ -65,9 +65,8 @@ def test_pairs_labels_groups_and_skips(layout: Path) -> None:
     pixels, features, label = ds[3]
     assert pixels.shape == (3, 16, 16) and features.shape == (128, 128) and label == 1
     batch = collate([ds[0], ds[1]])
-    assert (
-        batch[0].shape == (2, 3, 16, 16) and batch[1].shape == (2, 128, 128) and batch[2].tolist() == [0, 0]
-    )
+    assert batch["image"].shape == (2, 3, 16, 16) and batch["audio"].shape == (2, 128, 128)
+    assert batch["labels"].tolist() == [0, 0]
     # The test split takes its class indices from train, even though it has no 'zoo' folder.
     test = AdvanceDataset(layout, "test", image_size=16, settings=SETTINGS)
     assert test.classes == ds.classes and test.ids == ["t2", "t1"] and test.labels == [0, 1]

@@ -89,7 +89,8 @@ def test_limit_and_collate_with_subset(coco: Path) -> None:
     ds = CaptionDataset(coco, "train", image_size=16, limit=2)
     assert ds.image_ids == [1, 2]
     loader = DataLoader(Subset(ds, [1, 0]), batch_size=2, collate_fn=collate_train)
-    pixels, captions = next(iter(loader))
+    batch = next(iter(loader))
+    pixels, captions = batch["image"], batch["text"]
     assert pixels.shape == (2, 3, 16, 16) and captions[0] == "a green square"
 
 

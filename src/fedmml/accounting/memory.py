@@ -86,10 +86,16 @@ class LiveTensorTracker(TorchDispatchMode):
     """Live tensor bytes per role while active; ``peak`` and ``at_peak`` hold the high-water mark."""
 
     def __init__(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, inputs: Iterable[Any] = ()
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        inputs: Iterable[Any] = (),
+        absent: Iterable[nn.Module] = (),
     ) -> None:
         super().__init__()
         self.model = model
+        # Tensors of modules the step never runs (a cached frozen prefix) are not part of the working set.
+        self.absent = {id(t) for m in absent for t in m.state_dict(keep_vars=True).values()}
         self.optimizer = optimizer
         self.inputs = list(inputs)
         self.live: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
@@ -142,7 +148,8 @@ class LiveTensorTracker(TorchDispatchMode):
     # Mode --------------------------------------------------------------------------------------------
     def __enter__(self) -> LiveTensorTracker:
         for tensor in self.model.state_dict(keep_vars=True).values():
-            self._track(tensor, PARAMETER)
+            if id(tensor) not in self.absent:
+                self._track(tensor, PARAMETER)
         for param in self.model.parameters():
             self._track(param.grad, GRADIENT)
             if param.requires_grad:
@@ -238,10 +245,11 @@ def measure_memory(
     optimizer: torch.optim.Optimizer | None,
     inputs: Iterable[Any] = (),
     rss: bool = False,
+    absent: Iterable[nn.Module] = (),
 ) -> Iterator[_Measurement]:
     """Track the peak memory of the code in the block; ``.result`` holds a :class:`MemoryPeak` afterwards."""
     device = next(model.parameters()).device
-    tracker = LiveTensorTracker(model, optimizer, inputs)
+    tracker = LiveTensorTracker(model, optimizer, inputs, absent)
     m = _Measurement(tracker, device)
     cuda = device.type == "cuda"
     if cuda:

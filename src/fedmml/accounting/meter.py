@@ -3,8 +3,9 @@
 Measuring is expensive, so a :class:`StepMeter` (one per process, shared by the clients it runs) measures
 FLOPs once per (stage, batch shape) and peak memory once per stage, and reuses the figures:
 
-- FLOPs: the first step with a new (stage, pixel shape, token shape) runs under ``FlopCounterMode``; every
-  later step of that shape adds the cached count. A client's ``flops`` is the sum over the steps it ran.
+- FLOPs: the first step with a new (stage, input shapes) key runs under ``FlopCounterMode``; every later
+  step with that key adds the cached count. The caller supplies the key (e.g. pixel and padded token
+  shapes). A client's ``flops`` is the sum over the steps it ran.
 - Memory: the first two steps of the first client trained in a stage run under the live-tensor tracker; the
   stage's peak is the larger of the two (the second step is the steady state: gradients and optimiser state
   from the first are live). Every client of that stage reports it as ``peak_mem_bytes``.
@@ -12,7 +13,7 @@ FLOPs once per (stage, batch shape) and peak memory once per stage, and reuses t
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -29,12 +30,6 @@ MEMORY_STEPS = 2  # steps measured for memory in each stage
 def stage_key(method: str, stage: Stage) -> tuple[Hashable, ...]:
     """What identifies a stage in the caches: method, index and depth."""
     return method, stage.index, tuple(sorted(stage.depth.items()))
-
-
-def batch_key(model: nn.Module, pixels: torch.Tensor, texts: list[str]) -> tuple[Hashable, ...]:
-    """The shapes that fix a step's FLOPs: the pixel batch and the padded token batch."""
-    tokens = model.encoders["text"].tokenize(texts)["input_ids"]
-    return tuple(pixels.shape), tuple(tokens.shape)
 
 
 class StepMeter:
@@ -66,16 +61,24 @@ class StepMeter:
 
     @contextmanager
     def step(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, pixels: torch.Tensor, texts: list[str]
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        shapes: Hashable,
+        inputs: Sequence[torch.Tensor] = (),
+        absent: Sequence[nn.Module] = (),
     ) -> Iterator[None]:
-        """Wrap one training step (forward, backward, optimiser step)."""
-        key = (self._stage, *batch_key(model, pixels, texts))
+        """Wrap one training step (forward, backward, optimiser step) whose FLOPs ``shapes`` determine.
+
+        ``absent``: modules the step never runs, whose weights a client need not hold (a cached prefix).
+        """
+        key = (self._stage, shapes)
         count_flops = key not in self.step_flops
         measure_mem = self._memory_steps.get(self._stage, 0) > 0
         with ExitStack() as stack:
             counter = stack.enter_context(flop_counter()) if count_flops else None
             mem = (
-                stack.enter_context(measure_memory(model, optimizer, [pixels], self.rss))
+                stack.enter_context(measure_memory(model, optimizer, inputs, self.rss, absent))
                 if measure_mem
                 else None
             )
@@ -92,7 +95,7 @@ class StepMeter:
     def stage_summary(self, method: str, stage: Stage) -> dict[str, Any]:
         """FLOPs per step by batch shape and the memory measurement of ``stage``."""
         key = stage_key(method, stage)
-        flops = {k[1:]: v for k, v in self.step_flops.items() if k[0] == key}
+        flops = {k[1]: v for k, v in self.step_flops.items() if k[0] == key}
         peak = self.memory.get(key)
         return {"step_flops": flops, "memory": peak.to_dict() if peak is not None else None}
 

@@ -112,6 +112,16 @@ class FbankCache:
         return features
 
 
+def collate(batch: list[tuple[torch.Tensor, torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+    """A batch: pixels [B,3,S,S] as ``"image"``, fbanks [B,frames,mel] as ``"audio"``, ``"labels"`` [B]."""
+    pixels, fbanks, labels = zip(*batch, strict=True)
+    return {
+        "image": torch.stack(pixels),
+        "audio": torch.stack(fbanks),
+        "labels": torch.tensor(labels, dtype=torch.long),
+    }
+
+
 class AdvanceDataset(Dataset):
     """(image [3,S,S], fbank [frames, mel], label) triples, preloaded; broken pairs are counted, not fatal."""
 
@@ -231,15 +241,14 @@ class AdvanceDataset(Dataset):
         fbank = torch.from_numpy(pad_frames(self.features[index], self.settings))
         return to_tensor(pixels, self.image_size), fbank, self.labels[index]
 
+    collate = staticmethod(collate)
+
+    def variants(self, index: int) -> dict[str, list[torch.Tensor]]:
+        """The one image and one filterbank sample ``index`` presents in training (without augmentation)."""
+        fbank = torch.from_numpy(pad_frames(self.features[index], self.settings))
+        return {"image": [to_tensor(self.images[index], self.image_size)], "audio": [fbank]}
+
     @property
     def label_names(self) -> list[str]:
         """The class name of every sample (for partition.partition and partition.describe)."""
         return [self.classes[label] for label in self.labels]
-
-
-def collate(
-    batch: list[tuple[torch.Tensor, torch.Tensor, int]],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack pixels [B,3,S,S], fbanks [B,frames,mel] and labels [B]."""
-    pixels, fbanks, labels = zip(*batch, strict=True)
-    return torch.stack(pixels), torch.stack(fbanks), torch.tensor(labels, dtype=torch.long)

@@ -36,6 +36,12 @@ def _valid_id(value: Any) -> bool:
     )
 
 
+def collate_train(batch: list[tuple[torch.Tensor, str]]) -> dict[str, Any]:
+    """A training batch: stacked pixels as ``"image"``, the captions (a list of strings) as ``"text"``."""
+    pixels, captions = zip(*batch, strict=True)
+    return {"image": torch.stack(pixels), "text": list(captions)}
+
+
 class CaptionDataset(Dataset):
     """Images with one or more captions each, preloaded into memory as uint8 arrays."""
 
@@ -116,6 +122,13 @@ class CaptionDataset(Dataset):
             pixels = random_resized_crop(pixels, self.image_size, rng=rng)
         return to_tensor(pixels, self.image_size), caption
 
+    collate = staticmethod(collate_train)
+
+    def variants(self, index: int) -> dict[str, list[Any]]:
+        """Every distinct input sample ``index`` can present in training, per modality (no augmentation)."""
+        pixels = to_tensor(self.images[index], self.image_size)
+        return {"image": [pixels], "text": list(dict.fromkeys(self.captions[index]))}
+
     @property
     def num_captions(self) -> int:
         """Total number of valid captions across all kept images."""
@@ -155,15 +168,3 @@ def _parse_captions(path: Path) -> tuple[dict[Any, dict], dict[Any, list[str]], 
             continue
         captions.setdefault(image_id, []).append(caption.strip())
     return records, captions, skipped
-
-
-def collate_train(batch: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[str]]:
-    """Stack pixels and keep captions as a list of strings."""
-    pixels, captions = zip(*batch, strict=True)
-    return torch.stack(pixels), list(captions)
-
-
-def collate_eval(batch: list[tuple[torch.Tensor, list[str]]]) -> tuple[torch.Tensor, list[list[str]]]:
-    """Stack pixels and keep each image's caption list."""
-    pixels, captions = zip(*batch, strict=True)
-    return torch.stack(pixels), [list(c) for c in captions]

@@ -6,20 +6,22 @@ same method with the message it received, keeping :attr:`Client.store` in the no
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from fedmml.accounting import StepMeter
 from fedmml.config import Config
-from fedmml.data.coco import collate_train
 from fedmml.federation.payload import Message, PayloadError, pack, unpack
-from fedmml.methods import Stage, configure, param_group, set_train_mode
-from fedmml.models.multimodal import DualEncoder, build_model
+from fedmml.federation.prefix_cache import CacheShelf, PrefixCache
+from fedmml.methods import Stage, configure, frozen_modules, param_group, set_train_mode
+from fedmml.models.multimodal import MultimodalModel, build_model
 
 
 def stage_to_meta(stage: Stage) -> dict[str, Any]:
@@ -44,13 +46,15 @@ class Workspace:
     Clients never load pretrained checkpoints themselves: every tensor they use arrives from the server.
     """
 
-    def __init__(self, cfg: Config, device: torch.device) -> None:
+    def __init__(self, cfg: Config, device: torch.device, cache_dir: Path | None = None) -> None:
         self.device = device
-        self.model: DualEncoder = build_model(cfg.model, load_weights=False).to(device)
+        self.model: MultimodalModel = build_model(cfg.model, load_weights=False).to(device)
         # Measured FLOPs and peak memory, cached per stage and shared by the clients of this process.
         self.meter = StepMeter(device)
+        # Frozen-prefix caches of the clients this process trains (kept between their rounds).
+        self.caches = CacheShelf(cache_dir)
 
-    def at_depth(self, depth: dict[str, int]) -> DualEncoder:
+    def at_depth(self, depth: dict[str, int]) -> MultimodalModel:
         """The skeleton grown to ``depth`` blocks per modality."""
         for modality, d in depth.items():
             self.model.encoders[modality].grow_to(d)
@@ -78,45 +82,87 @@ def make_optimizer(model: torch.nn.Module, stage: Stage, cfg: Config) -> torch.o
     )
 
 
+class IndexedSamples(Dataset):
+    """A client's samples, each with its index in the dataset (how the frozen-prefix cache finds its rows)."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
+        self.dataset = dataset
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[int, Any]:
+        index = self.indices[position]
+        return index, self.dataset[index]
+
+
+def indexed_collate(collate: Callable[[list[Any]], dict[str, Any]]) -> Callable[[list[Any]], dict[str, Any]]:
+    """The dataset's collate, plus the batch's dataset indices under ``"index"``."""
+
+    def fn(items: list[tuple[int, Any]]) -> dict[str, Any]:
+        indices, samples = zip(*items, strict=True)
+        return {**collate(list(samples)), "index": list(indices)}
+
+    return fn
+
+
+def input_shapes(model: MultimodalModel, batch: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
+    """The shapes that fix a full step's FLOPs: each modality's first input tensor (e.g. padded token ids)."""
+    return tuple(tuple(next(iter(enc.prepare(batch[m]).values())).shape) for m, enc in model.encoders.items())
+
+
 def train_epochs(
-    model: DualEncoder,
+    model: MultimodalModel,
     dataset: Dataset,
     indices: list[int],
     stage: Stage,
     meta: dict[str, Any],
     cfg: Config,
     meter: StepMeter | None = None,
+    cache: PrefixCache | None = None,
 ) -> tuple[float, int]:
-    """Local training of the configured model; returns (mean loss over steps, steps)."""
+    """Local training of the configured model; returns (mean loss over steps, steps).
+
+    With a ``cache`` the frozen prefix is read from it instead of being run: same batches, same result.
+    """
     method = meta["method"]
     seed = meta["seed"]
-    device = next(model.parameters()).device
     batch = cfg.federation.batch_size
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout and drop-connect draws
     loader = DataLoader(
-        Subset(dataset, indices),
+        IndexedSamples(dataset, indices),
         batch_size=batch,
         shuffle=True,
         generator=generator,
         drop_last=len(indices) >= batch,
-        collate_fn=collate_train,
+        collate_fn=indexed_collate(dataset.collate),
     )
     # Gradients left on parameters that are frozen now (trained in an earlier stage) would otherwise stay
     # allocated for the rest of the run.
     model.zero_grad(set_to_none=True)
     optimizer = make_optimizer(model, stage, cfg)
     set_train_mode(model, method, stage)
+    # A cached client never runs its frozen modules, so their weights are not part of its working memory.
+    absent = frozen_modules(model, method, stage) if cache is not None else []
     if meter is not None:
         meter.start(method, stage)
     losses = []
     for epoch in range(meta["local_epochs"]):
         dataset.set_epoch(meta["round"] * meta["local_epochs"] + epoch)
-        for pixels, texts in loader:
-            if len(texts) < 2:  # a contrastive batch needs negatives; BatchNorm needs two samples
+        for data in loader:
+            if len(data["index"]) < 2:  # a contrastive batch needs negatives; BatchNorm needs two samples
                 continue
-            with meter.step(model, optimizer, pixels, texts) if meter is not None else nullcontext():
-                loss = model.loss(pixels.to(device), texts)
+            if meter is None:
+                step = nullcontext()
+            else:
+                key = ("cached", cache.batch_shapes(data)) if cache is not None else input_shapes(model, data)
+                inputs = [v for v in data.values() if isinstance(v, torch.Tensor)]
+                step = meter.step(model, optimizer, key, inputs, absent)
+            with step:
+                features = model.features(data) if cache is None else cache.features(model, data)
+                loss = model.loss_from_features(features, data)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -156,16 +202,30 @@ class Client:
         model.load_state_dict(state, strict=True)
         # Frozen tensors are kept for later rounds; trainable ones change every round and are re-sent.
         self.store = {k: v for k, v in state.items() if k not in trainable}
+        # Frozen tensors arrive only when this client lacks them, so any arrival means a new prefix.
+        frozen_changed = any(k not in trainable for k in received)
+        shelf = self.workspace.caches
+        method = meta["method"]
+        cache = shelf.get(
+            self.cid, model, method, stage, self.cfg, self.dataset, self.indices, frozen_changed
+        )
         meter = self.workspace.meter
-        loss, steps = train_epochs(model, self.dataset, self.indices, stage, meta, self.cfg, meter)
+        loss, steps = train_epochs(model, self.dataset, self.indices, stage, meta, self.cfg, meter, cache)
         current = model.state_dict()
         update = {k: current[k] for k in sorted(trainable)}
+        cost = meter.finish()  # flops, peak_mem_bytes
+        if cache is not None:
+            # The one-off fill pass is work of the round that filled the cache.
+            cost["flops"] += cache.take_fill_flops()
         reply = {
             "cid": self.cid,
             "num_samples": self.num_samples,
             "train_loss": loss,
             "steps": steps,
-            **meter.finish(),  # flops, peak_mem_bytes
+            **cost,
+            "cache_bytes": cache.nbytes if cache is not None else 0,
+            "cache_on_disk": bool(cache is not None and cache.on_disk),
+            "cache_note": shelf.why(self.cid),
         }
         # The reply travels as the server asked; messages from before transport.dtype existed mean float32.
         return Message(reply, pack(update, meta.get("transport", "float32")))

@@ -230,7 +230,8 @@ class Server:
         dtypes = {k: v.dtype for k, v in expected.items()}
         failed: list[int] = []
         rejected: dict[int, str] = {}
-        bytes_up = bytes_down = flops = peak_mem = 0
+        bytes_up = bytes_down = flops = peak_mem = cache_bytes = 0
+        cache_notes: dict[int, str] = {}
         retries = -1
         while retries < fed.round_retries:
             retries += 1
@@ -243,6 +244,10 @@ class Server:
             # Cost counts every client that trained and replied, whether or not its update was accepted.
             flops += sum(r.meta.get("flops", 0) for r in replies.values())
             peak_mem = max([peak_mem, *(r.meta.get("peak_mem_bytes", 0) for r in replies.values())])
+            cache_bytes = max([cache_bytes, *(r.meta.get("cache_bytes", 0) for r in replies.values())])
+            cache_notes.update(
+                {cid: r.meta["cache_note"] for cid, r in replies.items() if r.meta.get("cache_note")}
+            )
             failed += [cid for cid in cids if cid not in replies]
             accepted = []
             for cid, reply in replies.items():
@@ -270,8 +275,12 @@ class Server:
             # Measured by the clients on their real training steps (fedmml.accounting).
             "client_flops": flops,
             "client_peak_mem_bytes": peak_mem,
+            # The largest frozen-prefix cache a client held (memory or disk, as cache.store says).
+            "client_cache_bytes": cache_bytes,
             "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
         }
+        if cache_notes:
+            record["cache_notes"] = {str(c): n for c, n in cache_notes.items()}
         if len(accepted) >= fed.min_clients:
             record.update(self._aggregate(accepted))
         else:

@@ -1,8 +1,15 @@
-"""Multimodal models built from staged encoders: the contrastive image-text dual encoder."""
+"""Multimodal models built from staged encoders: the shared base and the contrastive image-text dual encoder.
+
+A training batch is a dict: one raw input per modality (``"image"``: pixels, ``"text"``: strings, ``"audio"``:
+filterbanks) plus task fields (``"labels"``). :meth:`MultimodalModel.features` runs every encoder;
+:meth:`MultimodalModel.loss_from_features` is the task's objective on those features, so a frozen-prefix cache
+can supply the features another way and reuse the same objective.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +28,35 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torc
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
-class DualEncoder(nn.Module):
+class MultimodalModel(nn.Module):
+    """Staged encoders (``self.encoders``, one per modality) and a task objective on their features."""
+
+    encoders: nn.ModuleDict
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters live."""
+        return next(self.parameters()).device
+
+    def inputs(self, modality: str, raw: Any) -> dict[str, torch.Tensor]:
+        """One modality's backend inputs for a batch of raw inputs, on the model's device."""
+        device = self.device
+        return {k: v.to(device) for k, v in self.encoders[modality].prepare(raw).items()}
+
+    def features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Every encoder's output feature for ``batch``."""
+        return {m: enc(self.inputs(m, batch[m])) for m, enc in self.encoders.items()}
+
+    def loss_from_features(self, features: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
+        """The task's training loss, given the encoders' features."""
+        raise NotImplementedError
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Training loss of one batch."""
+        return self.loss_from_features(self.features(batch), batch)
+
+
+class DualEncoder(MultimodalModel):
     """Image and text encoders, one projection head each, CLIP loss with a fixed or learnable temperature."""
 
     def __init__(self, image: StagedEncoder, text: StagedEncoder, cfg: ModelConfig) -> None:
@@ -47,18 +82,17 @@ class DualEncoder(nn.Module):
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised image embeddings."""
-        return self.embed("image", {"pixel_values": pixels})
+        return self.embed("image", self.inputs("image", pixels))
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """Normalised text embeddings; tokenises with the text encoder's own tokenizer."""
-        device = next(self.parameters()).device
-        tokens = {k: v.to(device) for k, v in self.encoders["text"].tokenize(texts).items()}
-        return self.embed("text", tokens)
+        return self.embed("text", self.inputs("text", texts))
 
-    def loss(self, pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    def loss_from_features(self, features: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
         """Contrastive loss of one batch of image-caption pairs."""
-        scale = self.logit_scale.exp().clamp(max=100.0).to(pixels.device)
-        return clip_loss(self.encode_image(pixels), self.encode_text(texts), scale)
+        image, text = (F.normalize(self.heads[m](features[m]), dim=-1) for m in ("image", "text"))
+        scale = self.logit_scale.exp().clamp(max=100.0).to(image.device)
+        return clip_loss(image, text, scale)
 
 
 def build_model(cfg: ModelConfig, load_weights: bool = True) -> DualEncoder:

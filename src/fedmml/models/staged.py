@@ -98,6 +98,10 @@ class StagedEncoder(nn.Module):
         return self.grow(depth - self.depth)
 
     # Backend hooks -----------------------------------------------------------------------------------
+    def prepare(self, raw: Any) -> dict[str, torch.Tensor]:
+        """The backend's input dict for one batch of raw inputs (pixels, strings, filterbanks), on CPU."""
+        raise NotImplementedError
+
     def embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
         """Run the stem; return the hidden state and any context the blocks need (e.g. attention mask)."""
         raise NotImplementedError
@@ -109,6 +113,16 @@ class StagedEncoder(nn.Module):
     def pool(self, hidden: torch.Tensor, context: Any) -> torch.Tensor:
         """Reduce the hidden state to one vector per sample, shape [batch, width]."""
         raise NotImplementedError
+
+    def unbatch(self, hidden: torch.Tensor, context: Any) -> list[torch.Tensor]:
+        """Per-sample hidden states for a frozen-prefix cache (context-free encoders: one row each)."""
+        if context is not None:
+            raise NotImplementedError(f"{type(self).__name__} must say how to split its context per sample")
+        return list(hidden.unbind(0))
+
+    def rebatch(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        """Inverse of :meth:`unbatch`: a batch of cached hidden states and the context the blocks need."""
+        return torch.stack(rows), None
 
     # Forward -----------------------------------------------------------------------------------------
     def forward_prefix(self, inputs: dict[str, torch.Tensor], upto: int) -> tuple[torch.Tensor, Any]:

@@ -76,6 +76,10 @@ class EfficientNetLiteEncoder(StagedEncoder):
         )
         self.drop_connect_rate = net._global_params.drop_connect_rate or 0.0
 
+    def prepare(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A batch of normalised pixels, [batch, 3, H, W]."""
+        return {"pixel_values": raw}
+
     def embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
         """Stem feature map; CNN blocks need no context."""
         return self.stem(inputs["pixel_values"]), None

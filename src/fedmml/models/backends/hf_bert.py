@@ -83,19 +83,44 @@ class HFBertEncoder(StagedEncoder):
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
+    def prepare(self, raw: list[str]) -> dict[str, torch.Tensor]:
+        """Tokenised texts (see :meth:`tokenize`)."""
+        return self.tokenize(raw)
+
     def embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
         """Token embeddings, and the attention mask in the form the attention implementation expects."""
         hidden = self.stem(input_ids=inputs["input_ids"])
         # The same call BertModel/DistilBertModel make: 4D additive mask (eager), bool/None (sdpa), etc.
         attention_mask = inputs.get("attention_mask")
+        return hidden, self._context(hidden, attention_mask)
+
+    def _context(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[Any, Any]:
         mask = create_bidirectional_mask(
             config=self.hf_config, inputs_embeds=hidden, attention_mask=attention_mask
         )
-        return hidden, (mask, attention_mask)
+        return mask, attention_mask
 
     def run_block(self, block: nn.Module, hidden: torch.Tensor, context: Any) -> torch.Tensor:
         """One transformer layer with the prepared attention mask."""
         return block(hidden, context[0])
+
+    def unbatch(self, hidden: torch.Tensor, context: Any) -> list[torch.Tensor]:
+        """Each text's hidden states without its padding (texts are padded on the right)."""
+        attention_mask = context[1]
+        if attention_mask is None:
+            return list(hidden.unbind(0))
+        lengths = attention_mask.sum(dim=1).tolist()
+        return [h[:n] for h, n in zip(hidden.unbind(0), lengths, strict=True)]
+
+    def rebatch(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        """Pad to the longest text, as :meth:`tokenize` does; attention never reads the padded positions."""
+        longest = max(len(r) for r in rows)
+        hidden = rows[0].new_zeros(len(rows), longest, rows[0].shape[-1])
+        attention_mask = torch.zeros(len(rows), longest, dtype=torch.long, device=hidden.device)
+        for i, row in enumerate(rows):
+            hidden[i, : len(row)] = row
+            attention_mask[i, : len(row)] = 1
+        return hidden, self._context(hidden, attention_mask)
 
     def pool(self, hidden: torch.Tensor, context: Any) -> torch.Tensor:
         """CLS token (the paper), or the mean over real tokens (how sentence-transformers trained MiniLM)."""

@@ -51,6 +51,10 @@ class HFViTEncoder(StagedEncoder):
             stem_width=hidden,
         )
 
+    def prepare(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A batch of normalised pixels, [batch, 3, H, W]."""
+        return {"pixel_values": raw}
+
     def embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
         """Patch embeddings with the CLS token; interpolates positions when the image size differs."""
         pixels = inputs["pixel_values"].to(self.stem.patch_embeddings.projection.weight.dtype)

@@ -1,0 +1,287 @@
+"""Frozen-prefix cache for LW-FedMML: a client runs its frozen stem and blocks once per stage, not every step.
+
+In stage s > 1 of ``lw`` the stem and the blocks of earlier stages are frozen and in eval mode, and a client's
+data never changes, so their output for a given input is the same in every local step of every round of the
+stage. :class:`PrefixCache` computes it once, when the client is first trained in the stage, for every input
+the client's samples can present (every caption of an image, so random caption sampling still works), and
+training then runs only the new blocks, the norm, the neck and the heads on the stored hidden states. With
+deterministic preprocessing this is exact: the steps see the same batches, the same dropout draws and the same
+inputs to the trainable part as without the cache.
+
+Rows are stored in memory or appended to one file per modality (``store="disk"``), in float32 (exact) or
+float16. A cache that would grow past its bound is abandoned and the client trains the ordinary way.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fedmml.accounting.flops import count_flops
+from fedmml.methods import Stage, configure, set_train_mode
+from fedmml.models.multimodal import MultimodalModel
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+# Rows are grouped into chunks of this many inputs for the fill pass (the prefix runs in eval mode, so the
+# chunk size changes nothing but speed and peak memory).
+FILL_CHUNK = 64
+
+
+class CacheTooLarge(RuntimeError):
+    """The cache would exceed its size bound."""
+
+
+def cache_starts(model: MultimodalModel, method: str, stage: Stage) -> dict[str, int] | None:
+    """Blocks per modality whose output is cached in ``stage`` (after the frozen stem), or None: no cache.
+
+    Only ``lw`` freezes a prefix, and only from its second stage on (the stems train in the first).
+    """
+    if method != "lw" or stage.index == 0:
+        return None
+    return {m: (new[0] if (new := stage.new_blocks[m]) else stage.depth[m]) for m in model.encoders}
+
+
+class RowStore:
+    """Tensors appended once and read back by position: in memory, or in one flat file read with a memmap."""
+
+    def __init__(self, dtype: torch.dtype, folder: Path | None) -> None:
+        self.dtype = dtype
+        self.rows: list[torch.Tensor] = []
+        self.index: list[tuple[int, tuple[int, ...]]] = []  # disk: (element offset, shape) per row
+        self.nbytes = 0
+        self.path = None if folder is None else folder / "rows.bin"
+        self._file = None if self.path is None else self.path.open("wb")
+        self._elements = 0
+        self._map: np.memmap | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.path is None else len(self.index)
+
+    def append(self, row: torch.Tensor) -> int:
+        """Store ``row``; return its position."""
+        row = row.detach().to("cpu", self.dtype).contiguous()
+        self.nbytes += row.numel() * row.element_size()
+        if self._file is None:
+            # A copy, so the row does not keep the whole fill batch alive through a view.
+            self.rows.append(row.clone())
+            return len(self.rows) - 1
+        self._file.write(row.numpy().tobytes())
+        self.index.append((self._elements, tuple(row.shape)))
+        self._elements += row.numel()
+        return len(self.index) - 1
+
+    def seal(self) -> None:
+        """Finish writing; rows become readable."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            if self._elements:
+                np_dtype = torch.empty(0, dtype=self.dtype).numpy().dtype
+                self._map = np.memmap(self.path, dtype=np_dtype, mode="r", shape=(self._elements,))
+
+    def shape(self, position: int) -> tuple[int, ...]:
+        """Shape of the row at ``position``."""
+        return tuple(self.rows[position].shape) if self.path is None else self.index[position][1]
+
+    def get(self, position: int) -> torch.Tensor:
+        """The row at ``position``, as a float32 tensor."""
+        if self.path is None:
+            return self.rows[position].float()
+        offset, shape = self.index[position]
+        count = int(np.prod(shape))
+        return torch.from_numpy(np.array(self._map[offset : offset + count])).view(shape).float()
+
+
+@dataclass
+class CacheKey:
+    """What a cache was computed for: the stage and the cached depth per modality."""
+
+    stage: int
+    starts: tuple[tuple[str, int], ...]
+
+
+class PrefixCache:
+    """One client's cached prefix outputs for one stage, per modality, keyed by (sample index, input)."""
+
+    def __init__(self, key: CacheKey, store: str, dtype: str, max_bytes: int, folder: Path | None) -> None:
+        self.key = key
+        self.starts = dict(key.starts)
+        self.max_bytes = max_bytes
+        self._dir = Path(tempfile.mkdtemp(prefix="prefix-", dir=folder)) if store == "disk" else None
+        self.stores: dict[str, RowStore] = {}
+        for m in self.starts:
+            sub = None
+            if self._dir is not None:
+                sub = self._dir / m
+                sub.mkdir()
+            self.stores[m] = RowStore(DTYPES[dtype], sub)
+        # modality -> (sample index, variant) -> row position; variant: the string itself, or a view number.
+        self.positions: dict[str, dict[tuple[int, Hashable], int]] = {m: {} for m in self.starts}
+        self.fill_flops = 0
+        self._fill_reported = False
+
+    def take_fill_flops(self) -> int:
+        """FLOPs of the fill pass the first time they are asked for, then 0 (they are paid once)."""
+        if self._fill_reported:
+            return 0
+        self._fill_reported = True
+        return self.fill_flops
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of stored hidden states, all modalities."""
+        return sum(s.nbytes for s in self.stores.values())
+
+    @property
+    def on_disk(self) -> bool:
+        """Whether the rows live in files rather than in memory."""
+        return self._dir is not None
+
+    def close(self) -> None:
+        """Release the rows (and delete the files of a disk store)."""
+        self.stores.clear()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def fill(self, model: MultimodalModel, dataset: Dataset, indices: list[int]) -> None:
+        """Run the frozen prefix (eval mode, no gradients) over every input of the client's samples."""
+        with torch.no_grad():
+            _, flops = count_flops(lambda: self._fill(model, dataset, indices))
+        self.fill_flops = flops
+        for store in self.stores.values():
+            store.seal()
+
+    def _fill(self, model: MultimodalModel, dataset: Dataset, indices: list[int]) -> None:
+        for m, start in self.starts.items():
+            encoder = model.encoders[m]
+            for keys, raws in _chunks(dataset, indices, m):
+                hidden, context = encoder.forward_prefix(model.inputs(m, _stack(raws)), start)
+                for key, row in zip(keys, encoder.unbatch(hidden, context), strict=True):
+                    self.positions[m][key] = self.stores[m].append(row)
+                if self.nbytes > self.max_bytes:
+                    raise CacheTooLarge(
+                        f"the frozen-prefix cache passed its bound of {self.max_bytes / 2**20:.0f} MiB"
+                    )
+
+    def _positions(self, modality: str, batch: dict[str, Any]) -> list[int]:
+        keys = zip(batch["index"], batch[modality], strict=True)
+        return [self.positions[modality][(i, _variant(raw))] for i, raw in keys]
+
+    def batch_shapes(self, batch: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
+        """Shape of each modality's batched hidden state for ``batch`` (what fixes a cached step's FLOPs)."""
+        shapes = []
+        for m in self.starts:
+            rows = [self.stores[m].shape(p) for p in self._positions(m, batch)]
+            shapes.append((len(rows), *np.max(np.array(rows), axis=0).tolist()))
+        return tuple(shapes)
+
+    def features(self, model: MultimodalModel, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Encoder outputs for ``batch``: cached hidden states through the trainable rest of each encoder."""
+        features = {}
+        for m, start in self.starts.items():
+            encoder = model.encoders[m]
+            rows = [self.stores[m].get(p).to(model.device) for p in self._positions(m, batch)]
+            hidden, context = encoder.rebatch(rows)
+            features[m] = encoder.forward_suffix(hidden, context, start)
+        return features
+
+
+def _variant(raw: Any) -> Hashable:
+    # Strings (captions) are matched by value; a tensor input has one deterministic view.
+    return raw if isinstance(raw, str) else 0
+
+
+def _stack(raws: list[Any]) -> Any:
+    return torch.stack(raws) if isinstance(raws[0], torch.Tensor) else list(raws)
+
+
+def _chunks(dataset: Dataset, indices: list[int], modality: str) -> Iterator[tuple[list, list]]:
+    """(keys, raw inputs) in chunks of FILL_CHUNK over every distinct input of ``modality``."""
+    keys: list[tuple[int, Hashable]] = []
+    raws: list[Any] = []
+    for i in indices:
+        for raw in dataset.variants(i)[modality]:
+            keys.append((i, _variant(raw)))
+            raws.append(raw)
+            if len(raws) == FILL_CHUNK:
+                yield keys, raws
+                keys, raws = [], []
+    if raws:
+        yield keys, raws
+
+
+class CacheShelf:
+    """The caches of the clients one process trains, by client id (one per client, for its current stage)."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder
+        self.caches: dict[int, PrefixCache] = {}
+        self.refused: dict[int, tuple[CacheKey, str]] = {}  # cid -> (stage it was refused in, why)
+
+    def get(
+        self,
+        cid: int,
+        model: MultimodalModel,
+        method: str,
+        stage: Stage,
+        cfg: Any,
+        dataset: Dataset,
+        indices: list[int],
+        frozen_changed: bool,
+    ) -> PrefixCache | None:
+        """The client's cache for ``stage``, filled now if it has none or its frozen tensors changed.
+
+        None: no cache this time (not ``lw`` past its first stage, cache off, or refused; see :meth:`why`).
+        """
+        starts = cache_starts(model, method, stage) if cfg.cache.frozen_prefix else None
+        key = None if starts is None else CacheKey(stage.index, tuple(sorted(starts.items())))
+        old = self.caches.pop(cid, None)
+        if old is not None:
+            if old.key == key and not frozen_changed:
+                self.caches[cid] = old
+                return old
+            old.close()
+        if key is None:
+            return None
+        refused = self.refused.get(cid)
+        if refused is not None and refused[0] == key and not frozen_changed:
+            return None
+        self.refused.pop(cid, None)
+        if getattr(dataset, "augment", False):
+            self.refused[cid] = (key, "random augmentation is on, so the frozen prefix's output is not fixed")
+            return None
+        folder = None
+        if cfg.cache.store == "disk":
+            folder = self.folder or Path(tempfile.gettempdir())
+            folder.mkdir(parents=True, exist_ok=True)
+        cache = PrefixCache(key, cfg.cache.store, cfg.cache.dtype, int(cfg.cache.max_mib * 2**20), folder)
+        configure(model, method, stage)
+        set_train_mode(model, method, stage)
+        try:
+            cache.fill(model, dataset, indices)
+        except CacheTooLarge as err:
+            cache.close()
+            self.refused[cid] = (key, str(err))
+            return None
+        self.caches[cid] = cache
+        return cache
+
+    def why(self, cid: int) -> str:
+        """Why the client's last request got no cache ('' if it got one or none was due)."""
+        refused = self.refused.get(cid)
+        return refused[1] if refused is not None else ""
+
+    def close(self) -> None:
+        """Drop every cache."""
+        for cache in self.caches.values():
+            cache.close()
+        self.caches.clear()

@@ -1,0 +1,126 @@
+"""The frozen-prefix cache: exact with deterministic preprocessing, honest in its accounting, may refuse."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedmml.config import load_config
+from fedmml.experiment import build_setup
+from fedmml.federation.prefix_cache import CacheShelf, cache_starts
+from fedmml.methods import configure, frozen_modules, plan_stages
+from fedmml.models.multimodal import build_model
+
+# Three stages (1, 2, 2 rounds): stages 2 and 3 train from the cache, stage 2's second round reuses it.
+ROUNDS = "schedules.uniform.rounds=[1, 2, 2]"
+
+
+def _run(emoji_root: Path, *extra: str) -> list[dict]:
+    cfg = load_config(
+        "tiny",
+        [f'data.root="{emoji_root}"', 'run.method="lw"', ROUNDS, "eval.every=0", "run.threads=1", *extra],
+    )
+    return build_setup(cfg).run_rounds()
+
+
+@pytest.fixture(scope="module")
+def uncached(emoji_root: Path) -> list[dict]:
+    return _run(emoji_root, "cache.frozen_prefix=false")
+
+
+@pytest.fixture(scope="module")
+def cached(emoji_root: Path) -> list[dict]:
+    return _run(emoji_root)
+
+
+def _losses(metrics: list[dict]) -> list[float]:
+    return [m["train_loss"] for m in metrics]
+
+
+def test_cache_gives_the_same_losses(cached: list[dict], uncached: list[dict]) -> None:
+    assert _losses(cached) == pytest.approx(_losses(uncached), abs=1e-5)
+    assert cached[-1]["rsum"] == pytest.approx(uncached[-1]["rsum"], abs=1e-3)
+    # The same tensors travel; only the replies' metadata (the cache size) is a few bytes longer.
+    for with_cache, without in zip(cached, uncached, strict=True):
+        assert 0 <= with_cache["bytes_up"] - without["bytes_up"] <= 32 * len(with_cache["clients"])
+
+
+def test_cache_is_accounted(cached: list[dict], uncached: list[dict]) -> None:
+    stage = [m["stage"] for m in cached]
+    assert stage == [1, 2, 2, 3, 3]
+    # Stage 1 trains the stems, so nothing is frozen yet; later stages hold a cache.
+    assert cached[0]["client_cache_bytes"] == 0 and all(m["client_cache_bytes"] > 0 for m in cached[1:])
+    assert all(m["client_cache_bytes"] == 0 for m in uncached)
+    # The prefix is never run in training, so a round that reuses the cache costs less; the round that fills
+    # it pays the fill pass (every caption of every image, once) on top of that.
+    for later in (2, 4):
+        assert cached[later]["client_flops"] < uncached[later]["client_flops"]
+        assert cached[later]["client_flops"] < cached[later - 1]["client_flops"]
+    # Frozen weights are not part of a cached client's working memory.
+    assert cached[-1]["client_peak_mem_bytes"] < uncached[-1]["client_peak_mem_bytes"]
+    assert cached[0]["client_peak_mem_bytes"] == uncached[0]["client_peak_mem_bytes"]
+
+
+def test_disk_store_is_exact_and_float16_is_close(emoji_root: Path, cached: list[dict]) -> None:
+    disk = _run(emoji_root, 'cache.store="disk"')
+    assert _losses(disk) == pytest.approx(_losses(cached), abs=1e-6)
+    half = _run(emoji_root, 'cache.dtype="float16"')
+    assert half[-1]["client_cache_bytes"] * 2 == cached[-1]["client_cache_bytes"]
+    assert _losses(half) == pytest.approx(_losses(cached), rel=0.05)  # rounding, then training drifts
+
+
+def test_a_cache_over_its_bound_falls_back(emoji_root: Path, uncached: list[dict]) -> None:
+    small = _run(emoji_root, "cache.max_mib=0.01")
+    assert _losses(small) == pytest.approx(_losses(uncached), abs=1e-5)
+    assert all(m["client_cache_bytes"] == 0 for m in small)
+    assert "bound of 0 MiB" in next(iter(small[1]["cache_notes"].values()))
+
+
+def test_augmentation_turns_the_cache_off(emoji_root: Path) -> None:
+    metrics = _run(emoji_root, "data.augment=true", "schedules.uniform.rounds=[1, 1, 0]")
+    assert metrics[1]["client_cache_bytes"] == 0
+    assert "augmentation" in next(iter(metrics[1]["cache_notes"].values()))
+
+
+def test_shelf_refills_when_frozen_tensors_change(emoji_root: Path) -> None:
+    cfg = load_config("tiny", [f'data.root="{emoji_root}"'])
+    setup = build_setup(cfg)
+    model = setup.workspace.model
+    stages = plan_stages(cfg.active_schedule, "lw", {m: e.total_blocks for m, e in model.encoders.items()})
+    stage = stages[1]
+    setup.workspace.at_depth(stage.depth)
+    shelf = CacheShelf()
+    client = setup.clients[0]
+    args = (client.cid, model, "lw", stage, cfg, client.dataset, client.indices)
+    first = shelf.get(*args, frozen_changed=False)
+    assert first is not None and shelf.get(*args, frozen_changed=False) is first
+    again = shelf.get(*args, frozen_changed=True)
+    assert again is not None and again is not first
+    assert shelf.get(client.cid, model, "prog", stage, cfg, client.dataset, client.indices, False) is None
+    shelf.close()
+
+
+def test_cached_suffix_equals_the_full_forward() -> None:
+    cfg = load_config("tiny")
+    model = build_model(cfg.model, load_weights=False).eval()
+    stages = plan_stages(cfg.active_schedule, "lw", {m: e.total_blocks for m, e in model.encoders.items()})
+    stage = stages[2]
+    for m, d in stage.depth.items():
+        model.encoders[m].grow_to(d)
+    configure(model, "lw", stage)
+    starts = cache_starts(model, "lw", stage)
+    assert starts == {"image": 4, "text": 2}
+    assert frozen_modules(model, "lw", stage)  # stems and earlier blocks
+    texts = ["a cat", "two red apples on a table", "a dog"]
+    batch = {"image": torch.rand(3, 3, 32, 32), "text": texts}
+    with torch.no_grad():
+        full = model.features(batch)
+        for m, enc in model.encoders.items():
+            hidden, context = enc.forward_prefix(model.inputs(m, batch[m]), starts[m])
+            rows = enc.unbatch(hidden, context)
+            if m == "text":  # padding is dropped per text and restored per batch
+                assert [len(r) for r in rows] == model.inputs("text", texts)["attention_mask"].sum(1).tolist()
+            # Rows are rebatched in another order, as a cache serves them.
+            again, ctx = enc.rebatch(rows[::-1])
+            out = enc.forward_suffix(again, ctx, starts[m])
+            torch.testing.assert_close(out.flip(0), full[m], atol=1e-5, rtol=1e-5)
