@@ -35,7 +35,8 @@ def test_synthetic_captions_fill_max_length() -> None:
     cfg = load_config("tiny")
     text = build_model(cfg.model, load_weights=False).encoders["text"]
     data = SyntheticCaptions(8, 32, text.tokenizer, text.max_length)
-    assert text.tokenize(data.captions)["input_ids"].shape == (8, text.max_length)
+    assert text.tokenize(data.captions)["input_ids"].shape == (8 * 5, text.max_length)
+    assert len(data) == 8 and len(data.variants(1)["text"]) == 5 and data[1][1] == data.captions[5]
     assert tuple(data[0][0].shape) == (3, 32, 32)
 
 
@@ -91,6 +92,7 @@ def test_bench_upload_is_the_serialised_trainable_tensors(bench_rows) -> None:
 
 def test_totals_and_ratios_follow_the_schedule() -> None:
     row = {"measured": True, "bytes_up": 10, "bytes_down_first": 30, "bytes_down_later": 10}
+    row |= {"fill_flops_per_sample": 0.5, "cache_bytes_per_sample": 7}
     rows = [
         {**row, "rounds": 0, "peak_mem_bytes": 999, "flops_per_sample": 999.0},  # costs nothing
         {**row, "rounds": 3, "peak_mem_bytes": 50, "flops_per_sample": 2.0},
@@ -99,24 +101,36 @@ def test_totals_and_ratios_follow_the_schedule() -> None:
     assert t == {
         "rounds": 3,
         "peak_mem_bytes": 50,
-        "flops_per_sample": 3 * 2 * 2.0,
+        "flops_per_sample": 3 * 2 * 2.0 + 0.5,  # the cache is filled once per stage
+        "cache_bytes_per_sample": 7,
         "bytes_up": 30,
         "bytes_down": 30 + 2 * 10,
         "bytes_total": 80,
     }
-    e2e = {"peak_mem_bytes": 100, "flops_per_sample": 24.0, "bytes_total": 160}
+    e2e = {"peak_mem_bytes": 100, "flops_per_sample": 25.0, "bytes_total": 160}
     assert ratios({"e2e": e2e, "lw": t}) == {"memory": {"lw": 2.0}, "flops": {"lw": 2.0}, "comm": {"lw": 2.0}}
 
 
 def test_run_bench_json_and_markdown() -> None:
-    result = run_bench(load_config("tiny"), rss_check=False)
+    # Four rounds per stage: a cache of five captions per image pays off over them (with one round it would
+    # not: the fill pass runs the prefix over every caption, training only over the ones drawn).
+    result = run_bench(load_config("tiny", ["schedules.uniform.rounds=[4, 4, 4]"]), rss_check=False)
     assert {"preset", "schedule", "memory_method", "per_stage", "totals", "ratios"} <= set(result)
-    assert set(result["totals"]) == {"e2e", "lw", "prog"}
+    assert set(result["totals"]) == {"e2e", "lw", "lw-nocache", "prog"}
     for saving in ("memory", "flops", "comm"):
-        assert set(result["ratios"][saving]) == {"lw", "prog"}
+        assert set(result["ratios"][saving]) == {"lw", "lw-nocache", "prog"}
         assert result["ratios"][saving]["lw"] > 1
+    # The cache saves work and working memory, and costs no bytes on the wire.
+    totals = result["totals"]
+    assert totals["lw"]["flops_per_sample"] < totals["lw-nocache"]["flops_per_sample"]
+    # (Peak memory over the schedule is stage 1's here, where the stems train and nothing is cached.)
+    stages = {(r["method"], r["stage"]): r for r in result["per_stage"]}
+    for stage in (2, 3):
+        assert stages["lw", stage]["peak_mem_bytes"] < stages["lw-nocache", stage]["peak_mem_bytes"]
+    assert totals["lw"]["bytes_total"] == totals["lw-nocache"]["bytes_total"]
+    assert totals["lw"]["cache_bytes_per_sample"] > 0 == totals["lw-nocache"]["cache_bytes_per_sample"]
     text = render_markdown(result)
-    assert "2.70×" in text and "| lw |" in text and "heads share" in text
+    assert "2.70×" in text and "| lw |" in text and "heads share" in text and "lw-nocache measured" in text
     json.dumps(result)
 
 

@@ -39,7 +39,9 @@ from fedmml.federation.server import Server
 from fedmml.methods import ENCODER_PREFIX, plan_stages
 from fedmml.models.multimodal import build_model
 
-METHODS = ("e2e", "lw", "prog")
+METHODS = ("e2e", "lw", "lw-nocache", "prog")
+# Bench variants of a method: (method, config overrides). Plain names run with the preset's own settings.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"lw-nocache": ("lw", {"cache": {"frozen_prefix": False}})}
 PAPER_RATIOS = {"memory": 2.7, "flops": 2.4, "comm": 2.3}  # LW-FedMML vs FedMML, "up to" [paper abstract]
 UPLOAD_PARTS = ("encoder_blocks", "stems", "norms_necks", "heads")
 
@@ -47,16 +49,29 @@ Progress = Callable[[str], None]
 
 
 class SyntheticCaptions(Dataset):
-    """Random pixels at the encoder's image size and captions of random tokens that fill ``max_length``."""
+    """Random pixels at the encoder's image size and captions of random tokens that fill ``max_length``.
 
-    def __init__(self, n: int, image_size: int, tokenizer: Any, max_length: int, seed: int = 0) -> None:
+    Each image has ``captions_per_image`` captions (COCO: 5); training uses the first, and a frozen-prefix
+    cache stores them all, as it would for real data.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        image_size: int,
+        tokenizer: Any,
+        max_length: int,
+        seed: int = 0,
+        captions_per_image: int = 5,
+    ) -> None:
         g = torch.Generator().manual_seed(seed)
+        self.per_image = captions_per_image
         # The range of normalised images ((x - 0.5) / 0.5), as CaptionDataset produces.
         self.pixels = torch.rand(n, 3, image_size, image_size, generator=g) * 2 - 1
         # Word pieces from the upper part of the vocabulary (no special tokens); twice as many as needed, so
         # the re-tokenised caption is always cut at max_length.
         low = tokenizer.vocab_size // 16
-        ids = torch.randint(low, tokenizer.vocab_size, (n, 2 * max_length), generator=g)
+        ids = torch.randint(low, tokenizer.vocab_size, (n * captions_per_image, 2 * max_length), generator=g)
         self.captions = tokenizer.batch_decode(ids.tolist())
 
     collate = staticmethod(collate_train)
@@ -65,19 +80,23 @@ class SyntheticCaptions(Dataset):
         """Nothing to reshuffle; present because the training loop calls it."""
 
     def variants(self, i: int) -> dict[str, list[Any]]:
-        """The one image and caption of sample ``i`` (what a frozen-prefix cache stores)."""
-        return {"image": [self.pixels[i]], "text": [self.captions[i]]}
+        """The image and every caption of sample ``i`` (what a frozen-prefix cache stores)."""
+        start = i * self.per_image
+        return {"image": [self.pixels[i]], "text": self.captions[start : start + self.per_image]}
 
     def __len__(self) -> int:
-        return len(self.captions)
+        return len(self.pixels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        return self.pixels[i], self.captions[i]
+        return self.pixels[i], self.captions[i * self.per_image]
 
 
-def bench_config(cfg: Config, method: str) -> tuple[Config, list[str]]:
+def bench_config(cfg: Config, name: str) -> tuple[Config, list[str]]:
     """``cfg`` for one bench method: one client, one local epoch, no hub downloads; plus notes on changes."""
     tree = cfg.to_dict()
+    method, overrides = VARIANTS.get(name, (name, {}))
+    for section, values in overrides.items():
+        tree[section].update(values)
     tree["run"]["method"] = method
     tree["federation"].update(num_clients=1, clients_per_round=0, local_epochs=1)
     notes = []
@@ -116,9 +135,11 @@ def bench_method(
     rss: bool = False,
     progress: Progress | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Per-stage measured cost of ``method``: (rows, info). ``only_stage``: measure that stage index only."""
+    """Per-stage measured cost of ``method`` (or a variant): (rows, info). ``only_stage``: that stage only."""
     say = progress or (lambda msg: None)
-    bcfg, notes = bench_config(cfg, method)
+    name = method
+    bcfg, notes = bench_config(cfg, name)
+    method = bcfg.run.method
     device = select_device(bcfg.run.device)
     torch.manual_seed(bcfg.run.seed)
     model = build_model(bcfg.model, load_weights=False).to(device)
@@ -139,7 +160,7 @@ def bench_method(
     for stage in stages:
         trainable = server.enter_stage(stage)
         row: dict[str, Any] = {
-            "method": method,
+            "method": name,
             "stage": stage.index + 1,
             "rounds": stage.rounds,
             "depth": dict(stage.depth),
@@ -149,7 +170,7 @@ def bench_method(
         if skip:
             rows.append({**row, "measured": False})
             continue
-        say(f"{method}: stage {stage.index + 1}/{len(stages)}")
+        say(f"{name}: stage {stage.index + 1}/{len(stages)}")
         round_no += 1
         first, frozen_sent = server.message_for(client.cid, stage, round_no, trainable)
         reply = client.handle(first)
@@ -161,7 +182,8 @@ def bench_method(
         round_no += max(stage.rounds - 1, 0)
         measured = workspace.meter.stage_summary(method, stage)
         state = server.model.state_dict()
-        step_flops = reply.meta["flops"] / max(reply.meta["steps"], 1)
+        fill_flops = reply.meta.get("cache_fill_flops", 0)
+        step_flops = (reply.meta["flops"] - fill_flops) / max(reply.meta["steps"], 1)
         rows.append(
             {
                 **row,
@@ -174,6 +196,9 @@ def bench_method(
                 "memory": measured["memory"],
                 "flops_per_step": int(step_flops),
                 "flops_per_sample": step_flops / batch,
+                # The frozen-prefix cache: filled once per stage; its size grows with the client's data.
+                "fill_flops_per_sample": fill_flops / len(data),
+                "cache_bytes_per_sample": reply.meta.get("cache_bytes", 0) / len(data),
                 "steps": reply.meta["steps"],
             }
         )
@@ -190,7 +215,10 @@ def method_totals(rows: list[dict[str, Any]], local_epochs: int) -> dict[str, An
         "rounds": sum(r["rounds"] for r in active),
         "peak_mem_bytes": max((r["peak_mem_bytes"] for r in active), default=0),
         # FLOPs one local training sample costs over the whole schedule (rounds x local epochs).
-        "flops_per_sample": sum(r["rounds"] * local_epochs * r["flops_per_sample"] for r in active),
+        "flops_per_sample": sum(
+            r["rounds"] * local_epochs * r["flops_per_sample"] + r["fill_flops_per_sample"] for r in active
+        ),
+        "cache_bytes_per_sample": max((r["cache_bytes_per_sample"] for r in active), default=0),
         "bytes_up": up,
         "bytes_down": down,
         "bytes_total": up + down,
@@ -331,13 +359,14 @@ def render_markdown(result: dict[str, Any]) -> str:
     out += [f"- {note}" for note in result["notes"]] + ([""] if result["notes"] else [])
     out += [
         "| method | stage | rounds | trainable params | down, 1st round (MB) | down, later (MB) | up (MB) | "
-        "peak mem (MiB) | params / grads / optim / activations (MiB) | GFLOPs per sample |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "peak mem (MiB) | params / grads / optim / activations (MiB) | GFLOPs per sample | "
+        "cache fill GFLOPs per sample | cache KiB per sample |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in result["per_stage"]:
         if not r.get("measured"):
             out.append(f"| {r['method']} | {r['stage']} | {r['rounds']} | {r['trainable_params']:,} | "
-                       "– | – | – | – | – | – |")  # fmt: skip
+                       "– | – | – | – | – | – | – | – |")  # fmt: skip
             continue
         b = r["memory"]["breakdown"] if r["memory"] else {}
         parts = " / ".join(
@@ -346,36 +375,43 @@ def render_markdown(result: dict[str, Any]) -> str:
         out.append(
             f"| {r['method']} | {r['stage']} | {r['rounds']} | {r['trainable_params']:,} | "
             f"{_mb(r['bytes_down_first'])} | {_mb(r['bytes_down_later'])} | {_mb(r['bytes_up'])} | "
-            f"{_mib(r['peak_mem_bytes'])} | {parts} | {_num(r['flops_per_sample'] / 1e9)} |"
+            f"{_mib(r['peak_mem_bytes'])} | {parts} | {_num(r['flops_per_sample'] / 1e9)} | "
+            f"{_num(r['fill_flops_per_sample'] / 1e9)} | {_num(r['cache_bytes_per_sample'] / 1024)} |"
         )
     out += [
         "",
         "Totals per client over the schedule (the client takes part in every round):",
         "",
         "| method | rounds | peak mem (MiB) | GFLOPs per local sample | up (MB) | down (MB) "
-        "| total comm (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| total comm (MB) | cache KiB per sample |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m, t in result["totals"].items():
         out.append(
             f"| {m} | {t['rounds']} | {_mib(t['peak_mem_bytes'])} | {_num(t['flops_per_sample'] / 1e9)} | "
-            f"{_mb(t['bytes_up'])} | {_mb(t['bytes_down'])} | {_mb(t['bytes_total'])} |"
+            f"{_mb(t['bytes_up'])} | {_mb(t['bytes_down'])} | {_mb(t['bytes_total'])} | "
+            f"{_num(t['cache_bytes_per_sample'] / 1024)} |"
         )
+    out += [
+        "",
+        "Peak memory is the training step's working set. A client that keeps its frozen-prefix cache in "
+        'memory (`cache.store = "memory"`) holds the cache on top: cache KiB per sample × its samples; '
+        'with `cache.store = "disk"` the cache is on disk and each step reads one batch of it.',
+    ]
     rat = result["ratios"]
     if rat:
+        others = [m for m in result["totals"] if m != "e2e"]
         out += [
             "",
             'Savings, e2e ÷ method (paper: LW-FedMML vs FedMML, "up to"):',
             "",
-            "| saving | LW measured | Prog measured | paper, LW |",
-            "|---|---:|---:|---:|",
+            "| saving | " + " | ".join(f"{m} measured" for m in others) + " | paper, LW |",
+            "|---|" + "---:|" * (len(others) + 1),
         ]
         names = {"memory": "peak memory", "flops": "FLOPs", "comm": "total communication"}
         for key, label in names.items():
-            out.append(
-                f"| {label} | {_x(rat[key].get('lw'))} | {_x(rat[key].get('prog'))} | "
-                f"{_x(result['paper_ratios'][key])} |"
-            )
+            cells = " | ".join(_x(rat[key].get(m)) for m in others)
+            out.append(f"| {label} | {cells} | {_x(result['paper_ratios'][key])} |")
     out += _upload_table(result)
     if result["rss_check"]:
         out += [

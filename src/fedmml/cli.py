@@ -123,7 +123,8 @@ def _build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="ACTION")
     res = bench_sub.add_parser(
         "resources",
-        help="per-client peak memory, FLOPs and bytes of e2e, lw and prog on a preset's architecture",
+        help="per-client peak memory, FLOPs and bytes of e2e, lw (with and without the frozen-prefix cache) "
+        "and prog on a preset's architecture",
     )
     _config_args(res)
     res.add_argument("--json", type=Path, help="also write the full result as JSON to this path")

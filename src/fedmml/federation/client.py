@@ -214,9 +214,9 @@ class Client:
         current = model.state_dict()
         update = {k: current[k] for k in sorted(trainable)}
         cost = meter.finish()  # flops, peak_mem_bytes
-        if cache is not None:
-            # The one-off fill pass is work of the round that filled the cache.
-            cost["flops"] += cache.take_fill_flops()
+        # The one-off fill pass is work of the round that filled the cache.
+        fill_flops = cache.take_fill_flops() if cache is not None else 0
+        cost["flops"] += fill_flops
         reply = {
             "cid": self.cid,
             "num_samples": self.num_samples,
@@ -224,6 +224,7 @@ class Client:
             "steps": steps,
             **cost,
             "cache_bytes": cache.nbytes if cache is not None else 0,
+            "cache_fill_flops": fill_flops,
             "cache_on_disk": bool(cache is not None and cache.on_disk),
             "cache_note": shelf.why(self.cid),
         }
