@@ -29,3 +29,17 @@ def emoji_root(tmp_path_factory: pytest.TempPathFactory, emoji_tarballs: dict[st
     out = tmp_path_factory.mktemp("data") / "emoji"
     prepare_emoji(out, tarballs=emoji_tarballs)
     return out
+
+
+@pytest.fixture(scope="session")
+def tuxpaint_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real subset of the Tux Paint stamps and their spoken descriptions (4 classes, 4 languages) in the
+    ADVANCE layout, built from the Debian package; skips when the package is not installed."""
+    from fedmml.data.prepare.tuxpaint import STAMPS_DIR, prepare_tuxpaint
+
+    if not STAMPS_DIR.is_dir():
+        pytest.skip("tuxpaint-stamps-default not installed (make install does this as root)")
+    out = tmp_path_factory.mktemp("data") / "tuxpaint"
+    subset = ["animals", "food", "vehicles", "space"]
+    prepare_tuxpaint(out, classes=subset, languages=["fr", "ru", "es", "ca"], limit=12)
+    return out

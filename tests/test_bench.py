@@ -20,7 +20,7 @@ from fedmml.config import load_config
 from fedmml.experiment import build_setup
 from fedmml.federation.payload import serialize
 from fedmml.methods import plan_stages, trainable_keys
-from fedmml.models.multimodal import build_model
+from fedmml.models.build import build_model
 
 ROUNDS = "schedules.uniform.rounds=[1, 2, 1]"  # stage 2 has a later round that carries no frozen tensors
 

@@ -4,7 +4,7 @@ import pytest
 
 from fedmml.config import ConfigError, Schedule, load_config
 from fedmml.methods import configure, frozen_modules, plan_stages, set_train_mode, trainable_keys
-from fedmml.models.multimodal import build_model
+from fedmml.models.build import build_model
 
 SCHEDULE = Schedule(
     rounds=[1, 0, 2],

@@ -31,13 +31,16 @@ from torch.utils.data import Dataset
 
 from fedmml.accounting import StepMeter
 from fedmml.config import Config, config_from_dict
+from fedmml.data.advance import collate as collate_pairs
+from fedmml.data.audio import DEFAULT_FBANK
 from fedmml.data.coco import collate_train
 from fedmml.experiment import select_device
 from fedmml.federation.client import Client, Workspace
 from fedmml.federation.payload import encode
 from fedmml.federation.server import Server
 from fedmml.methods import ENCODER_PREFIX, plan_stages
-from fedmml.models.multimodal import build_model
+from fedmml.models.build import build_model
+from fedmml.models.multimodal import MultimodalModel
 
 METHODS = ("e2e", "lw", "lw-nocache", "prog")
 # Bench variants of a method: (method, config overrides). Plain names run with the preset's own settings.
@@ -63,9 +66,11 @@ class SyntheticCaptions(Dataset):
         max_length: int,
         seed: int = 0,
         captions_per_image: int = 5,
+        augment: bool = False,
     ) -> None:
         g = torch.Generator().manual_seed(seed)
         self.per_image = captions_per_image
+        self.augment = augment  # as the preset's data: a cache then stores several views per image
         # The range of normalised images ((x - 0.5) / 0.5), as CaptionDataset produces.
         self.pixels = torch.rand(n, 3, image_size, image_size, generator=g) * 2 - 1
         # Word pieces from the upper part of the vocabulary (no special tokens); twice as many as needed, so
@@ -79,16 +84,54 @@ class SyntheticCaptions(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Nothing to reshuffle; present because the training loop calls it."""
 
-    def variants(self, i: int) -> dict[str, list[Any]]:
-        """The image and every caption of sample ``i`` (what a frozen-prefix cache stores)."""
+    def variants(self, i: int, views: int = 1) -> dict[str, list[Any]]:
+        """Every caption of sample ``i``, and its image once per view that augmentation would cache."""
         start = i * self.per_image
-        return {"image": [self.pixels[i]], "text": self.captions[start : start + self.per_image]}
+        images = [self.pixels[i]] * (views if self.augment else 1)
+        return {"image": images, "text": self.captions[start : start + self.per_image]}
 
     def __len__(self) -> int:
         return len(self.pixels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
         return self.pixels[i], self.captions[i * self.per_image]
+
+
+class SyntheticPairs(Dataset):
+    """Random pixels and full-length filterbanks with random labels, shaped as the preset's image + audio."""
+
+    def __init__(
+        self, n: int, image_size: int, frames: int, num_classes: int, seed: int = 0, augment: bool = False
+    ) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.pixels = torch.rand(n, 3, image_size, image_size, generator=g) * 2 - 1
+        self.fbanks = torch.randn(n, frames, DEFAULT_FBANK.num_mel_bins, generator=g)
+        self.labels = torch.randint(num_classes, (n,), generator=g).tolist()
+        self.augment = augment  # as the preset's data: a cache then stores several views per image
+
+    collate = staticmethod(collate_pairs)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing to reshuffle; present because the training loop calls it."""
+
+    def variants(self, i: int, views: int = 1) -> dict[str, list[torch.Tensor]]:
+        """The filterbank of sample ``i``, and its image once per view that augmentation would cache."""
+        return {"image": [self.pixels[i]] * (views if self.augment else 1), "audio": [self.fbanks[i]]}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self.pixels[i], self.fbanks[i], self.labels[i]
+
+
+def synthetic_data(cfg: Config, model: MultimodalModel, n: int) -> Dataset:
+    """``n`` synthetic training samples shaped as ``cfg``'s task needs them."""
+    size, seed, augment = cfg.model.image.image_size, cfg.run.seed, cfg.data.augment
+    if cfg.model.task == "image-audio":
+        return SyntheticPairs(n, size, cfg.data.audio_frames, cfg.model.num_classes, seed, augment)
+    text = model.encoders["text"]
+    return SyntheticCaptions(n, size, text.tokenizer, text.max_length, seed, augment=augment)
 
 
 def bench_config(cfg: Config, name: str) -> tuple[Config, list[str]]:
@@ -100,7 +143,7 @@ def bench_config(cfg: Config, name: str) -> tuple[Config, list[str]]:
     tree["run"]["method"] = method
     tree["federation"].update(num_clients=1, clients_per_round=0, local_epochs=1)
     notes = []
-    for modality in ("image", "text"):
+    for modality in cfg.model.modalities:
         enc = tree["model"][modality]
         source = enc["pretrained"]
         if source not in ("", "package") and not Path(source).exists():
@@ -148,11 +191,8 @@ def bench_method(
     workspace = Workspace(bcfg, device)
     if rss:
         workspace.meter = StepMeter(device, rss=True)
-    text = workspace.model.encoders["text"]
     batch = bcfg.federation.batch_size
-    data = SyntheticCaptions(
-        batch * steps, bcfg.model.image.image_size, text.tokenizer, text.max_length, bcfg.run.seed
-    )
+    data = synthetic_data(bcfg, workspace.model, batch * steps)
     client = Client(0, bcfg, data, list(range(len(data))), workspace)
     server = Server(bcfg, model, stages, [client.num_samples])
     rows = []

@@ -279,12 +279,13 @@ def _cmd_deploy(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from fedmml.experiment import evaluate_on, load_run_model, load_split, select_device
+    from fedmml.experiment import evaluate_on, load_run_model, select_device
+    from fedmml.tasks import task_for
 
     cfg, model = load_run_model(args.run)
     model = model.to(select_device(cfg.run.device))
     cfg.data.root = str(args.data)
-    data = load_split(cfg, args.split, train=False)
+    data = task_for(cfg).load_split(cfg, args.split, train=False)
     scores = evaluate_on(model, data, cfg)
     print(json.dumps({**scores, "images": len(data), "skipped": data.skipped}))
 

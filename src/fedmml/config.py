@@ -19,7 +19,12 @@ from typing import Any
 
 METHODS = ("e2e", "lw", "prog")
 ENGINES = ("inprocess", "flower-sim", "flower")  # flower-sim: Flower simulation; flower: deployment
-PARTITIONS = ("iid", "dirichlet")
+PARTITIONS = ("iid", "dirichlet", "group")  # group: whole groups (e.g. spoken languages) per client
+# A task fixes the modalities, the data format and the objective.
+TASKS = {
+    "image-text": ("image", "text"),  # COCO-format captions; contrastive dual encoder, retrieval metrics
+    "image-audio": ("image", "audio"),  # ADVANCE-format pairs; fused classifier, accuracy and macro-F1
+}
 TRANSPORT_DTYPES = ("float32", "float16", "int8")  # wire formats, see fedmml.federation.payload.encode
 
 
@@ -53,14 +58,36 @@ class HeadConfig:
 
 
 @dataclass
-class ModelConfig:
-    """The dual encoder: two staged encoders, their heads and the contrastive temperature."""
+class PredictorConfig:
+    """Classification MLP on the concatenated projections (paper: 2 layers, hidden 256, dropout 0.1)."""
 
+    hidden_dim: int = 256
+    num_layers: int = 2
+    dropout: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    """The task's model: a staged encoder per modality, their heads, and the objective's settings."""
+
+    task: str = "image-text"  # image-text | image-audio (see TASKS)
     image: EncoderConfig = field(default_factory=EncoderConfig)
     text: EncoderConfig = field(default_factory=lambda: EncoderConfig(backend="hf_bert"))
+    audio: EncoderConfig = field(default_factory=lambda: EncoderConfig(backend="hf_ast"))
     head: HeadConfig = field(default_factory=HeadConfig)
-    temperature: float = 0.05
-    learn_temperature: bool = False
+    temperature: float = 0.05  # image-text
+    learn_temperature: bool = False  # image-text
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)  # image-audio
+    num_classes: int = 0  # image-audio; 0: the number of class folders in the training split
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The task's modalities, in order."""
+        return TASKS[self.task]
+
+    def encoder(self, modality: str) -> EncoderConfig:
+        """The encoder config of ``modality``."""
+        return getattr(self, modality)
 
 
 @dataclass
@@ -85,6 +112,7 @@ class DataConfig:
     augment: bool = False
     limit_train: int = 0  # 0: all images
     limit_test: int = 0
+    audio_frames: int = 1024  # image-audio: fbank frames per clip (10 ms each), padded or cut
 
 
 @dataclass
@@ -93,7 +121,8 @@ class PartitionConfig:
 
     kind: str = "iid"
     alpha: float = 0.5  # Dirichlet concentration (the paper's beta)
-    label: str = "category"  # image field the Dirichlet split is over
+    label: str = "category"  # image-text: image field the Dirichlet split is over (image-audio: the class)
+    group: str = "language"  # image-audio: sample field of the group partition (from the split's meta.json)
     min_partition_size: int = 2
 
 
@@ -125,13 +154,15 @@ class TransportConfig:
 @dataclass
 class CacheConfig:
     """Frozen-prefix cache (lw): a client runs its frozen stem and blocks once per stage and trains the new
-    blocks and the heads from the stored hidden states. Needs deterministic preprocessing (data.augment off).
+    blocks and the heads from the stored hidden states. Exact with deterministic preprocessing; with
+    data.augment on it stores ``views`` crops per image and cycles through them.
     """
 
     frozen_prefix: bool = True
     store: str = "memory"  # memory | disk (files under the run directory, read back per batch)
     dtype: str = "float32"  # float32 (exact) | float16 (half the size)
     max_mib: float = 2048.0  # per client; a cache that would grow past this is dropped: train without it
+    views: int = 4  # with data.augment: augmented views cached per image (those of epochs 0..views-1)
 
 
 @dataclass
@@ -304,12 +335,11 @@ def _coerce(hint: Any, value: Any, key: str, default: Any) -> Any:
         value_hint = args[1]
         if dataclasses.is_dataclass(value_hint):
             # Entries of a named table (e.g. schedules) start from the class defaults, and a partial
-            # override of an existing entry keeps the entry's other fields.
+            # override of an existing entry keeps the entry's other fields. Fields are replaced whole: a
+            # schedule's per-modality tables name the task's modalities, not the defaults' (image, text).
             base = default if isinstance(default, dict) else {}
             return {
-                k: _build(
-                    value_hint, deep_merge(dataclasses.asdict(base[k]), v) if k in base else v, f"{key}.{k}."
-                )
+                k: _build(value_hint, {**dataclasses.asdict(base[k]), **v} if k in base else v, f"{key}.{k}.")
                 for k, v in value.items()
             }
         return {k: _coerce(value_hint, v, f"{key}.{k}", None) for k, v in value.items()}
@@ -343,6 +373,9 @@ def validate(cfg: Config) -> None:
     _choice(cfg.run.method, METHODS, "method")
     _choice(cfg.run.engine, ENGINES, "engine")
     _choice(cfg.partition.kind, PARTITIONS, "partition.kind")
+    _choice(cfg.model.task, tuple(TASKS), "model.task")
+    if cfg.partition.kind == "group" and cfg.model.task != "image-audio":
+        raise ConfigError("partition.kind = group needs grouped samples: model.task = image-audio")
     _choice(cfg.run.device, ("auto", "cpu", "cuda"), "run.device")
     if cfg.schedule not in cfg.schedules:
         raise ConfigError(f"unknown schedule {cfg.schedule!r}; valid schedules: {', '.join(cfg.schedules)}")
@@ -358,6 +391,11 @@ def validate(cfg: Config) -> None:
                     raise ConfigError(
                         f"schedule {name!r}: {what}.{key} has {len(values)} entries, rounds has {n}"
                     )
+        if set(sched.blocks) != set(cfg.model.modalities):
+            raise ConfigError(
+                f"schedule {name!r}: blocks must name the modalities of task {cfg.model.task!r} "
+                f"({', '.join(cfg.model.modalities)}), not {', '.join(sched.blocks)}"
+            )
         if set(sched.lr) != {*sched.blocks, "heads"}:
             raise ConfigError(
                 f"schedule {name!r}: lr must name heads and every modality in blocks "
@@ -372,6 +410,8 @@ def validate(cfg: Config) -> None:
     _choice(cfg.transport.dtype, TRANSPORT_DTYPES, "transport.dtype")
     _choice(cfg.cache.store, ("memory", "disk"), "cache.store")
     _choice(cfg.cache.dtype, ("float32", "float16"), "cache.dtype")
+    if cfg.cache.views < 1:
+        raise ConfigError("cache.views must be at least 1")
     if cfg.cache.max_mib <= 0:
         raise ConfigError("cache.max_mib must be > 0 (turn the cache off with cache.frozen_prefix=false)")
     if not 1 <= fed.min_clients <= fed.num_clients:

@@ -15,23 +15,21 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
 
 from fedmml import report
 from fedmml.accounting import memory_method
 from fedmml.config import Config, ConfigError, config_from_dict
-from fedmml.data import fashion_mnist
-from fedmml.data.coco import CaptionDataset
-from fedmml.data.partition import partition
 from fedmml.engines.inprocess import InProcessEngine
-from fedmml.evaluation.scoring import retrieval_chance, retrieval_scores, zeroshot_score
 from fedmml.federation.checkpoint import latest_checkpoint, load_checkpoint
 from fedmml.federation.client import Client, Workspace, derive_seed
 from fedmml.federation.server import Listener, Server
 from fedmml.methods import plan_stages
-from fedmml.models.multimodal import DualEncoder, build_model
+from fedmml.models.build import build_model
+from fedmml.models.multimodal import MultimodalModel
+from fedmml.tasks import resolve_classes, task_for
 
 CHECKPOINTS = "checkpoints"
-SUMMARY_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
 
 def select_device(name: str) -> torch.device:
@@ -41,36 +39,7 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_split(cfg: Config, split: str, train: bool) -> CaptionDataset:
-    """One split of the configured COCO-format dataset."""
-    d = cfg.data
-    return CaptionDataset(
-        d.root,
-        split,
-        images_dir=d.images_dir,
-        image_size=cfg.model.image.image_size,
-        train=train,
-        augment=d.augment and train,
-        seed=cfg.run.seed,
-        limit=d.limit_train if train else d.limit_test,
-    )
-
-
-def client_partitions(cfg: Config, train: CaptionDataset) -> list[list[int]]:
-    """Training-image indices per client."""
-    p = cfg.partition
-    labels = train.labels if p.kind == "dirichlet" else len(train)
-    return partition(
-        labels,
-        cfg.federation.num_clients,
-        p.kind,
-        alpha=p.alpha,
-        seed=cfg.run.seed,
-        min_partition_size=p.min_partition_size,
-    )
-
-
-def global_model(cfg: Config, device: torch.device) -> DualEncoder:
+def global_model(cfg: Config, device: torch.device) -> MultimodalModel:
     """The server's model with pretrained weights; heads seeded by the run seed."""
     torch.manual_seed(derive_seed(cfg.run.seed, 0))
     return build_model(cfg.model, load_weights=True).to(device)
@@ -81,12 +50,12 @@ def final_depth(cfg: Config) -> dict[str, int]:
     return {m: sum(b) for m, b in cfg.active_schedule.blocks.items()}
 
 
-def save_model(model: DualEncoder, path: Path) -> None:
+def save_model(model: MultimodalModel, path: Path) -> None:
     """Weights as safetensors (the architecture is rebuilt from the run's config.json)."""
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
-def load_run_model(run_dir: Path, device: torch.device | None = None) -> tuple[Config, DualEncoder]:
+def load_run_model(run_dir: Path, device: torch.device | None = None) -> tuple[Config, MultimodalModel]:
     """The config and final global model of a finished run."""
     cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
     model = build_model(cfg.model, load_weights=False)
@@ -96,20 +65,9 @@ def load_run_model(run_dir: Path, device: torch.device | None = None) -> tuple[C
     return cfg, model.to(device or torch.device("cpu"))
 
 
-def evaluate_on(model: DualEncoder, data: CaptionDataset, cfg: Config) -> dict[str, float]:
-    """Retrieval scores of ``model`` over a whole evaluation split."""
-    pixels = [data[i][0] for i in range(len(data))]
-    return retrieval_scores(model, pixels, data.captions, cfg.eval.batch_size, cfg.eval.ks)
-
-
-def zeroshot_fmnist(model: DualEncoder, cfg: Config) -> float | None:
-    """Fashion-MNIST zero-shot accuracy when the Debian package is installed, else None."""
-    if not (cfg.eval.zeroshot and fashion_mnist.available()):
-        return None
-    pixels, labels = fashion_mnist.load_test(
-        limit=cfg.eval.zeroshot_limit, image_size=cfg.model.image.image_size
-    )
-    return zeroshot_score(model, pixels, labels, fashion_mnist.CLASSES, cfg.eval.batch_size)
+def evaluate_on(model: MultimodalModel, data: Dataset, cfg: Config) -> dict[str, float]:
+    """The task's scores of ``model`` over a whole evaluation split."""
+    return task_for(cfg).evaluate(model, data, cfg)
 
 
 class _MetricsWriter:
@@ -131,8 +89,8 @@ class _MetricsWriter:
 class ServerSetup:
     """The server side of one run: its data and the engine-agnostic :class:`Server`."""
 
-    train: CaptionDataset
-    test: CaptionDataset
+    train: Dataset
+    test: Dataset
     partitions: list[list[int]]
     server: Server
 
@@ -159,10 +117,11 @@ def apply_threads(cfg: Config) -> None:
         torch.set_num_threads(cfg.run.threads)
 
 
-def client_data(cfg: Config) -> tuple[CaptionDataset, list[list[int]]]:
+def client_data(cfg: Config) -> tuple[Dataset, list[list[int]]]:
     """The training split and every client's share of it (the same on the server and on every client)."""
-    train = load_split(cfg, cfg.data.train_split, train=True)
-    return train, client_partitions(cfg, train)
+    task = task_for(cfg)
+    train = task.load_split(cfg, cfg.data.train_split, train=True)
+    return train, task.partitions(cfg, train)
 
 
 def build_server(
@@ -179,9 +138,9 @@ def build_server(
     stages = plan_stages(cfg.active_schedule, cfg.run.method, totals)
     emit("phase", {"phase": "loading data"})
     train, parts = client_data(cfg)
-    test = load_split(cfg, cfg.data.test_split, train=False)
+    test = task_for(cfg).load_split(cfg, cfg.data.test_split, train=False)
 
-    def evaluate(m: DualEncoder) -> dict[str, float]:
+    def evaluate(m: MultimodalModel) -> dict[str, float]:
         emit("phase", {"phase": "evaluating"})
         return evaluate_on(m, test, cfg)
 
@@ -191,6 +150,7 @@ def build_server(
 
 def build_setup(cfg: Config, listener: Listener | None = None, checkpoint_dir: Path | None = None) -> Setup:
     """Data, client partitions, the global model, the server and the in-process engine for ``cfg``."""
+    cfg = resolve_classes(cfg)
     emit = listener or (lambda kind, info: None)
     side = build_server(cfg, emit, checkpoint_dir)
     # A disk-backed frozen-prefix cache lives beside the checkpoints, in the run directory.
@@ -228,16 +188,17 @@ def finish_run(
     train, test, model, stages = side.train, side.test, side.server.model, side.server.stages
     emit("phase", {"phase": "writing outputs"})
     save_model(model, out_dir / "model.safetensors")
-    final = next(m for m in reversed(metrics) if "rsum" in m)
+    task = task_for(cfg)
+    final = next(m for m in reversed(metrics) if task.score_key in m)
     summary: dict[str, Any] = {
+        "task": task.name,
         "method": cfg.run.method,
         "preset": cfg.preset,
         "schedule": cfg.schedule,
         "rounds": len(metrics),
         "stages": len(stages),
         "clients": cfg.federation.num_clients,
-        **{k: final[k] for k in SUMMARY_KEYS},
-        "chance_rsum": retrieval_chance(test.captions, cfg.eval.ks),
+        **{k: final[k] for k in task.summary_keys},
         "bytes_up_total": sum(m["bytes_up"] for m in metrics),
         "bytes_down_total": sum(m["bytes_down"] for m in metrics),
         # Measured per client (fedmml.accounting): FLOPs summed over the run, peak memory as the maximum.
@@ -248,9 +209,7 @@ def finish_run(
         "test_images": len(test),
         "skipped": {"train": train.skipped, "test": test.skipped},
     }
-    zs = zeroshot_fmnist(model, cfg)
-    if zs is not None:
-        summary["zeroshot_fmnist_top1"] = zs
+    summary.update(task.summarize(model, test, cfg, out_dir))
     summary["wall_s"] = time.perf_counter() - started
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     report.write_run_report(out_dir, cfg.to_dict(), summary, metrics)
@@ -259,6 +218,7 @@ def finish_run(
 
 def run_experiment(cfg: Config, out_dir: Path, listener: Listener | None = None) -> dict[str, Any]:
     """Run one method on its configured engine and write every output to ``out_dir``; return the summary."""
+    cfg = resolve_classes(cfg)
     if cfg.run.engine != "inprocess":
         # Flower is an optional extra: only runs that ask for it import it.
         from fedmml.engines.flower.launch import run_on_flower

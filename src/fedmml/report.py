@@ -30,12 +30,13 @@ PANELS = {
 MB = 1e6  # decimal megabytes, as network traffic is usually quoted
 
 _RECALL = re.compile(r"(i2t|t2i)_r(\d+)")
-_PERCENT_KEYS = ("rsum", "chance_rsum", "accuracy", "macro_f1")
+_PERCENT_KEYS = ("rsum", "chance_rsum", "accuracy", "macro_f1", "majority_rate")
 _LABELS = {
     "chance_rsum": "rsum of a random ranking",
     "rsum_vs_chance": "rsum / chance",
     "accuracy": "accuracy (%)",
     "macro_f1": "macro F1",
+    "majority_rate": "majority-class rate (%)",
     "wall_s": "wall time",
 }
 
@@ -65,6 +66,8 @@ def write_run_report(
     """Write ``report.md`` (summary, per-stage table, plots under ``plots/``) into the run directory."""
     run_dir = Path(run_dir)
     plots = plot_run(metrics, run_dir / "plots")
+    # Figures the task wrote itself (e.g. the classifier's confusion matrix) go with the plots.
+    plots += sorted(run_dir.glob("*.png"))
     method = _find("method", summary, config, *metrics[:1]) or "run"
     preset = _find("preset", config, summary) or _find("name", config) or "custom"
     sections = [
@@ -253,7 +256,8 @@ def _summary_rows(summary: Mapping[str, Any], metrics: Sequence[Record]) -> list
             flat[f"bytes_{direction}_total"] = _bytes_total({}, metrics, direction)
     if "rsum" in flat and "chance_rsum" in flat:
         flat["rsum_vs_chance"] = _ratio(flat["rsum"], flat["chance_rsum"])
-    ordered = sorted(flat, key=_summary_order)
+    # Lists (a confusion matrix, class names) have their own figure or file; they do not fit a table cell.
+    ordered = sorted((k for k in flat if not isinstance(flat[k], list)), key=_summary_order)
     return [[_label(k), _fmt(k, flat[k])] for k in ordered]
 
 

@@ -13,7 +13,7 @@ from fedmml.config import load_config
 from fedmml.experiment import build_setup, run_experiment
 from fedmml.federation.client import input_shapes, make_optimizer
 from fedmml.methods import configure, plan_stages, set_train_mode
-from fedmml.models.multimodal import build_model
+from fedmml.models.build import build_model
 
 
 def _cfg(emoji_root: Path, method: str, *extra: str):

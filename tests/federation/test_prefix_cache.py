@@ -9,7 +9,7 @@ from fedmml.config import load_config
 from fedmml.experiment import build_setup
 from fedmml.federation.prefix_cache import CacheShelf, cache_starts
 from fedmml.methods import configure, frozen_modules, plan_stages
-from fedmml.models.multimodal import build_model
+from fedmml.models.build import build_model
 
 # Three stages (1, 2, 2 rounds): stages 2 and 3 train from the cache, stage 2's second round reuses it.
 ROUNDS = "schedules.uniform.rounds=[1, 2, 2]"
@@ -76,10 +76,15 @@ def test_a_cache_over_its_bound_falls_back(emoji_root: Path, uncached: list[dict
     assert "bound of 0 MiB" in next(iter(small[1]["cache_notes"].values()))
 
 
-def test_augmentation_turns_the_cache_off(emoji_root: Path) -> None:
-    metrics = _run(emoji_root, "data.augment=true", "schedules.uniform.rounds=[1, 1, 0]")
-    assert metrics[1]["client_cache_bytes"] == 0
-    assert "augmentation" in next(iter(metrics[1]["cache_notes"].values()))
+def test_augmented_views(emoji_root: Path) -> None:
+    plain = _run(emoji_root, "data.augment=true", "cache.frozen_prefix=false")
+    # Views of epochs 0..7 cover every epoch of this run (rounds 1-5, one epoch each): exact.
+    covered = _run(emoji_root, "data.augment=true", "cache.views=8")
+    assert _losses(covered) == pytest.approx(_losses(plain), abs=1e-5)
+    # One view: every epoch reuses epoch 0's crops, so the later steps see other crops than without a cache.
+    single = _run(emoji_root, "data.augment=true", "cache.views=1")
+    assert _losses(single) != pytest.approx(_losses(plain), abs=1e-5)
+    assert single[-1]["client_cache_bytes"] < covered[-1]["client_cache_bytes"]
 
 
 def test_shelf_refills_when_frozen_tensors_change(emoji_root: Path) -> None:
@@ -92,11 +97,24 @@ def test_shelf_refills_when_frozen_tensors_change(emoji_root: Path) -> None:
     shelf = CacheShelf()
     client = setup.clients[0]
     args = (client.cid, model, "lw", stage, cfg, client.dataset, client.indices)
-    first = shelf.get(*args, frozen_changed=False)
-    assert first is not None and shelf.get(*args, frozen_changed=False) is first
-    again = shelf.get(*args, frozen_changed=True)
-    assert again is not None and again is not first
-    assert shelf.get(client.cid, model, "prog", stage, cfg, client.dataset, client.indices, False) is None
+    first = shelf.get(*args, frozen_received=[])
+    assert first is not None and shelf.get(*args, frozen_received=[]) is first
+    # Tensors of the cached prefix itself arrived (a node that lost them): fill again from scratch.
+    stem_key = next(k for k in model.state_dict() if k.startswith("encoders.image.stem."))
+    again = shelf.get(*args, frozen_received=[stem_key])
+    assert again is not None and again is not first and again.fill_flops >= first.fill_flops
+    # Next stage: the rows go through the newly frozen blocks only, which is cheaper than a fill.
+    deeper_stage = stages[2]
+    setup.workspace.at_depth(deeper_stage.depth)
+    new_blocks = [k for k in model.state_dict() if k.startswith("encoders.image.blocks.2.")]
+    deeper = shelf.get(client.cid, model, "lw", deeper_stage, cfg, client.dataset, client.indices, new_blocks)
+    assert deeper is not None and deeper.starts == {"image": 4, "text": 2}
+    assert 0 < deeper.fill_flops < again.fill_flops
+    fresh = CacheShelf().get(client.cid, model, "lw", deeper_stage, cfg, client.dataset, client.indices, [])
+    for m in ("image", "text"):
+        for p in range(len(fresh.stores[m])):
+            torch.testing.assert_close(deeper.stores[m].get(p), fresh.stores[m].get(p), atol=1e-5, rtol=1e-5)
+    assert shelf.get(client.cid, model, "prog", stage, cfg, client.dataset, client.indices, []) is None
     shelf.close()
 
 

@@ -97,7 +97,7 @@ def effnet_cfg(**kw) -> types.SimpleNamespace:
 
 # Factory --------------------------------------------------------------------------------------------------
 def test_backend_names():
-    assert set(BACKENDS) == {"hf_vit", "hf_bert", "efficientnet_lite"}
+    assert set(BACKENDS) == {"hf_vit", "hf_bert", "efficientnet_lite", "hf_ast", "aisfx"}
 
 
 @pytest.mark.parametrize("load_weights", [True, False])
@@ -111,7 +111,7 @@ def test_appended_blocks_start_in_training_mode(load_weights):
 
 
 def test_unknown_backend_lists_valid_names():
-    with pytest.raises(ValueError, match="efficientnet_lite, hf_bert, hf_vit"):
+    with pytest.raises(ValueError, match="aisfx, efficientnet_lite, hf_ast, hf_bert, hf_vit"):
         build_encoder(image_cfg("resnet"))
 
 
@@ -301,7 +301,8 @@ def test_effnet_drop_connect_matches_package_in_training(effnet_enc, effnet_ref)
         want = reference_features(ref, x)
         torch.manual_seed(2)
         other = enc.pool(*enc.forward_prefix({"pixel_values": x}, 16))
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # Batch statistics over channels-last activations are summed in another order: ~1e-4 after 16 blocks.
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=0)
     assert not torch.allclose(got, other)  # drop connect is active in training
 
 

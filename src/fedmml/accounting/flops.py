@@ -7,7 +7,7 @@ multiply-accumulate. Not counted: element-wise ops, norms, softmax, embedding lo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
 import torch
@@ -76,3 +76,19 @@ def count_flops(fn: Callable[[], T]) -> tuple[T, int]:
     with counter:
         result = fn()
     return result, int(counter.get_total_flops())
+
+
+class FlopsByKey:
+    """FLOPs of computations whose cost a key fixes (e.g. the input shapes): counted the first time a key is
+    seen, then reused, because the counter's dispatch overhead can exceed the computation itself."""
+
+    def __init__(self) -> None:
+        self.known: dict[Hashable, int] = {}
+
+    def run(self, key: Hashable, fn: Callable[..., T], *args: Any) -> tuple[T, int]:
+        """Run ``fn(*args)``; return its result and its FLOPs (counted now, or known from an earlier run)."""
+        if key in self.known:
+            return fn(*args), self.known[key]
+        result, flops = count_flops(lambda: fn(*args))
+        self.known[key] = flops
+        return result, flops

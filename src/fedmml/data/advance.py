@@ -232,21 +232,27 @@ class AdvanceDataset(Dataset):
         return len(self.ids)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self._pixels(index, self.epoch), self._fbank(index), self.labels[index]
+
+    def _pixels(self, index: int, epoch: int) -> torch.Tensor:
         pixels = self.images[index]
         if self.train and self.augment:
             # Seeded by (seed, epoch, index) so crops do not depend on access order or DataLoader workers.
             pixels = random_resized_crop(
-                pixels, self.image_size, rng=np.random.default_rng([self.seed, self.epoch, index])
+                pixels, self.image_size, rng=np.random.default_rng([self.seed, epoch, index])
             )
-        fbank = torch.from_numpy(pad_frames(self.features[index], self.settings))
-        return to_tensor(pixels, self.image_size), fbank, self.labels[index]
+        return to_tensor(pixels, self.image_size)
+
+    def _fbank(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(pad_frames(self.features[index], self.settings))
 
     collate = staticmethod(collate)
 
-    def variants(self, index: int) -> dict[str, list[torch.Tensor]]:
-        """The one image and one filterbank sample ``index`` presents in training (without augmentation)."""
-        fbank = torch.from_numpy(pad_frames(self.features[index], self.settings))
-        return {"image": [to_tensor(self.images[index], self.image_size)], "audio": [fbank]}
+    def variants(self, index: int, views: int = 1) -> dict[str, list[torch.Tensor]]:
+        """The inputs sample ``index`` presents in training: its filterbank, and one image, or with
+        augmentation the ``views`` crops of epochs 0..views-1."""
+        count = views if self.train and self.augment else 1
+        return {"image": [self._pixels(index, e) for e in range(count)], "audio": [self._fbank(index)]}
 
     @property
     def label_names(self) -> list[str]:

@@ -111,11 +111,15 @@ class CaptionDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str] | tuple[torch.Tensor, list[str]]:
-        pixels = self.images[index]
         if not self.train:
-            return to_tensor(pixels, self.image_size), list(self.captions[index])
+            return to_tensor(self.images[index], self.image_size), list(self.captions[index])
+        return self._draw(index, self.epoch)
+
+    def _draw(self, index: int, epoch: int) -> tuple[torch.Tensor, str]:
+        """The training sample ``index`` presents in ``epoch``."""
+        pixels = self.images[index]
         # Seeded by (seed, epoch, index) so draws do not depend on access order or DataLoader workers.
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         options = self.captions[index]
         caption = options[int(rng.integers(len(options)))]
         if self.augment:
@@ -124,10 +128,14 @@ class CaptionDataset(Dataset):
 
     collate = staticmethod(collate_train)
 
-    def variants(self, index: int) -> dict[str, list[Any]]:
-        """Every distinct input sample ``index`` can present in training, per modality (no augmentation)."""
-        pixels = to_tensor(self.images[index], self.image_size)
-        return {"image": [pixels], "text": list(dict.fromkeys(self.captions[index]))}
+    def variants(self, index: int, views: int = 1) -> dict[str, list[Any]]:
+        """The inputs sample ``index`` presents in training, per modality: every distinct caption, and one
+        image, or with augmentation the ``views`` crops of epochs 0..views-1."""
+        if self.augment:
+            images = [self._draw(index, epoch)[0] for epoch in range(views)]
+        else:
+            images = [to_tensor(self.images[index], self.image_size)]
+        return {"image": images, "text": list(dict.fromkeys(self.captions[index]))}
 
     @property
     def num_captions(self) -> int:

@@ -21,7 +21,8 @@ from fedmml.config import Config
 from fedmml.federation.payload import Message, PayloadError, pack, unpack
 from fedmml.federation.prefix_cache import CacheShelf, PrefixCache
 from fedmml.methods import Stage, configure, frozen_modules, param_group, set_train_mode
-from fedmml.models.multimodal import MultimodalModel, build_model
+from fedmml.models.build import build_model
+from fedmml.models.multimodal import MultimodalModel
 
 
 def stage_to_meta(stage: Stage) -> dict[str, Any]:
@@ -149,19 +150,21 @@ def train_epochs(
     if meter is not None:
         meter.start(method, stage)
     losses = []
-    for epoch in range(meta["local_epochs"]):
-        dataset.set_epoch(meta["round"] * meta["local_epochs"] + epoch)
+    for local_epoch in range(meta["local_epochs"]):
+        epoch = meta["round"] * meta["local_epochs"] + local_epoch
+        dataset.set_epoch(epoch)
         for data in loader:
             if len(data["index"]) < 2:  # a contrastive batch needs negatives; BatchNorm needs two samples
                 continue
             if meter is None:
                 step = nullcontext()
             else:
-                key = ("cached", cache.batch_shapes(data)) if cache is not None else input_shapes(model, data)
+                cached = cache is not None
+                key = ("cached", cache.batch_shapes(data, epoch)) if cached else input_shapes(model, data)
                 inputs = [v for v in data.values() if isinstance(v, torch.Tensor)]
                 step = meter.step(model, optimizer, key, inputs, absent)
             with step:
-                features = model.features(data) if cache is None else cache.features(model, data)
+                features = model.features(data) if cache is None else cache.features(model, data, epoch)
                 loss = model.loss_from_features(features, data)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -202,12 +205,12 @@ class Client:
         model.load_state_dict(state, strict=True)
         # Frozen tensors are kept for later rounds; trainable ones change every round and are re-sent.
         self.store = {k: v for k, v in state.items() if k not in trainable}
-        # Frozen tensors arrive only when this client lacks them, so any arrival means a new prefix.
-        frozen_changed = any(k not in trainable for k in received)
+        # Frozen tensors arrive only when this client lacks them: new to the prefix, or replacing lost ones.
+        frozen_received = [k for k in received if k not in trainable]
         shelf = self.workspace.caches
         method = meta["method"]
         cache = shelf.get(
-            self.cid, model, method, stage, self.cfg, self.dataset, self.indices, frozen_changed
+            self.cid, model, method, stage, self.cfg, self.dataset, self.indices, frozen_received
         )
         meter = self.workspace.meter
         loss, steps = train_epochs(model, self.dataset, self.indices, stage, meta, self.cfg, meter, cache)

@@ -6,7 +6,13 @@ stage. :class:`PrefixCache` computes it once, when the client is first trained i
 the client's samples can present (every caption of an image, so random caption sampling still works), and
 training then runs only the new blocks, the norm, the neck and the heads on the stored hidden states. With
 deterministic preprocessing this is exact: the steps see the same batches, the same dropout draws and the same
-inputs to the trainable part as without the cache.
+inputs to the trainable part as without the cache. With random augmentation the cache holds a fixed number of
+views per image, those of epochs 0..views-1, and epoch e uses view e mod views (exact for the first views).
+
+At the next stage the blocks trained in this one are frozen too. A client that holds a cache then *extends*
+it: it runs only the newly frozen blocks over the stored rows, never the stem and older blocks again. A full
+fill is needed only for a client's first cache, or when frozen tensors of the cached prefix itself arrive (a
+node that lost its state).
 
 Rows are stored in memory or appended to one file per modality (``store="disk"``), in float32 (exact) or
 float16. A cache that would grow past its bound is abandoned and the client trains the ordinary way.
@@ -25,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fedmml.accounting.flops import count_flops
+from fedmml.accounting.flops import FlopsByKey
 from fedmml.methods import Stage, configure, set_train_mode
 from fedmml.models.multimodal import MultimodalModel
 
@@ -111,10 +117,20 @@ class CacheKey:
 class PrefixCache:
     """One client's cached prefix outputs for one stage, per modality, keyed by (sample index, input)."""
 
-    def __init__(self, key: CacheKey, store: str, dtype: str, max_bytes: int, folder: Path | None) -> None:
+    def __init__(
+        self,
+        key: CacheKey,
+        store: str,
+        dtype: str,
+        max_bytes: int,
+        folder: Path | None,
+        flops: FlopsByKey | None = None,
+    ) -> None:
         self.key = key
         self.starts = dict(key.starts)
         self.max_bytes = max_bytes
+        self.flops = flops or FlopsByKey()
+        self._settings = (store, dtype, max_bytes, folder, self.flops)  # for the cache that extends this one
         self._dir = Path(tempfile.mkdtemp(prefix="prefix-", dir=folder)) if store == "disk" else None
         self.stores: dict[str, RowStore] = {}
         for m in self.starts:
@@ -125,6 +141,7 @@ class PrefixCache:
             self.stores[m] = RowStore(DTYPES[dtype], sub)
         # modality -> (sample index, variant) -> row position; variant: the string itself, or a view number.
         self.positions: dict[str, dict[tuple[int, Hashable], int]] = {m: {} for m in self.starts}
+        self.views: dict[str, dict[int, int]] = {m: {} for m in self.starts}  # tensor views per sample
         self.fill_flops = 0
         self._fill_reported = False
 
@@ -152,65 +169,127 @@ class PrefixCache:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 
-    def fill(self, model: MultimodalModel, dataset: Dataset, indices: list[int]) -> None:
+    def fill(self, model: MultimodalModel, dataset: Dataset, indices: list[int], views: int = 1) -> None:
         """Run the frozen prefix (eval mode, no gradients) over every input of the client's samples."""
-        with torch.no_grad():
-            _, flops = count_flops(lambda: self._fill(model, dataset, indices))
-        self.fill_flops = flops
+        try:
+            with torch.no_grad():
+                self._fill(model, dataset, indices, views)
+        except CacheTooLarge:
+            self.close()
+            raise
         for store in self.stores.values():
             store.seal()
 
-    def _fill(self, model: MultimodalModel, dataset: Dataset, indices: list[int]) -> None:
+    def _fill(self, model: MultimodalModel, dataset: Dataset, indices: list[int], views: int) -> None:
         for m, start in self.starts.items():
             encoder = model.encoders[m]
-            for keys, raws in _chunks(dataset, indices, m):
-                hidden, context = encoder.forward_prefix(model.inputs(m, _stack(raws)), start)
+            for keys, raws in _chunks(dataset, indices, m, views, self.views[m]):
+                inputs = model.inputs(m, _stack(raws))
+                shapes = tuple(tuple(v.shape) for v in inputs.values())
+                key = ("prefix", m, start, shapes)
+                (hidden, context), flops = self.flops.run(key, encoder.forward_prefix, inputs, start)
+                self.fill_flops += flops
                 for key, row in zip(keys, encoder.unbatch(hidden, context), strict=True):
                     self.positions[m][key] = self.stores[m].append(row)
-                if self.nbytes > self.max_bytes:
-                    raise CacheTooLarge(
-                        f"the frozen-prefix cache passed its bound of {self.max_bytes / 2**20:.0f} MiB"
-                    )
+                self._check_size()
 
-    def _positions(self, modality: str, batch: dict[str, Any]) -> list[int]:
-        keys = zip(batch["index"], batch[modality], strict=True)
-        return [self.positions[modality][(i, _variant(raw))] for i, raw in keys]
+    def _check_size(self) -> None:
+        if self.nbytes > self.max_bytes:
+            bound = self.max_bytes / 2**20
+            raise CacheTooLarge(f"the frozen-prefix cache passed its bound of {bound:.0f} MiB")
 
-    def batch_shapes(self, batch: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
+    def can_extend_to(self, key: CacheKey, touched: dict[str, int]) -> bool:
+        """Whether this cache can become ``key``'s by running more blocks: a later stage, no shallower
+        prefix, and no received frozen tensor inside the cached prefix (``touched``: first block per
+        modality among the frozen tensors that arrived; -1 is the stem)."""
+        starts = dict(key.starts)
+        return (
+            key.stage > self.key.stage
+            and starts.keys() == self.starts.keys()
+            and all(min(starts[m], touched.get(m, starts[m])) >= self.starts[m] for m in starts)
+        )
+
+    def extended(self, model: MultimodalModel, key: CacheKey) -> PrefixCache:
+        """The cache of ``key``'s deeper prefix, computed from these rows by the blocks frozen since."""
+        deeper = PrefixCache(key, *self._settings)
+        try:
+            with torch.no_grad():
+                deeper._extend_from(self, model)
+        except CacheTooLarge:
+            deeper.close()
+            raise
+        for store in deeper.stores.values():
+            store.seal()
+        return deeper
+
+    def _extend_from(self, old: PrefixCache, model: MultimodalModel) -> None:
+        for m, start in self.starts.items():
+            encoder = model.encoders[m]
+            blocks = list(encoder.blocks)[old.starts[m] : start]
+            store = old.stores[m]
+            # Rows keep their positions, so the (sample, variant) -> position maps carry over.
+            for first in range(0, len(store), FILL_CHUNK):
+                chunk = range(first, min(first + FILL_CHUNK, len(store)))
+                rows = [store.get(p).to(model.device) for p in chunk]
+                hidden, context = encoder.rebatch(rows)
+                key = ("blocks", m, old.starts[m], start, tuple(hidden.shape))
+                hidden, flops = self.flops.run(key, _run_blocks, encoder, blocks, hidden, context)
+                self.fill_flops += flops
+                for row in encoder.unbatch(hidden, context):
+                    self.stores[m].append(row)
+                self._check_size()
+            self.positions[m] = dict(old.positions[m])
+            self.views[m] = dict(old.views[m])
+
+    def _positions(self, modality: str, batch: dict[str, Any], epoch: int) -> list[int]:
+        positions = self.positions[modality]
+        views = self.views[modality]
+        out = []
+        for i, raw in zip(batch["index"], batch[modality], strict=True):
+            # A caption is found by its text; a tensor input by the view this epoch uses.
+            out.append(positions[(i, raw if isinstance(raw, str) else epoch % views[i])])
+        return out
+
+    def batch_shapes(self, batch: dict[str, Any], epoch: int) -> tuple[tuple[int, ...], ...]:
         """Shape of each modality's batched hidden state for ``batch`` (what fixes a cached step's FLOPs)."""
         shapes = []
         for m in self.starts:
-            rows = [self.stores[m].shape(p) for p in self._positions(m, batch)]
+            rows = [self.stores[m].shape(p) for p in self._positions(m, batch, epoch)]
             shapes.append((len(rows), *np.max(np.array(rows), axis=0).tolist()))
         return tuple(shapes)
 
-    def features(self, model: MultimodalModel, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Encoder outputs for ``batch``: cached hidden states through the trainable rest of each encoder."""
+    def features(self, model: MultimodalModel, batch: dict[str, Any], epoch: int) -> dict[str, torch.Tensor]:
+        """Encoder outputs for ``batch`` in ``epoch``: cached hidden states through the trainable rest."""
         features = {}
         for m, start in self.starts.items():
             encoder = model.encoders[m]
-            rows = [self.stores[m].get(p).to(model.device) for p in self._positions(m, batch)]
+            rows = [self.stores[m].get(p).to(model.device) for p in self._positions(m, batch, epoch)]
             hidden, context = encoder.rebatch(rows)
             features[m] = encoder.forward_suffix(hidden, context, start)
         return features
 
 
-def _variant(raw: Any) -> Hashable:
-    # Strings (captions) are matched by value; a tensor input has one deterministic view.
-    return raw if isinstance(raw, str) else 0
+def _run_blocks(encoder: Any, blocks: list[torch.nn.Module], hidden: torch.Tensor, context: Any) -> Any:
+    for block in blocks:
+        hidden = encoder.run_block(block, hidden, context)
+    return hidden
 
 
 def _stack(raws: list[Any]) -> Any:
     return torch.stack(raws) if isinstance(raws[0], torch.Tensor) else list(raws)
 
 
-def _chunks(dataset: Dataset, indices: list[int], modality: str) -> Iterator[tuple[list, list]]:
-    """(keys, raw inputs) in chunks of FILL_CHUNK over every distinct input of ``modality``."""
+def _chunks(
+    dataset: Dataset, indices: list[int], modality: str, views: int, counts: dict[int, int]
+) -> Iterator[tuple[list, list]]:
+    """(keys, raw inputs) in chunks of FILL_CHUNK over every input of ``modality``; records view counts."""
     keys: list[tuple[int, Hashable]] = []
     raws: list[Any] = []
     for i in indices:
-        for raw in dataset.variants(i)[modality]:
-            keys.append((i, _variant(raw)))
+        variants = dataset.variants(i, views)[modality]
+        counts[i] = len(variants)
+        for view, raw in enumerate(variants):
+            keys.append((i, raw if isinstance(raw, str) else view))
             raws.append(raw)
             if len(raws) == FILL_CHUNK:
                 yield keys, raws
@@ -225,6 +304,7 @@ class CacheShelf:
     def __init__(self, folder: Path | None = None) -> None:
         self.folder = folder
         self.caches: dict[int, PrefixCache] = {}
+        self.flops = FlopsByKey()  # fill and extension costs by shape, shared by every cache here
         self.refused: dict[int, tuple[CacheKey, str]] = {}  # cid -> (stage it was refused in, why)
 
     def get(
@@ -236,44 +316,52 @@ class CacheShelf:
         cfg: Any,
         dataset: Dataset,
         indices: list[int],
-        frozen_changed: bool,
+        frozen_received: list[str],
     ) -> PrefixCache | None:
-        """The client's cache for ``stage``, filled now if it has none or its frozen tensors changed.
+        """The client's cache for ``stage``: kept, extended from an earlier stage's, or filled now.
 
-        None: no cache this time (not ``lw`` past its first stage, cache off, or refused; see :meth:`why`).
+        ``frozen_received``: keys of the frozen tensors that arrived with this round's message. None: no cache
+        this time (not ``lw`` past its first stage, cache off, or refused; see :meth:`why`).
         """
         starts = cache_starts(model, method, stage) if cfg.cache.frozen_prefix else None
         key = None if starts is None else CacheKey(stage.index, tuple(sorted(starts.items())))
+        touched = _first_blocks(frozen_received)
         old = self.caches.pop(cid, None)
-        if old is not None:
-            if old.key == key and not frozen_changed:
-                self.caches[cid] = old
-                return old
-            old.close()
         if key is None:
+            if old is not None:
+                old.close()
             return None
+        if old is not None and old.key == key and not touched:
+            self.caches[cid] = old
+            return old
         refused = self.refused.get(cid)
-        if refused is not None and refused[0] == key and not frozen_changed:
+        if refused is not None and refused[0] == key and not touched:
             return None
         self.refused.pop(cid, None)
-        if getattr(dataset, "augment", False):
-            self.refused[cid] = (key, "random augmentation is on, so the frozen prefix's output is not fixed")
+        configure(model, method, stage)
+        set_train_mode(model, method, stage)
+        try:
+            if old is not None and old.can_extend_to(key, touched):
+                cache = old.extended(model, key)
+            else:
+                cache = self._new(key, cfg)
+                cache.fill(model, dataset, indices, cfg.cache.views)
+        except CacheTooLarge as err:
+            self.refused[cid] = (key, str(err))
             return None
+        finally:
+            if old is not None:
+                old.close()
+        self.caches[cid] = cache
+        return cache
+
+    def _new(self, key: CacheKey, cfg: Any) -> PrefixCache:
         folder = None
         if cfg.cache.store == "disk":
             folder = self.folder or Path(tempfile.gettempdir())
             folder.mkdir(parents=True, exist_ok=True)
-        cache = PrefixCache(key, cfg.cache.store, cfg.cache.dtype, int(cfg.cache.max_mib * 2**20), folder)
-        configure(model, method, stage)
-        set_train_mode(model, method, stage)
-        try:
-            cache.fill(model, dataset, indices)
-        except CacheTooLarge as err:
-            cache.close()
-            self.refused[cid] = (key, str(err))
-            return None
-        self.caches[cid] = cache
-        return cache
+        max_bytes = int(cfg.cache.max_mib * 2**20)
+        return PrefixCache(key, cfg.cache.store, cfg.cache.dtype, max_bytes, folder, self.flops)
 
     def why(self, cid: int) -> str:
         """Why the client's last request got no cache ('' if it got one or none was due)."""
@@ -285,3 +373,20 @@ class CacheShelf:
         for cache in self.caches.values():
             cache.close()
         self.caches.clear()
+
+
+def _first_blocks(keys: list[str]) -> dict[str, int]:
+    """Per modality, the first block among state-dict keys ``encoders.<m>.blocks.<j>.*`` (-1: a stem key)."""
+    first: dict[str, int] = {}
+    for key in keys:
+        parts = key.split(".")
+        if parts[0] != "encoders" or len(parts) < 3:
+            continue
+        if parts[2] == "stem":
+            index = -1
+        elif parts[2] == "blocks":
+            index = int(parts[3])
+        else:
+            continue  # a norm or neck: rebuilt with the width, not part of any prefix
+        first[parts[1]] = min(first.get(parts[1], index), index)
+    return first

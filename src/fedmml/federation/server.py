@@ -22,10 +22,10 @@ from fedmml.federation.checkpoint import save_checkpoint
 from fedmml.federation.client import derive_seed, stage_to_meta
 from fedmml.federation.payload import Message, PayloadError, pack, unpack, validate
 from fedmml.methods import Stage, configure
-from fedmml.models.multimodal import DualEncoder
+from fedmml.models.multimodal import MultimodalModel
 
 Dispatch = Callable[[list[tuple[int, Message]]], list[tuple[int, Message]]]
-Evaluator = Callable[[DualEncoder], dict[str, float]]
+Evaluator = Callable[[MultimodalModel], dict[str, float]]
 Listener = Callable[[str, dict[str, Any]], None]
 
 
@@ -66,7 +66,7 @@ class Server:
     def __init__(
         self,
         cfg: Config,
-        model: DualEncoder,
+        model: MultimodalModel,
         stages: list[Stage],
         client_sizes: list[int],
         evaluate: Evaluator | None = None,

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmml.config import ModelConfig
-from fedmml.models.backends import build_encoder
 from fedmml.models.heads import ProjectionHead
 from fedmml.models.staged import StagedEncoder
 
@@ -93,8 +92,3 @@ class DualEncoder(MultimodalModel):
         image, text = (F.normalize(self.heads[m](features[m]), dim=-1) for m in ("image", "text"))
         scale = self.logit_scale.exp().clamp(max=100.0).to(image.device)
         return clip_loss(image, text, scale)
-
-
-def build_model(cfg: ModelConfig, load_weights: bool = True) -> DualEncoder:
-    """The dual encoder at depth 0; ``load_weights=False`` skips pretrained weights (clients receive them)."""
-    return DualEncoder(build_encoder(cfg.image, load_weights), build_encoder(cfg.text, load_weights), cfg)

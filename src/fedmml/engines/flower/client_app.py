@@ -13,9 +13,9 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from torch.utils.data import Dataset
 
 from fedmml.config import Config, config_from_dict
-from fedmml.data.coco import CaptionDataset
 from fedmml.engines.flower.codec import pack, unpack
 from fedmml.experiment import apply_threads, client_data, select_device
 from fedmml.federation.client import Client, Workspace
@@ -31,7 +31,7 @@ class _Loaded:
 
     key: str
     cfg: Config
-    train: CaptionDataset
+    train: Dataset
     partitions: list[list[int]]
     workspace: Workspace
 

@@ -19,6 +19,7 @@ from fedmml.config import Config, config_from_dict, load_config
 from fedmml.engines.flower.codec import content_bytes, pack, unpack
 from fedmml.experiment import build_server, finish_run, start_run
 from fedmml.federation.payload import Message as Payload
+from fedmml.tasks import resolve_classes
 
 log = logging.getLogger("flwr")
 app = ServerApp()
@@ -126,7 +127,8 @@ def main(grid: Grid, context: Context) -> None:
     """Run the configured experiment over the connected nodes and write the run directory."""
     started = time.perf_counter()
     rc = context.run_config
-    cfg = resolve_config(rc)
+    # Resolved before anything is sent, so every node builds the same model.
+    cfg = resolve_classes(resolve_config(rc))
     out_dir = Path(str(rc["run-dir"])) if rc.get("run-dir") else _default_run_dir(cfg)
     log.info("fedmml: %s on %s clients, writing %s", cfg.run.method, cfg.federation.num_clients, out_dir)
     record = start_run(cfg, out_dir, _log_event)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from fedmml.models.backends.aisfx_cnn import AisfxEncoder
 from fedmml.models.backends.efficientnet_lite import EfficientNetLiteEncoder
+from fedmml.models.backends.hf_ast import HFASTEncoder
 from fedmml.models.backends.hf_bert import HFBertEncoder
 from fedmml.models.backends.hf_vit import HFViTEncoder
 from fedmml.models.staged import StagedEncoder
@@ -17,6 +19,8 @@ BACKENDS: dict[str, Callable[[EncoderConfig, bool], StagedEncoder]] = {
     "hf_vit": HFViTEncoder,
     "hf_bert": HFBertEncoder,
     "efficientnet_lite": EfficientNetLiteEncoder,
+    "hf_ast": HFASTEncoder,
+    "aisfx": AisfxEncoder,
 }
 
 

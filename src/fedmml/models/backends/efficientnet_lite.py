@@ -82,12 +82,14 @@ class EfficientNetLiteEncoder(StagedEncoder):
 
     def embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
         """Stem feature map; CNN blocks need no context."""
-        return self.stem(inputs["pixel_values"]), None
+        # Channels-last activations: oneDNN's depthwise-convolution backward is about 3x faster on them (CPU).
+        return self.stem(inputs["pixel_values"].contiguous(memory_format=torch.channels_last)), None
 
     def run_block(self, block: nn.Module, hidden: torch.Tensor, context: Any) -> torch.Tensor:
         """One MBConv block with the package's drop-connect rate for its position (acts in training only)."""
         # Found by identity rather than a stored id/index map, so copies of the encoder stay correct.
         idx = next(i for i, b in enumerate(self.blocks) if b is block)
+        hidden = hidden.contiguous(memory_format=torch.channels_last)  # e.g. rows from a prefix cache
         return block(hidden, drop_connect_rate=self.drop_connect_rate * idx / self.total_blocks)
 
     def pool(self, hidden: torch.Tensor, context: Any) -> torch.Tensor:

@@ -1,0 +1,78 @@
+"""The image + audio task end to end on real Tux Paint stamps and spoken descriptions (the tiny-av preset)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedmml.cli import main
+from fedmml.config import ConfigError, load_config
+from fedmml.experiment import build_setup
+from fedmml.tasks import resolve_classes, task_for
+
+
+def _cfg(root: Path, *extra: str):
+    return load_config("tiny-av", [f'data.root="{root}"', "run.threads=1", *extra])
+
+
+@pytest.mark.parametrize("method", ["e2e", "lw", "prog"])
+def test_each_method_runs_and_reports(tuxpaint_root: Path, tmp_path: Path, method: str) -> None:
+    out = tmp_path / method
+    args = ["run", "--preset", "tiny-av", "--method", method, "--quiet", "--out", str(out)]
+    assert main([*args, "--set", f'data.root="{tuxpaint_root}"', "--set", "run.threads=1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "image-audio" and summary["method"] == method
+    assert 0 <= summary["accuracy"] <= 100 and 0 <= summary["macro_f1"] <= 100
+    assert 0 < summary["majority_rate"] < 100 and len(summary["classes"]) == 4
+    # The confusion matrix counts every test sample once.
+    assert sum(map(sum, summary["confusion"])) == summary["test_images"]
+    assert (out / "confusion.png").stat().st_size > 0
+    report = (out / "report.md").read_text()
+    assert "confusion.png" in report and "macro F1" in report
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("accuracy" in m and "macro_f1" in m for m in metrics)
+
+
+def test_lw_cache_is_exact_on_audio(tuxpaint_root: Path) -> None:
+    losses, cache_bytes = {}, {}
+    for cached in ("true", "false"):
+        cfg = _cfg(tuxpaint_root, 'run.method="lw"', f"cache.frozen_prefix={cached}")
+        metrics = build_setup(cfg).run_rounds()
+        losses[cached] = [m["train_loss"] for m in metrics]
+        cache_bytes[cached] = metrics[-1]["client_cache_bytes"]
+    assert losses["true"] == pytest.approx(losses["false"], abs=1e-5)
+    assert cache_bytes["true"] > 0 == cache_bytes["false"]
+
+
+def test_partitions_by_class_and_by_language(tuxpaint_root: Path) -> None:
+    cfg = resolve_classes(_cfg(tuxpaint_root, 'partition.kind="group"', "federation.num_clients=4"))
+    task = task_for(cfg)
+    train = task.load_split(cfg, "train", train=True)
+    parts = task.partitions(cfg, train)
+    assert sorted(i for p in parts for i in p) == list(range(len(train)))
+    # Each client holds whole languages: feature skew, no language shared between clients.
+    languages = [{train.groups[i] for i in p} for p in parts]
+    assert all(a.isdisjoint(b) for k, a in enumerate(languages) for b in languages[k + 1 :])
+    assert parts == task.partitions(cfg, train)
+
+    dirichlet = resolve_classes(_cfg(tuxpaint_root, 'partition.kind="dirichlet"', "partition.alpha=0.5"))
+    first = task.partitions(dirichlet, train)
+    assert first == task.partitions(dirichlet, train)  # seeded: reproducible
+    assert sorted(i for p in first for i in p) == list(range(len(train)))
+    other_seed = _cfg(tuxpaint_root, 'partition.kind="dirichlet"', "partition.alpha=0.5", "run.seed=1")
+    assert task.partitions(resolve_classes(other_seed), train) != first
+
+
+def test_classes_come_from_the_data(tuxpaint_root: Path, tmp_path: Path) -> None:
+    assert resolve_classes(_cfg(tuxpaint_root)).model.num_classes == 4
+    assert resolve_classes(_cfg(tuxpaint_root, "model.num_classes=7")).model.num_classes == 7
+    (tmp_path / "train" / "vision" / "only").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="at least 2"):
+        resolve_classes(_cfg(tmp_path))
+
+
+def test_schedule_must_name_the_task_modalities() -> None:
+    with pytest.raises(ConfigError, match="image, audio"):
+        load_config("tiny-av", ['model.task="image-text"'])
+    with pytest.raises(ConfigError, match="image, text"):
+        load_config("tiny", ['model.task="image-audio"'])
