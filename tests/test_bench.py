@@ -149,3 +149,14 @@ def test_cli_bench_resources(tmp_path: Path, capsys) -> None:
     result = json.loads(out.read_text())
     assert result["schedule"] == "late-heavy" and result["preset"] == "tiny"
     assert not any(r["measured"] for r in result["per_stage"] if r["rounds"] == 0)
+
+
+def test_bench_image_audio() -> None:
+    # No data needed: synthetic image + filterbank pairs of the preset's shapes and the given class count.
+    cfg = load_config("tiny-av", ["model.num_classes=5", "schedules.uniform.rounds=[2, 2, 2]"])
+    result = run_bench(cfg, methods=("e2e", "lw"), rss_check=False)
+    totals = result["totals"]
+    assert totals["lw"]["bytes_total"] < totals["e2e"]["bytes_total"]
+    assert totals["lw"]["cache_bytes_per_sample"] > 0
+    rows = [r for r in result["per_stage"] if r["method"] == "lw" and r["stage"] > 1]
+    assert all(r["fill_flops_per_sample"] > 0 for r in rows)

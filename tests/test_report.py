@@ -129,3 +129,18 @@ def test_comparison_of_classification_runs_uses_accuracy(tmp_path):
     assert "accuracy (%)" in text and "rsum" not in text
     assert "| lw | 45.25 | 0.34 |" in text
     assert (tmp_path / "comparison_accuracy.png").is_file()
+
+
+def test_run_report_splits_the_upload_and_shows_task_figures(tmp_path):
+    metrics = retrieval_metrics("lw", 1_000_000)
+    for record in metrics:
+        blocks = 1_000_000 * record["stage"]
+        record["upload_parts"] = {"encoder_blocks": blocks, "stems": 0, "norms_necks": 0, "heads": 3_000_000}
+    Image.new("RGB", (8, 8)).save(tmp_path / "confusion.png")
+    summary = {"accuracy": 50.0, "confusion": [[1, 2], [3, 4]], "classes": ["a", "b"]}
+    text = write_run_report(tmp_path, {"preset": "tiny-av"}, summary, metrics).read_text()
+    assert "## Where a client's upload goes" in text
+    assert "| 1 | 1.0 MB | 0.0 MB | 0.0 MB | 3.0 MB | 75% |" in text
+    assert "| 2 | 2.0 MB | 0.0 MB | 0.0 MB | 3.0 MB | 60% |" in text
+    assert "(confusion.png)" in text
+    assert "[[1, 2], [3, 4]]" not in text  # lists have their own figure, not a table cell

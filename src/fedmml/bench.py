@@ -36,17 +36,17 @@ from fedmml.data.audio import DEFAULT_FBANK
 from fedmml.data.coco import collate_train
 from fedmml.experiment import select_device
 from fedmml.federation.client import Client, Workspace
-from fedmml.federation.payload import encode
+from fedmml.federation.payload import upload_parts
 from fedmml.federation.server import Server
-from fedmml.methods import ENCODER_PREFIX, plan_stages
+from fedmml.methods import plan_stages
 from fedmml.models.build import build_model
 from fedmml.models.multimodal import MultimodalModel
+from fedmml.tasks import resolve_classes
 
 METHODS = ("e2e", "lw", "lw-nocache", "prog")
 # Bench variants of a method: (method, config overrides). Plain names run with the preset's own settings.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"lw-nocache": ("lw", {"cache": {"frozen_prefix": False}})}
 PAPER_RATIOS = {"memory": 2.7, "flops": 2.4, "comm": 2.3}  # LW-FedMML vs FedMML, "up to" [paper abstract]
-UPLOAD_PARTS = ("encoder_blocks", "stems", "norms_necks", "heads")
 
 Progress = Callable[[str], None]
 
@@ -152,22 +152,8 @@ def bench_config(cfg: Config, name: str) -> tuple[Config, list[str]]:
                 f"{modality} encoder built from model.{modality}.arch, not from {source!r} "
                 "(hub not reachable)"
             )
-    return config_from_dict(tree), notes
-
-
-def upload_parts(state: dict[str, torch.Tensor], keys: list[str], dtype: str = "float32") -> dict[str, int]:
-    """Wire bytes of ``keys`` in ``dtype``, split into encoder blocks, stems, final norms + necks, heads."""
-    parts = dict.fromkeys(UPLOAD_PARTS, 0)
-    for key in keys:
-        # Through the transport's own encoder, so an int8 scale is counted with its tensor.
-        wire = encode({key: state[key]}, dtype).values()
-        nbytes = sum(t.numel() * t.element_size() for t in wire)
-        if key.startswith(ENCODER_PREFIX):
-            child = key.split(".")[2]  # stem | blocks | norm | neck
-            parts[{"blocks": "encoder_blocks", "stem": "stems"}.get(child, "norms_necks")] += nbytes
-        else:
-            parts["heads"] += nbytes
-    return parts
+    # A classifier's width comes from the data when the preset leaves it open.
+    return resolve_classes(config_from_dict(tree)), notes
 
 
 def bench_method(

@@ -74,6 +74,7 @@ def write_run_report(
         f"# {method} on {preset}",
         "## Summary\n\n" + _table(["metric", "value"], _summary_rows(summary, metrics)),
         "## Stages\n\n" + _stage_table(metrics),
+        *_upload_section(metrics),
         "## Plots\n\n" + _images(plots, run_dir),
     ]
     path = run_dir / "report.md"
@@ -291,6 +292,22 @@ def _stage_table(metrics: Sequence[Record]) -> str:
             ]
         )
     return _table(headers, rows)
+
+
+def _upload_section(metrics: Sequence[Record]) -> list[str]:
+    """Per stage: what one client's update carries, split into encoder blocks, stems, norms + necks, heads."""
+    rows = []
+    for stage, records in _stages(metrics):
+        parts = records[0].get("upload_parts")
+        if parts:
+            total = sum(parts.values()) or 1
+            rows.append(
+                [stage, *(_fmt("bytes", v) for v in parts.values()), f"{100 * parts['heads'] / total:.0f}%"]
+            )
+    if not rows:
+        return []
+    headers = ["stage", "encoder blocks", "stems", "norms + necks", "heads", "heads share"]
+    return ["## Where a client's upload goes\n\n" + _table(headers, rows)]
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

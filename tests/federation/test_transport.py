@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedmml.bench import upload_parts
 from fedmml.config import ConfigError, load_config
 from fedmml.experiment import build_setup
 from fedmml.federation.payload import (
@@ -18,6 +17,7 @@ from fedmml.federation.payload import (
     pack,
     serialize,
     unpack,
+    upload_parts,
     validate,
 )
 

@@ -17,6 +17,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fedmml.config import TRANSPORT_DTYPES
+from fedmml.methods import ENCODER_PREFIX
 
 # int8 tensors travel with their float32 scale under this suffix; no model key ends like this.
 SCALE_SUFFIX = ".__scale__"
@@ -128,3 +129,23 @@ def pack(tensors: Mapping[str, torch.Tensor], dtype: str = "float32") -> bytes:
 def unpack(blob: bytes, reference_dtypes: Mapping[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
     """Deserialise and decode a blob made by :func:`pack`."""
     return decode(deserialize(blob), reference_dtypes)
+
+
+UPLOAD_PARTS = ("encoder_blocks", "stems", "norms_necks", "heads")
+
+
+def upload_parts(
+    state: Mapping[str, torch.Tensor], keys: list[str], dtype: str = "float32"
+) -> dict[str, int]:
+    """Wire bytes of ``keys`` in ``dtype``, split into encoder blocks, stems, final norms + necks, heads."""
+    parts = dict.fromkeys(UPLOAD_PARTS, 0)
+    for key in keys:
+        # Through the transport's own encoder, so an int8 scale is counted with its tensor.
+        wire = encode({key: state[key]}, dtype).values()
+        nbytes = sum(t.numel() * t.element_size() for t in wire)
+        if key.startswith(ENCODER_PREFIX):
+            child = key.split(".")[2]  # stem | blocks | norm | neck
+            parts[{"blocks": "encoder_blocks", "stem": "stems"}.get(child, "norms_necks")] += nbytes
+        else:
+            parts["heads"] += nbytes
+    return parts

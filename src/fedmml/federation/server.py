@@ -20,7 +20,7 @@ from fedmml.config import Config
 from fedmml.federation.aggregate import AGGREGATORS
 from fedmml.federation.checkpoint import save_checkpoint
 from fedmml.federation.client import derive_seed, stage_to_meta
-from fedmml.federation.payload import Message, PayloadError, pack, unpack, validate
+from fedmml.federation.payload import Message, PayloadError, pack, unpack, upload_parts, validate
 from fedmml.methods import Stage, configure
 from fedmml.models.multimodal import MultimodalModel
 
@@ -278,6 +278,8 @@ class Server:
             # The largest frozen-prefix cache a client held (memory or disk, as cache.store says).
             "client_cache_bytes": cache_bytes,
             "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+            # What one client's update carries, by part of the model (tensor bytes on the wire).
+            "upload_parts": upload_parts(expected, trainable, self.cfg.transport.dtype),
         }
         if cache_notes:
             record["cache_notes"] = {str(c): n for c, n in cache_notes.items()}
