@@ -21,11 +21,14 @@ endef
 install: $(VENV)/.installed
 
 # torch first, from the CPU wheel, so that no CUDA build is pulled in; constraints.txt then pins it.
+# aisfx (the pretrained sound CNN) without its pins of numpy 1.23 and librosa 0.9: the model code and
+# checkpoint we use import only torch, numpy and tqdm (a dependency of transformers), all installed before.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,flower]'
+	$(BIN)/pip install --quiet --no-deps aisfx==0.1.2
 	$(call apt_optional,dataset-fashion-mnist,/usr/share/datasets/fashion-mnist,zero-shot evaluation will be skipped)
 	$(call apt_optional,tuxpaint-stamps-default,/usr/share/tuxpaint/stamps,Tux Paint tests will be skipped)
 	touch $@

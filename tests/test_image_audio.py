@@ -76,3 +76,10 @@ def test_schedule_must_name_the_task_modalities() -> None:
         load_config("tiny-av", ['model.task="image-text"'])
     with pytest.raises(ConfigError, match="image, text"):
         load_config("tiny", ['model.task="image-audio"'])
+
+
+def test_audio_backend_and_features_must_match() -> None:
+    with pytest.raises(ConfigError, match="aisfx-mel"):
+        load_config("tuxpaint-av-aisfx", ['data.audio_features="ast-fbank"'])
+    with pytest.raises(ConfigError, match="ast-fbank"):
+        load_config("tuxpaint-av", ['data.audio_features="aisfx-mel"'])

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from fedmml.accounting import StepMeter
 from fedmml.config import Config, config_from_dict
 from fedmml.data.advance import collate as collate_pairs
-from fedmml.data.audio import DEFAULT_FBANK
+from fedmml.data.audio import FeatureSettings, feature_settings
 from fedmml.data.coco import collate_train
 from fedmml.experiment import select_device
 from fedmml.federation.client import Client, Workspace
@@ -101,11 +101,17 @@ class SyntheticPairs(Dataset):
     """Random pixels and full-length filterbanks with random labels, shaped as the preset's image + audio."""
 
     def __init__(
-        self, n: int, image_size: int, frames: int, num_classes: int, seed: int = 0, augment: bool = False
+        self,
+        n: int,
+        image_size: int,
+        features: FeatureSettings,
+        num_classes: int,
+        seed: int = 0,
+        augment: bool = False,
     ) -> None:
         g = torch.Generator().manual_seed(seed)
         self.pixels = torch.rand(n, 3, image_size, image_size, generator=g) * 2 - 1
-        self.fbanks = torch.randn(n, frames, DEFAULT_FBANK.num_mel_bins, generator=g)
+        self.fbanks = torch.randn(n, features.max_frames, features.num_mel_bins, generator=g)
         self.labels = torch.randint(num_classes, (n,), generator=g).tolist()
         self.augment = augment  # as the preset's data: a cache then stores several views per image
 
@@ -129,7 +135,8 @@ def synthetic_data(cfg: Config, model: MultimodalModel, n: int) -> Dataset:
     """``n`` synthetic training samples shaped as ``cfg``'s task needs them."""
     size, seed, augment = cfg.model.image.image_size, cfg.run.seed, cfg.data.augment
     if cfg.model.task == "image-audio":
-        return SyntheticPairs(n, size, cfg.data.audio_frames, cfg.model.num_classes, seed, augment)
+        features = feature_settings(cfg.data.audio_features, cfg.data.audio_frames)
+        return SyntheticPairs(n, size, features, cfg.model.num_classes, seed, augment)
     text = model.encoders["text"]
     return SyntheticCaptions(n, size, text.tokenizer, text.max_length, seed, augment=augment)
 

@@ -17,10 +17,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from fedmml.data.audio import FEATURES as AUDIO_FEATURES
+
 METHODS = ("e2e", "lw", "prog")
 ENGINES = ("inprocess", "flower-sim", "flower")  # flower-sim: Flower simulation; flower: deployment
 PARTITIONS = ("iid", "dirichlet", "group")  # group: whole groups (e.g. spoken languages) per client
 # A task fixes the modalities, the data format and the objective.
+# The audio features each audio backend was built for (a mismatch would only fail at the first forward pass,
+# after every clip has been featurised).
+FEATURES_OF_BACKEND = {"hf_ast": "ast-fbank", "aisfx": "aisfx-mel"}
 TASKS = {
     "image-text": ("image", "text"),  # COCO-format captions; contrastive dual encoder, retrieval metrics
     "image-audio": ("image", "audio"),  # ADVANCE-format pairs; fused classifier, accuracy and macro-F1
@@ -112,7 +117,10 @@ class DataConfig:
     augment: bool = False
     limit_train: int = 0  # 0: all images
     limit_test: int = 0
-    audio_frames: int = 1024  # image-audio: fbank frames per clip (10 ms each), padded or cut
+    audio_frames: int = 1024  # image-audio: feature frames per clip, padded or cut
+    # image-audio: the audio encoder's input; ast-fbank: AST's Kaldi fbank, 16 kHz, 128 bins, 10 ms frames;
+    # aisfx-mel: aisfx's log-mel, 44.1 kHz, 96 bins, 23.2 ms frames (see fedmml.data.audio)
+    audio_features: str = "ast-fbank"
 
 
 @dataclass
@@ -374,6 +382,13 @@ def validate(cfg: Config) -> None:
     _choice(cfg.run.engine, ENGINES, "engine")
     _choice(cfg.partition.kind, PARTITIONS, "partition.kind")
     _choice(cfg.model.task, tuple(TASKS), "model.task")
+    _choice(cfg.data.audio_features, tuple(AUDIO_FEATURES), "data.audio_features")
+    wanted = FEATURES_OF_BACKEND.get(cfg.model.audio.backend)
+    if cfg.model.task == "image-audio" and wanted and cfg.data.audio_features != wanted:
+        raise ConfigError(
+            f"model.audio.backend {cfg.model.audio.backend!r} reads data.audio_features = {wanted!r}, "
+            f"not {cfg.data.audio_features!r}"
+        )
     if cfg.partition.kind == "group" and cfg.model.task != "image-audio":
         raise ConfigError("partition.kind = group needs grouped samples: model.task = image-audio")
     _choice(cfg.run.device, ("auto", "cpu", "cuda"), "run.device")

@@ -157,7 +157,7 @@ def build_setup(cfg: Config, listener: Listener | None = None, checkpoint_dir: P
     cache_dir = checkpoint_dir.parent / "prefix-cache" if checkpoint_dir is not None else None
     workspace = Workspace(cfg, select_device(cfg.run.device), cache_dir)
     clients = [Client(cid, cfg, side.train, idx, workspace) for cid, idx in enumerate(side.partitions)]
-    engine = InProcessEngine(clients, cfg, workspace.meter, emit)
+    engine = InProcessEngine(clients, cfg, workspace, emit)
     side.server.engine_state = engine.state_dict
     return Setup(side.train, side.test, side.partitions, side.server, clients, engine, workspace)
 

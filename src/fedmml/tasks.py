@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from fedmml.config import Config, ConfigError
 from fedmml.data import fashion_mnist
 from fedmml.data.advance import AdvanceDataset, read_classes
-from fedmml.data.audio import FbankSettings
+from fedmml.data.audio import feature_settings
 from fedmml.data.coco import CaptionDataset
 from fedmml.data.partition import partition, partition_by_group
 from fedmml.evaluation.classification import evaluate_classifier, plot_confusion
@@ -122,7 +122,7 @@ class ImageAudio(Task):
             d.root,
             split,
             image_size=cfg.model.image.image_size,
-            settings=FbankSettings(max_frames=d.audio_frames),
+            settings=feature_settings(d.audio_features, d.audio_frames),
             train=train,
             augment=d.augment and train,
             seed=cfg.run.seed,

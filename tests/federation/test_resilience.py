@@ -20,8 +20,6 @@ from fedmml.federation.payload import Message, deserialize, serialize
 RUN_ARGS = ["--preset", "tiny", "--method", "lw", "--quiet", "--set", "run.threads=1"]
 RUN_ARGS += ["--set", "schedules.uniform.rounds=[1, 2, 2]", "--set", "run.keep_checkpoints=0"]
 VOLATILE = {"wall_s", "client_peak_mem_bytes"}  # timings, and memory measured once per stage
-# A resumed client refills its frozen-prefix cache (it lived in the killed process), and that work counts.
-REFILLED = {"client_flops", "client_flops_total"}
 
 
 def _records(run: Path) -> list[dict]:
@@ -29,7 +27,7 @@ def _records(run: Path) -> list[dict]:
 
 
 def _stable(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in VOLATILE | REFILLED}
+    return {k: v for k, v in record.items() if k not in VOLATILE}
 
 
 def test_sigkill_mid_stage_then_resume_equals_uninterrupted_run(emoji_root: Path, tmp_path: Path) -> None:
@@ -56,7 +54,6 @@ def test_sigkill_mid_stage_then_resume_equals_uninterrupted_run(emoji_root: Path
     got = json.loads((killed / "summary.json").read_text())
     assert _stable(got) == _stable(want)
     assert [_stable(r) for r in _records(killed)] == [_stable(r) for r in _records(reference)]
-    assert want["client_flops_total"] <= got["client_flops_total"] <= 1.5 * want["client_flops_total"]
 
 
 def test_crashes_and_stragglers_are_dropped_and_the_run_completes(emoji_root: Path, tmp_path: Path) -> None:

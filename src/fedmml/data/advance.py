@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fedmml.data import DataError
-from fedmml.data.audio import DEFAULT_FBANK, FbankSettings, UnreadableAudio, load_fbank, pad_frames
+from fedmml.data.audio import DEFAULT_FBANK, FeatureSettings, UnreadableAudio, load_fbank, pad_frames
 from fedmml.data.coco import DatasetNotFound
 from fedmml.data.images import UnreadableImage, fit_for_storage, load_image, random_resized_crop, to_tensor
 
@@ -72,9 +72,9 @@ def _read_meta(path: Path) -> dict:
 
 
 class FbankCache:
-    """Unpadded fbank frames on disk, one .npy per clip, keyed by the feature settings and the file's stat."""
+    """Unpadded feature frames on disk, one .npy per clip, keyed by the feature settings and the file stat."""
 
-    def __init__(self, folder: Path | None, settings: FbankSettings) -> None:
+    def __init__(self, folder: Path | None, settings: FeatureSettings) -> None:
         self.settings = settings
         self.folder = folder / f"fbank-{settings.key()}" if folder is not None else None
         self.hits = 0
@@ -130,7 +130,7 @@ class AdvanceDataset(Dataset):
         root: str | Path,
         split: str,
         image_size: int = 64,
-        settings: FbankSettings = DEFAULT_FBANK,
+        settings: FeatureSettings = DEFAULT_FBANK,
         classes: Sequence[str] | None = None,
         train: bool = False,
         augment: bool = False,

@@ -7,9 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from fedmml.accounting import StepMeter
 from fedmml.config import Config
-from fedmml.federation.client import Client, derive_seed
+from fedmml.federation.client import Client, Workspace, derive_seed
 from fedmml.federation.payload import Message
 from fedmml.federation.server import Listener
 
@@ -28,23 +27,30 @@ class InProcessEngine:
     """
 
     def __init__(
-        self, clients: list[Client], cfg: Config, meter: StepMeter, listener: Listener | None = None
+        self, clients: list[Client], cfg: Config, workspace: Workspace, listener: Listener | None = None
     ) -> None:
         self.clients = clients
-        self.meter = meter
+        self.meter = workspace.meter
+        self.caches = workspace.caches
         self.faults = cfg.faults
         self.timeout_s = cfg.federation.client_timeout_s
         self.listener = listener or (lambda kind, info: None)
         self.rng = np.random.default_rng(derive_seed(cfg.run.seed, 2))
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint needs to continue exactly: the fault stream and the cost measurements."""
-        return {"faults_rng": self.rng.bit_generator.state, "meter": self.meter.state()}
+        """What a checkpoint needs to continue exactly: the fault stream, the cost measurements and which
+        frozen-prefix cache each client held (rebuilt after a resume, so later rounds do the same work)."""
+        return {
+            "faults_rng": self.rng.bit_generator.state,
+            "meter": self.meter.state(),
+            "caches": self.caches.state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict`."""
         self.rng.bit_generator.state = state["faults_rng"]
         self.meter.load_state(state["meter"])
+        self.caches.restore(state.get("caches", {}))
 
     def _run_client(self, cid: int, message: Message) -> tuple[Message, float]:
         """The client's reply and its simulated extra delay."""

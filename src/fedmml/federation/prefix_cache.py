@@ -305,6 +305,9 @@ class CacheShelf:
         self.folder = folder
         self.caches: dict[int, PrefixCache] = {}
         self.flops = FlopsByKey()  # fill and extension costs by shape, shared by every cache here
+        # Caches the clients held when a checkpoint was written: rebuilt on their next round after a resume.
+        # Their work is a cost of resuming, not of a round: it is not in any reply's FLOPs.
+        self.lost: dict[int, CacheKey] = {}
         self.refused: dict[int, tuple[CacheKey, str]] = {}  # cid -> (stage it was refused in, why)
 
     def get(
@@ -326,6 +329,9 @@ class CacheShelf:
         starts = cache_starts(model, method, stage) if cfg.cache.frozen_prefix else None
         key = None if starts is None else CacheKey(stage.index, tuple(sorted(starts.items())))
         touched = _first_blocks(frozen_received)
+        lost = self.lost.pop(cid, None)
+        if lost is not None and cid not in self.caches and key is not None:
+            self._rebuild(cid, lost, model, method, stage, cfg, dataset, indices)
         old = self.caches.pop(cid, None)
         if key is None:
             if old is not None:
@@ -354,6 +360,39 @@ class CacheShelf:
                 old.close()
         self.caches[cid] = cache
         return cache
+
+    def _rebuild(
+        self,
+        cid: int,
+        key: CacheKey,
+        model: MultimodalModel,
+        method: str,
+        stage: Stage,
+        cfg: Any,
+        dataset: Dataset,
+        indices: list[int],
+    ) -> None:
+        """Refill a cache lost with its process, as it was: its prefix has been frozen since, so the blocks
+        the model holds now are the ones it was computed with."""
+        configure(model, method, stage)
+        set_train_mode(model, method, stage)
+        cache = self._new(key, cfg)
+        try:
+            cache.fill(model, dataset, indices, cfg.cache.views)
+        except CacheTooLarge:
+            return  # it fitted before; if it no longer does, the next request finds out and says why
+        cache.take_fill_flops()  # spent here: the round that reuses the cache must not report it
+        self.caches[cid] = cache
+
+    def state(self) -> dict[str, Any]:
+        """Which cache each client holds, as JSON-able data (for checkpoints)."""
+        return {str(cid): [c.key.stage, [list(s) for s in c.key.starts]] for cid, c in self.caches.items()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Remember the caches of a checkpoint, to be rebuilt when each client next trains."""
+        self.lost = {
+            int(c): CacheKey(stage, tuple((m, d) for m, d in starts)) for c, (stage, starts) in state.items()
+        }
 
     def _new(self, key: CacheKey, cfg: Any) -> PrefixCache:
         folder = None
