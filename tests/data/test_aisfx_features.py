@@ -138,7 +138,8 @@ def test_config_audio_features() -> None:
     assert (cfg.data.audio_features, cfg.data.audio_frames) == ("aisfx-mel", 128)
     audio = cfg.model.audio
     assert (audio.backend, audio.pretrained, audio.neck_dim) == ("aisfx", "package", 256)
-    assert load_config("tiny-av", ['data.audio_features="aisfx-mel"']).data.audio_features == "aisfx-mel"
+    aisfx = ['data.audio_features="aisfx-mel"', 'model.audio.backend="aisfx"']
+    assert load_config("tiny-av", aisfx).data.audio_features == "aisfx-mel"
     assert load_config("tiny-av").data.audio_features == "ast-fbank"
     with pytest.raises(ConfigError, match="data.audio_features 'mfcc'; valid choices: ast-fbank, aisfx-mel"):
         load_config("tiny-av", ['data.audio_features="mfcc"'])
