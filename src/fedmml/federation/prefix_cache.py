@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -329,9 +329,17 @@ class CacheShelf:
         starts = cache_starts(model, method, stage) if cfg.cache.frozen_prefix else None
         key = None if starts is None else CacheKey(stage.index, tuple(sorted(starts.items())))
         touched = _first_blocks(frozen_received)
+        if key is not None:
+            # The prefix runs in eval mode with this stage's frozen set, whichever way the cache is made.
+            configure(model, method, stage)
+            set_train_mode(model, method, stage)
+
+        def fill(cache: PrefixCache) -> None:
+            cache.fill(model, dataset, indices, cfg.cache.views)
+
         lost = self.lost.pop(cid, None)
         if lost is not None and cid not in self.caches and key is not None:
-            self._rebuild(cid, lost, model, method, stage, cfg, dataset, indices)
+            self._rebuild(cid, lost, cfg, fill)
         old = self.caches.pop(cid, None)
         if key is None:
             if old is not None:
@@ -344,14 +352,12 @@ class CacheShelf:
         if refused is not None and refused[0] == key and not touched:
             return None
         self.refused.pop(cid, None)
-        configure(model, method, stage)
-        set_train_mode(model, method, stage)
         try:
             if old is not None and old.can_extend_to(key, touched):
                 cache = old.extended(model, key)
             else:
                 cache = self._new(key, cfg)
-                cache.fill(model, dataset, indices, cfg.cache.views)
+                fill(cache)
         except CacheTooLarge as err:
             self.refused[cid] = (key, str(err))
             return None
@@ -361,24 +367,12 @@ class CacheShelf:
         self.caches[cid] = cache
         return cache
 
-    def _rebuild(
-        self,
-        cid: int,
-        key: CacheKey,
-        model: MultimodalModel,
-        method: str,
-        stage: Stage,
-        cfg: Any,
-        dataset: Dataset,
-        indices: list[int],
-    ) -> None:
+    def _rebuild(self, cid: int, key: CacheKey, cfg: Any, fill: Callable[[PrefixCache], None]) -> None:
         """Refill a cache lost with its process, as it was: its prefix has been frozen since, so the blocks
         the model holds now are the ones it was computed with."""
-        configure(model, method, stage)
-        set_train_mode(model, method, stage)
         cache = self._new(key, cfg)
         try:
-            cache.fill(model, dataset, indices, cfg.cache.views)
+            fill(cache)
         except CacheTooLarge:
             return  # it fitted before; if it no longer does, the next request finds out and says why
         cache.take_fill_flops()  # spent here: the round that reuses the cache must not report it
