@@ -31,6 +31,8 @@ def test_each_method_runs_and_reports(tuxpaint_root: Path, tmp_path: Path, metho
     assert "confusion.png" in report and "macro F1" in report
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all("accuracy" in m and "macro_f1" in m for m in metrics)
+    # The summary's confusion matrix is the last evaluation's, not a second pass over the test split.
+    assert metrics[-1]["confusion"] == summary["confusion"]
 
 
 def test_lw_cache_is_exact_on_audio(tuxpaint_root: Path) -> None:

@@ -65,7 +65,7 @@ def load_run_model(run_dir: Path, device: torch.device | None = None) -> tuple[C
     return cfg, model.to(device or torch.device("cpu"))
 
 
-def evaluate_on(model: MultimodalModel, data: Dataset, cfg: Config) -> dict[str, float]:
+def evaluate_on(model: MultimodalModel, data: Dataset, cfg: Config) -> dict[str, Any]:
     """The task's scores of ``model`` over a whole evaluation split."""
     return task_for(cfg).evaluate(model, data, cfg)
 
@@ -140,7 +140,7 @@ def build_server(
     train, parts = client_data(cfg)
     test = task_for(cfg).load_split(cfg, cfg.data.test_split, train=False)
 
-    def evaluate(m: MultimodalModel) -> dict[str, float]:
+    def evaluate(m: MultimodalModel) -> dict[str, Any]:
         emit("phase", {"phase": "evaluating"})
         return evaluate_on(m, test, cfg)
 
@@ -209,7 +209,7 @@ def finish_run(
         "test_images": len(test),
         "skipped": {"train": train.skipped, "test": test.skipped},
     }
-    summary.update(task.summarize(model, test, cfg, out_dir))
+    summary.update(task.summarize(model, test, cfg, out_dir, final))
     summary["wall_s"] = time.perf_counter() - started
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     report.write_run_report(out_dir, cfg.to_dict(), summary, metrics)

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import Dataset
 
 from fedmml.config import Config, ConfigError
@@ -22,7 +23,7 @@ from fedmml.data.advance import AdvanceDataset, read_classes
 from fedmml.data.audio import feature_settings
 from fedmml.data.coco import CaptionDataset
 from fedmml.data.partition import partition, partition_by_group
-from fedmml.evaluation.classification import evaluate_classifier, plot_confusion
+from fedmml.evaluation.classification import evaluate_classifier, majority_rate, per_class_f1, plot_confusion
 from fedmml.evaluation.scoring import retrieval_chance, retrieval_scores, zeroshot_score
 from fedmml.models.multimodal import MultimodalModel
 
@@ -59,12 +60,15 @@ class Task:
             labels, n, p.kind, alpha=p.alpha, seed=cfg.run.seed, min_partition_size=p.min_partition_size
         )
 
-    def evaluate(self, model: MultimodalModel, test: Dataset, cfg: Config) -> dict[str, float]:
+    def evaluate(self, model: MultimodalModel, test: Dataset, cfg: Config) -> dict[str, Any]:
         """Scores of ``model`` over the whole test split (recorded in the round's metrics)."""
         raise NotImplementedError
 
-    def summarize(self, model: MultimodalModel, test: Dataset, cfg: Config, out_dir: Path) -> dict[str, Any]:
-        """Task-specific summary entries of a finished run (chance levels, extra scores, figures)."""
+    def summarize(
+        self, model: MultimodalModel, test: Dataset, cfg: Config, out_dir: Path, final: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Task-specific summary entries of a finished run (chance levels, extra scores, figures);
+        ``final`` is the last evaluation of the same model, so nothing it holds is computed again."""
         raise NotImplementedError
 
 
@@ -96,7 +100,7 @@ class ImageText(Task):
         return retrieval_scores(model, pixels, test.captions, cfg.eval.batch_size, cfg.eval.ks)
 
     def summarize(
-        self, model: MultimodalModel, test: CaptionDataset, cfg: Config, out_dir: Path
+        self, model: MultimodalModel, test: CaptionDataset, cfg: Config, out_dir: Path, final: dict[str, Any]
     ) -> dict[str, Any]:
         summary: dict[str, Any] = {"chance_rsum": retrieval_chance(test.captions, cfg.eval.ks)}
         if cfg.eval.zeroshot and fashion_mnist.available():
@@ -136,21 +140,22 @@ class ImageAudio(Task):
     def groups(self, data: AdvanceDataset) -> list[str | None]:
         return data.groups
 
-    def evaluate(self, model: MultimodalModel, test: AdvanceDataset, cfg: Config) -> dict[str, float]:
-        metrics, _ = evaluate_classifier(model, test, cfg.eval.batch_size)
-        return {k: metrics[k] for k in ("accuracy", "macro_f1")} | {"test_loss": metrics["loss"]}
+    def evaluate(self, model: MultimodalModel, test: AdvanceDataset, cfg: Config) -> dict[str, Any]:
+        metrics, confusion = evaluate_classifier(model, test, cfg.eval.batch_size)
+        scores = {k: metrics[k] for k in ("accuracy", "macro_f1")} | {"test_loss": metrics["loss"]}
+        return scores | {"confusion": confusion.tolist()}
 
     def summarize(
-        self, model: MultimodalModel, test: AdvanceDataset, cfg: Config, out_dir: Path
+        self, model: MultimodalModel, test: AdvanceDataset, cfg: Config, out_dir: Path, final: dict[str, Any]
     ) -> dict[str, Any]:
-        metrics, confusion = evaluate_classifier(model, test, cfg.eval.batch_size)
+        confusion = torch.tensor(final["confusion"])
         title = f"{cfg.run.method}: test split"
         plot_confusion(confusion, test.classes, out_dir / CONFUSION_PNG, title=title)
         return {
-            "majority_rate": metrics["majority_rate"],
-            "per_class_f1": dict(zip(test.classes, metrics["per_class_f1"], strict=True)),
+            "majority_rate": majority_rate(confusion),
+            "per_class_f1": dict(zip(test.classes, per_class_f1(confusion), strict=True)),
             "classes": list(test.classes),
-            "confusion": confusion.tolist(),
+            "confusion": final["confusion"],
         }
 
 

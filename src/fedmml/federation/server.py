@@ -25,7 +25,7 @@ from fedmml.methods import Stage, configure
 from fedmml.models.multimodal import MultimodalModel
 
 Dispatch = Callable[[list[tuple[int, Message]]], list[tuple[int, Message]]]
-Evaluator = Callable[[MultimodalModel], dict[str, float]]
+Evaluator = Callable[[MultimodalModel], dict[str, Any]]
 Listener = Callable[[str, dict[str, Any]], None]
 
 
