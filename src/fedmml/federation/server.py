@@ -85,6 +85,7 @@ class Server:
         self.metrics: list[dict[str, Any]] = []
         self.total_rounds = sum(s.rounds for s in stages)
         self.done_rounds = 0
+        self._parts_by_stage: dict[int, dict[str, int]] = {}
         # The engine's own resumable state (fault streams, cached measurements), saved with each checkpoint.
         self.engine_state: Callable[[], dict[str, Any]] = dict
 
@@ -279,7 +280,7 @@ class Server:
             "client_cache_bytes": cache_bytes,
             "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             # What one client's update carries, by part of the model (tensor bytes on the wire).
-            "upload_parts": upload_parts(expected, trainable, self.cfg.transport.dtype),
+            "upload_parts": self._upload_parts(stage, expected, trainable),
         }
         if cache_notes:
             record["cache_notes"] = {str(c): n for c, n in cache_notes.items()}
@@ -293,6 +294,14 @@ class Server:
         record["wall_s"] = time.perf_counter() - start
         self.listener("round_done", record)
         return record
+
+    def _upload_parts(
+        self, stage: Stage, expected: dict[str, torch.Tensor], trainable: list[str]
+    ) -> dict[str, int]:
+        # Fixed by the stage's tensor shapes, so encoded once per stage rather than every round.
+        if stage.index not in self._parts_by_stage:
+            self._parts_by_stage[stage.index] = upload_parts(expected, trainable, self.cfg.transport.dtype)
+        return self._parts_by_stage[stage.index]
 
     def _aggregate(self, accepted: list[tuple[int, dict[str, torch.Tensor], Message]]) -> dict[str, Any]:
         fed = self.cfg.federation
