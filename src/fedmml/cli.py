@@ -194,6 +194,9 @@ class _Display:
         elif kind in ("client_failed", "rejected"):
             if not self.quiet:
                 console.print(f"  [yellow]client {info['client']} dropped:[/] {info['reason']}")
+        elif kind == "backfill":
+            if not self.quiet:
+                console.print(f"  [yellow]round {info['round']} backfills with clients {info['clients']}[/]")
         elif kind == "skipped":
             if not self.quiet:
                 console.print(

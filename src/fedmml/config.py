@@ -148,6 +148,9 @@ class FederationConfig:
     trim: float = 0.2  # fraction cut from each end by trimmed_mean
     min_clients: int = 1  # a round aggregates only if at least this many valid updates arrived
     round_retries: int = 2  # re-sample and retry a round that fell short, then skip it
+    # After failures or rejections, ask up to this many more waves of not-yet-asked clients to make up the
+    # shortfall within the same round (0: aggregate whoever survived, as the paper's setting assumes).
+    backfill: int = 0
     client_timeout_s: float = 0.0  # a reply slower than this is dropped; 0: no deadline
     max_update_norm: float = 0.0  # reject an update whose change exceeds this x the global norm; 0: off
 
@@ -429,6 +432,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("cache.views must be at least 1")
     if cfg.cache.max_mib <= 0:
         raise ConfigError("cache.max_mib must be > 0 (turn the cache off with cache.frozen_prefix=false)")
+    if fed.backfill < 0 or fed.round_retries < 0:
+        raise ConfigError("federation.backfill and federation.round_retries must be >= 0")
     if not 1 <= fed.min_clients <= fed.num_clients:
         raise ConfigError(f"federation.min_clients must be between 1 and {fed.num_clients}")
     for name in ("crash_rate", "straggler_rate"):

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from fedmml import report
 from fedmml.accounting import memory_method
-from fedmml.config import Config, ConfigError, config_from_dict
+from fedmml.config import Config, config_from_dict
 from fedmml.engines.inprocess import InProcessEngine
 from fedmml.federation.checkpoint import latest_checkpoint, load_checkpoint
 from fedmml.federation.client import Client, Workspace, derive_seed
@@ -30,6 +30,7 @@ from fedmml.models.multimodal import MultimodalModel
 from fedmml.tasks import resolve_classes, task_for
 
 CHECKPOINTS = "checkpoints"
+Checkpoint = tuple[dict[str, torch.Tensor], dict[str, Any]]
 
 
 def select_device(name: str) -> torch.device:
@@ -231,19 +232,28 @@ def run_experiment(cfg: Config, out_dir: Path, listener: Listener | None = None)
     return finish_run(cfg, out_dir, setup, metrics, started, emit)
 
 
-def resume_experiment(run_dir: Path, listener: Listener | None = None) -> dict[str, Any]:
-    """Continue a stopped in-process run from its newest checkpoint, as if it had never stopped."""
+def reopen_run(run_dir: Path, listener: Listener | None = None) -> tuple[Config, Checkpoint, Listener]:
+    """A stopped run's config and newest checkpoint, and a listener that appends to its metrics.jsonl.
+
+    Rounds after the checkpoint are redone, so their lines are dropped from metrics.jsonl.
+    """
     cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
     found = latest_checkpoint(run_dir / CHECKPOINTS)
     if found is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir / CHECKPOINTS}; start the run again instead")
-    if cfg.run.engine != "inprocess":
-        raise ConfigError("--resume supports the in-process engine; Flower runs keep no server checkpoints")
-    started = time.perf_counter()
     tensors, state = load_checkpoint(found)
-    # Rounds after the checkpoint are redone, so their lines are dropped from metrics.jsonl.
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in state["metrics"]))
-    emit = _MetricsWriter(run_dir / "metrics.jsonl", listener)
+    return cfg, (tensors, state), _MetricsWriter(run_dir / "metrics.jsonl", listener)
+
+
+def resume_experiment(run_dir: Path, listener: Listener | None = None) -> dict[str, Any]:
+    """Continue a stopped run from its newest checkpoint (in-process: exactly as if it had never stopped)."""
+    started = time.perf_counter()
+    cfg, (tensors, state), emit = reopen_run(run_dir, listener)
+    if cfg.run.engine != "inprocess":
+        from fedmml.engines.flower.launch import run_on_flower
+
+        return run_on_flower(cfg, run_dir, listener, resume=True)
     setup = build_setup(cfg, emit, run_dir / CHECKPOINTS)
     setup.server.resume(tensors, state)
     setup.engine.load_state_dict(state["engine"])

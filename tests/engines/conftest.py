@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import Iterable
 
@@ -18,16 +19,20 @@ class LocalGrid:
     """A grid whose nodes are ClientApp calls in this process, each with its own persistent Context.
 
     Node ids are scattered and in reverse partition order, so the server must map partitions to nodes.
+    Every grid is a new Flower run (its own run id), as a real resumed or repeated run would be.
     Relies on two flwr internals (pinned to >=1.41,<1.43): the task identity that ``Message`` reads and the
     message id that the SuperLink would assign.
     """
 
+    run_ids = itertools.count(1)
+
     def __init__(self, client_app: ClientApp, num_nodes: int) -> None:
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+        run_id = next(self.run_ids)
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 1
         self.client_app = client_app
         self.contexts = {
             9000 - 7 * pid: Context(
-                run_id=1,
+                run_id=run_id,
                 node_id=9000 - 7 * pid,
                 node_config={"partition-id": pid, "num-partitions": num_nodes},
                 state=RecordDict(),

@@ -119,3 +119,28 @@ def test_poisoned_updates_are_rejected_and_never_reach_the_model(emoji_root: Pat
     assert all(
         torch.isfinite(v).all() for v in setup.server.model.state_dict().values() if v.is_floating_point()
     )
+
+
+class Crashing:
+    """A client whose device always fails before replying."""
+
+    def handle(self, message: Message) -> Message:
+        raise RuntimeError("device lost")
+
+
+def test_backfill_replaces_failed_clients_within_the_round(emoji_root: Path) -> None:
+    overrides = [f'data.root="{emoji_root}"', "federation.num_clients=5", "federation.clients_per_round=3"]
+    setup = build_setup(load_config("tiny", [*overrides, "federation.backfill=2"]))
+    setup.clients[0] = setup.clients[1] = Crashing()
+    setup.engine.clients = setup.clients
+    metrics = setup.server.run(setup.engine.dispatch)
+    # Two waves of replacements always find three healthy clients among five with two lost.
+    assert all(len(r["clients"]) == 3 and not {0, 1} & set(r["clients"]) for r in metrics)
+    assert all(set(r["failed_clients"]) <= {0, 1} for r in metrics)
+    failed = [r for r in metrics if r["failed_clients"]]
+    assert failed, "the seeded sampling never drew a crashing client"
+    assert all(r["backfilled_clients"] for r in failed)
+    assert all(not r["backfilled_clients"] for r in metrics if not r["failed_clients"])
+    # Every client asked was either sampled or a replacement; replacements are never asked twice.
+    for r in failed:
+        assert len(set(r["backfilled_clients"])) == len(r["backfilled_clients"])

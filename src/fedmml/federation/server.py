@@ -60,6 +60,33 @@ class Ledger:
         held.update({k: self.versions[k] for k in keys})
 
 
+@dataclass
+class _Tally:
+    """What one round's messages cost and what went wrong, summed over its waves and retries."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    flops: int = 0
+    peak_mem: int = 0
+    cache_bytes: int = 0
+    cache_notes: dict[int, str] = field(default_factory=dict)
+    failed: list[int] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)
+    backfilled: list[int] = field(default_factory=list)
+
+    def add(self, sent: list[Message], replies: dict[int, Message], cids: list[int]) -> None:
+        """Count one wave of messages and the replies that came back from ``cids``."""
+        self.bytes_down += sum(m.nbytes for m in sent)
+        self.bytes_up += sum(r.nbytes for r in replies.values())
+        # Cost counts every client that trained and replied, whether or not its update was accepted.
+        self.flops += sum(r.meta.get("flops", 0) for r in replies.values())
+        self.peak_mem = max([self.peak_mem, *(r.meta.get("peak_mem_bytes", 0) for r in replies.values())])
+        self.cache_bytes = max([self.cache_bytes, *(r.meta.get("cache_bytes", 0) for r in replies.values())])
+        notes = {c: r.meta.get("cache_note") for c, r in replies.items()}
+        self.cache_notes.update({c: note for c, note in notes.items() if note})
+        self.failed += [cid for cid in cids if cid not in replies]
+
+
 class Server:
     """Holds the global model and runs the stages of one method."""
 
@@ -227,40 +254,22 @@ class Server:
         fed = self.cfg.federation
         trainable_set = set(trainable)
         expected = {k: v for k, v in self.model.state_dict().items() if k in trainable_set}
-        # Updates are decoded back to the master weights' dtypes before validation and aggregation.
-        dtypes = {k: v.dtype for k, v in expected.items()}
-        failed: list[int] = []
-        rejected: dict[int, str] = {}
-        bytes_up = bytes_down = flops = peak_mem = cache_bytes = 0
-        cache_notes: dict[int, str] = {}
+        tally = _Tally()
         retries = -1
         while retries < fed.round_retries:
             retries += 1
             cids = self.sample_clients()
             self.listener("round", {"round": round_no, "rounds": self.total_rounds, "clients": cids})
-            sent = {cid: self.message_for(cid, stage, round_no, trainable) for cid in cids}
-            replies = dict(dispatch([(cid, message) for cid, (message, _) in sent.items()]))
-            bytes_down += sum(m.nbytes for m, _ in sent.values())
-            bytes_up += sum(r.nbytes for r in replies.values())
-            # Cost counts every client that trained and replied, whether or not its update was accepted.
-            flops += sum(r.meta.get("flops", 0) for r in replies.values())
-            peak_mem = max([peak_mem, *(r.meta.get("peak_mem_bytes", 0) for r in replies.values())])
-            cache_bytes = max([cache_bytes, *(r.meta.get("cache_bytes", 0) for r in replies.values())])
-            cache_notes.update(
-                {cid: r.meta["cache_note"] for cid, r in replies.items() if r.meta.get("cache_note")}
-            )
-            failed += [cid for cid in cids if cid not in replies]
-            accepted = []
-            for cid, reply in replies.items():
-                # A client that replied processed the message, so it now holds the frozen tensors sent to it.
-                self.ledger.record(cid, sent[cid][1])
-                tensors = unpack(reply.blob, dtypes)
-                reason = self.check_update(tensors, expected)
-                if reason is None:
-                    accepted.append((cid, tensors, reply))
-                else:
-                    rejected[cid] = reason
-                    self.listener("rejected", {"round": round_no, "client": cid, "reason": reason})
+            accepted = self._wave(dispatch, cids, stage, round_no, trainable, expected, tally)
+            asked = set(cids)
+            for _ in range(fed.backfill):
+                replacements = self._replacements(len(cids) - len(accepted), asked)
+                if not replacements:
+                    break
+                self.listener("backfill", {"round": round_no, "clients": replacements})
+                tally.backfilled += replacements
+                asked.update(replacements)
+                accepted += self._wave(dispatch, replacements, stage, round_no, trainable, expected, tally)
             if len(accepted) >= fed.min_clients:
                 break
         record: dict[str, Any] = {
@@ -268,22 +277,23 @@ class Server:
             "stage": stage.index + 1,
             "method": self.cfg.run.method,
             "clients": sorted(cid for cid, _, _ in accepted),
-            "failed_clients": sorted(set(failed)),
-            "rejected_clients": {str(c): r for c, r in rejected.items()},
+            "failed_clients": sorted(set(tally.failed)),
+            "rejected_clients": {str(c): r for c, r in tally.rejected.items()},
             "retries": retries,
-            "bytes_up": bytes_up,
-            "bytes_down": bytes_down,
+            "backfilled_clients": sorted(tally.backfilled),
+            "bytes_up": tally.bytes_up,
+            "bytes_down": tally.bytes_down,
             # Measured by the clients on their real training steps (fedmml.accounting).
-            "client_flops": flops,
-            "client_peak_mem_bytes": peak_mem,
+            "client_flops": tally.flops,
+            "client_peak_mem_bytes": tally.peak_mem,
             # The largest frozen-prefix cache a client held (memory or disk, as cache.store says).
-            "client_cache_bytes": cache_bytes,
+            "client_cache_bytes": tally.cache_bytes,
             "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             # What one client's update carries, by part of the model (tensor bytes on the wire).
             "upload_parts": self._upload_parts(stage, expected, trainable),
         }
-        if cache_notes:
-            record["cache_notes"] = {str(c): n for c, n in cache_notes.items()}
+        if tally.cache_notes:
+            record["cache_notes"] = {str(c): n for c, n in tally.cache_notes.items()}
         if len(accepted) >= fed.min_clients:
             record.update(self._aggregate(accepted))
         else:
@@ -294,6 +304,42 @@ class Server:
         record["wall_s"] = time.perf_counter() - start
         self.listener("round_done", record)
         return record
+
+    def _wave(
+        self,
+        dispatch: Dispatch,
+        cids: list[int],
+        stage: Stage,
+        round_no: int,
+        trainable: list[str],
+        expected: dict[str, torch.Tensor],
+        tally: _Tally,
+    ) -> list[tuple[int, dict[str, torch.Tensor], Message]]:
+        """Send one message to each of ``cids``; return the updates that passed validation."""
+        # Updates are decoded back to the master weights' dtypes before validation and aggregation.
+        dtypes = {k: v.dtype for k, v in expected.items()}
+        sent = {cid: self.message_for(cid, stage, round_no, trainable) for cid in cids}
+        replies = dict(dispatch([(cid, message) for cid, (message, _) in sent.items()]))
+        tally.add([m for m, _ in sent.values()], replies, cids)
+        accepted = []
+        for cid, reply in replies.items():
+            # A client that replied processed the message, so it now holds the frozen tensors sent to it.
+            self.ledger.record(cid, sent[cid][1])
+            tensors = unpack(reply.blob, dtypes)
+            reason = self.check_update(tensors, expected)
+            if reason is None:
+                accepted.append((cid, tensors, reply))
+            else:
+                tally.rejected[cid] = reason
+                self.listener("rejected", {"round": round_no, "client": cid, "reason": reason})
+        return accepted
+
+    def _replacements(self, shortfall: int, asked: set[int]) -> list[int]:
+        """Up to ``shortfall`` clients not yet asked this round, drawn from the server's seeded stream."""
+        pool = [c for c in range(len(self.client_sizes)) if c not in asked]
+        if shortfall <= 0 or not pool:
+            return []
+        return sorted(int(c) for c in self.rng.choice(pool, size=min(shortfall, len(pool)), replace=False))
 
     def _upload_parts(
         self, stage: Stage, expected: dict[str, torch.Tensor], trainable: list[str]

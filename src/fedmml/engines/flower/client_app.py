@@ -27,9 +27,9 @@ app = ClientApp()
 
 @dataclass
 class _Loaded:
-    """Data and model skeleton of one config, reused by every node a simulation process hosts."""
+    """Data and model skeleton of one run, reused by every node a simulation process hosts."""
 
-    key: str
+    key: tuple[int, str]
     cfg: Config
     train: Dataset
     partitions: list[list[int]]
@@ -48,14 +48,16 @@ def node_config_json(config_json: str, node_config: dict[str, Any]) -> str:
     return json.dumps(tree)
 
 
-def _loaded(config_json: str) -> _Loaded:
-    # Simulation runs many nodes in one process: load the data and build the skeleton once per config.
-    if _cache and _cache[0].key == config_json:
+def _loaded(run_id: int, config_json: str) -> _Loaded:
+    # Simulation runs many nodes in one process: load the data and build the skeleton once per run. A new
+    # run (a repeat, or a resumed run) starts from a fresh skeleton and empty frozen-prefix caches.
+    key = (run_id, config_json)
+    if _cache and _cache[0].key == key:
         return _cache[0]
     cfg = config_from_dict(json.loads(config_json))
     apply_threads(cfg)
     train, partitions = client_data(cfg)
-    loaded = _Loaded(config_json, cfg, train, partitions, Workspace(cfg, select_device(cfg.run.device)))
+    loaded = _Loaded(key, cfg, train, partitions, Workspace(cfg, select_device(cfg.run.device)))
     _cache[:] = [loaded]
     return loaded
 
@@ -82,7 +84,7 @@ def train(msg: Message, context: Context) -> Message:
         # A restarted node has lost its frozen tensors; the server must start over with it.
         raise PayloadError("this node holds no run state (was it restarted?)")
     state = context.state.config_records[STATE]
-    loaded = _loaded(str(state["config"]))
+    loaded = _loaded(context.run_id, str(state["config"]))
     pid, _ = _partition(context)
     client = Client(pid, loaded.cfg, loaded.train, loaded.partitions[pid], loaded.workspace)
     client.store = deserialize(bytes(state["store"]))

@@ -23,17 +23,15 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "node-wait-timeout": 120,
     "first-round-timeout": 900,
     "round-timeout": 300,
+    "resume": False,
 }
-
-
-def _toml_value(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, str) else str(value)
 
 
 def write_app(app_dir: Path) -> Path:
     """A minimal Flower app whose components are fedmml's ServerApp and ClientApp (no code of its own)."""
     app_dir.mkdir(parents=True, exist_ok=True)
-    config = "\n".join(f"{k} = {_toml_value(v)}" for k, v in RUN_CONFIG_DEFAULTS.items())
+    # JSON spells strings, numbers and booleans as TOML does.
+    config = "\n".join(f"{k} = {json.dumps(v)}" for k, v in RUN_CONFIG_DEFAULTS.items())
     (app_dir / "pyproject.toml").write_text(
         '[project]\nname = "fedmml-app"\nversion = "0.1.0"\ndependencies = ["fedmml[flower]"]\n\n'
         '[tool.flwr.app]\npublisher = "fedmml"\n\n[tool.flwr.app.components]\n'
@@ -82,9 +80,13 @@ def submit(
     run_config: dict[str, Any],
     federation_config: str = "",
 ) -> int:
-    """Start the app on the connection's SuperLink; return the run id."""
-    overrides = app_dir / "run-config.toml"
-    overrides.write_text("\n".join(f"{k} = {_toml_value(v)}" for k, v in run_config.items()) + "\n")
+    """Start the app on the connection's SuperLink; return the run id.
+
+    ``app_dir`` may be any Flower app directory, this repository included: nothing is written into it.
+    """
+    # A file rather than `-c 'k=v ...'`, so that paths and overrides need no shell-style quoting.
+    overrides = Path(env["FLWR_HOME"]) / "run-config.toml"
+    overrides.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in run_config.items()) + "\n")
     args = ["run", str(app_dir), connection, "--format", "json", "-c", str(overrides)]
     if federation_config:
         args += ["--federation-config", federation_config]

@@ -73,7 +73,7 @@ class LocalDeployment:
 
 
 def run_deployment(
-    cfg: Config, out_dir: Path, listener: Listener | None = None, insecure: bool = False
+    cfg: Config, out_dir: Path, listener: Listener | None = None, insecure: bool = False, resume: bool = False
 ) -> dict[str, Any]:
     """The experiment across a loopback SuperLink and ``num_clients`` SuperNodes; returns the summary."""
     out_dir, home, env = prepare(cfg, out_dir)
@@ -81,6 +81,6 @@ def run_deployment(
         deployment = LocalDeployment(home, procs, insecure)
         deployment.start()
         deployment.start_nodes(cfg.federation.num_clients)
-        summary = follow_run(cfg, out_dir, home, env, listener)
+        summary = follow_run(cfg, out_dir, home, env, listener, resume=resume)
     summary["flower"]["security"] = "insecure" if insecure else "tls+node-auth"
     return summary

@@ -55,10 +55,14 @@ def follow_run(
     listener: Listener | None,
     federation_config: str = "",
     timeout: float = 3600,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Submit the app, wait for Flower's verdict and return the run's summary with Flower's record added."""
+    """Submit the app, wait for Flower's verdict and return the run's summary with Flower's record added.
+
+    With ``resume`` the ServerApp continues from the newest checkpoint in ``out_dir``.
+    """
     app_dir = control.write_app(home / "app")
-    run_config = {"config-file": str(out_dir / "config.json"), "run-dir": str(out_dir)}
+    run_config = {"config-file": str(out_dir / "config.json"), "run-dir": str(out_dir), "resume": resume}
     started = time.perf_counter()
     run_id = control.submit(app_dir, CONNECTION, env, run_config, federation_config)
     follower = control.MetricsFollower(out_dir / "metrics.jsonl", total_rounds(cfg), listener)
@@ -75,7 +79,11 @@ def follow_run(
 
 
 def run_simulation(
-    cfg: Config, out_dir: Path, listener: Listener | None = None, cpus_per_client: int = 1
+    cfg: Config,
+    out_dir: Path,
+    listener: Listener | None = None,
+    cpus_per_client: int = 1,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """The experiment on Flower's simulation runtime (Ray), one simulated SuperNode per client."""
     out_dir, home, env = prepare(cfg, out_dir)
@@ -85,13 +93,15 @@ def run_simulation(
         federation = (
             f"num-supernodes={cfg.federation.num_clients} client-resources-num-cpus={cpus_per_client}"
         )
-        return follow_run(cfg, out_dir, home, env, listener, federation)
+        return follow_run(cfg, out_dir, home, env, listener, federation, resume=resume)
 
 
-def run_on_flower(cfg: Config, out_dir: Path, listener: Listener | None = None) -> dict[str, Any]:
+def run_on_flower(
+    cfg: Config, out_dir: Path, listener: Listener | None = None, resume: bool = False
+) -> dict[str, Any]:
     """``flower-sim``: simulation runtime; ``flower``: a TLS-secured loopback deployment."""
     if cfg.run.engine == "flower-sim":
-        return run_simulation(cfg, out_dir, listener)
+        return run_simulation(cfg, out_dir, listener, resume=resume)
     from fedmml.engines.flower.deploy import run_deployment
 
-    return run_deployment(cfg, out_dir, listener)
+    return run_deployment(cfg, out_dir, listener, resume=resume)

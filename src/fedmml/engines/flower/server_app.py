@@ -17,16 +17,17 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmml.config import Config, config_from_dict, load_config
 from fedmml.engines.flower.codec import content_bytes, pack, unpack
-from fedmml.experiment import build_server, finish_run, start_run
+from fedmml.experiment import CHECKPOINTS, build_server, finish_run, reopen_run, start_run
 from fedmml.federation.payload import Message as Payload
+from fedmml.federation.server import Listener
 from fedmml.tasks import resolve_classes
 
 log = logging.getLogger("flwr")
 app = ServerApp()
 
 
-class RoundFailed(RuntimeError):
-    """A round in which a node answered with an error or not at all."""
+class SetupFailed(RuntimeError):
+    """The run cannot start: nodes missing, or a node failed the setup query."""
 
 
 def resolve_config(run_config: dict[str, Any]) -> Config:
@@ -45,16 +46,16 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
         if len(nodes) >= count:
             return nodes
         if time.monotonic() > deadline:
-            raise RoundFailed(f"only {len(nodes)} of {count} nodes connected within {timeout:.0f} s")
+            raise SetupFailed(f"only {len(nodes)} of {count} nodes connected within {timeout:.0f} s")
         time.sleep(1.0)
 
 
 def _check(replies: list[Message], sent: int, what: str) -> None:
     errors = [r.error.reason for r in replies if r.has_error()]
     if errors:
-        raise RoundFailed(f"{what}: {len(errors)} node(s) failed; first error: {errors[0]}")
+        raise SetupFailed(f"{what}: {len(errors)} node(s) failed; first error: {errors[0]}")
     if len(replies) < sent:
-        raise RoundFailed(f"{what}: {sent - len(replies)} of {sent} node(s) did not answer in time")
+        raise SetupFailed(f"{what}: {sent - len(replies)} of {sent} node(s) did not answer in time")
 
 
 def map_partitions(grid: Grid, cfg: Config, nodes: list[int], timeout: float) -> dict[int, int]:
@@ -69,45 +70,72 @@ def map_partitions(grid: Grid, cfg: Config, nodes: list[int], timeout: float) ->
     for reply in replies:
         info = reply.content.config_records["node"]
         if int(info["num-partitions"]) != cfg.federation.num_clients:
-            raise RoundFailed(
+            raise SetupFailed(
                 f"node {reply.metadata.src_node_id} has num-partitions={info['num-partitions']}, "
                 f"the run has {cfg.federation.num_clients} clients"
             )
         node_of[int(info["partition-id"])] = reply.metadata.src_node_id
     missing = sorted(set(range(cfg.federation.num_clients)) - set(node_of))
     if missing:
-        raise RoundFailed(f"no node holds partition(s) {missing[:10]}")
+        raise SetupFailed(f"no node holds partition(s) {missing[:10]}")
     return node_of
 
 
 class GridDispatch:
-    """The Server's dispatch over a Flower grid; also counts the bytes Flower's records carry."""
+    """The Server's dispatch over a Flower grid; also counts the bytes Flower's records carry.
 
-    def __init__(self, grid: Grid, node_of: dict[int, int], first_timeout: float, timeout: float) -> None:
+    A node that answers with an error, with an unreadable reply or not before the timeout is dropped from the
+    round (the Server then aggregates the others, backfills or retries), as the in-process engine does.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        node_of: dict[int, int],
+        first_timeout: float,
+        timeout: float,
+        listener: Listener,
+    ) -> None:
         self.grid = grid
         self.node_of = node_of
         self.cid_of = {nid: cid for cid, nid in node_of.items()}
         self.timeouts = [first_timeout, timeout]
-        self.rounds = 0
-        self.last: dict[str, int] = {}
+        self.listener = listener
+        self.calls = 0
+        self.traffic = {"flower_bytes_down": 0, "flower_bytes_up": 0}
 
     def __call__(self, outgoing: list[tuple[int, Payload]]) -> list[tuple[int, Payload]]:
-        """Send one training message per client and return the replies in the order sent."""
+        """Send one training message per client and return the replies that arrived, in the order sent."""
         messages = [
             Message(pack(p, train=True), dst_node_id=self.node_of[cid], message_type=MessageType.TRAIN)
             for cid, p in outgoing
         ]
         # The first round also pays for process start, imports and data loading on every node.
-        timeout = self.timeouts[min(self.rounds, 1)]
-        self.rounds += 1
+        timeout = self.timeouts[min(self.calls, 1)]
+        self.calls += 1
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        _check(replies, len(messages), f"round {self.rounds}")
-        by_cid = {self.cid_of[r.metadata.src_node_id]: r for r in replies}
-        self.last = {
-            "flower_bytes_down": sum(content_bytes(m.content) for m in messages),
-            "flower_bytes_up": sum(content_bytes(r.content) for r in replies),
-        }
-        return [(cid, unpack(by_cid[cid].content)) for cid, _ in outgoing]
+        self.traffic["flower_bytes_down"] += sum(content_bytes(m.content) for m in messages)
+        self.traffic["flower_bytes_up"] += sum(content_bytes(r.content) for r in replies if r.has_content())
+        payloads: dict[int, Payload] = {}
+        answered: set[int] = set()
+        for reply in replies:
+            cid = self.cid_of[reply.metadata.src_node_id]
+            answered.add(cid)
+            if reply.has_error():
+                self.listener("client_failed", {"client": cid, "reason": f"node error: {reply.error.reason}"})
+                continue
+            try:
+                payloads[cid] = unpack(reply.content)
+            except (KeyError, ValueError) as err:
+                self.listener("client_failed", {"client": cid, "reason": f"unreadable reply: {err}"})
+        for cid in sorted({cid for cid, _ in outgoing} - answered):
+            self.listener("client_failed", {"client": cid, "reason": f"no reply within {timeout:g} s"})
+        return [(cid, payloads[cid]) for cid, _ in outgoing if cid in payloads]
+
+    def take_traffic(self) -> dict[str, int]:
+        """Flower's bytes since the last call (one round: its waves and retries)."""
+        traffic, self.traffic = self.traffic, {"flower_bytes_down": 0, "flower_bytes_up": 0}
+        return traffic
 
 
 def _log_event(kind: str, info: dict[str, Any]) -> None:
@@ -116,6 +144,10 @@ def _log_event(kind: str, info: dict[str, Any]) -> None:
         log.info("fedmml round %s: loss %.4f%s", info["round"], info["train_loss"], scores)
     elif kind == "stage":
         log.info("fedmml stage %s/%s", info["stage"], info["stages"])
+    elif kind in ("client_failed", "rejected"):
+        log.warning("fedmml client %s dropped: %s", info["client"], info["reason"])
+    elif kind == "skipped":
+        log.warning("fedmml round %s skipped: only %s valid updates", info["round"], info["accepted"])
 
 
 def _default_run_dir(cfg: Config) -> Path:
@@ -131,18 +163,30 @@ def main(grid: Grid, context: Context) -> None:
     cfg = resolve_classes(resolve_config(rc))
     out_dir = Path(str(rc["run-dir"])) if rc.get("run-dir") else _default_run_dir(cfg)
     log.info("fedmml: %s on %s clients, writing %s", cfg.run.method, cfg.federation.num_clients, out_dir)
-    record = start_run(cfg, out_dir, _log_event)
+    resume = bool(rc.get("resume", False))
+    if resume:
+        _, (tensors, state), record = reopen_run(out_dir, _log_event)
+    else:
+        record = start_run(cfg, out_dir, _log_event)
     nodes = wait_for_nodes(grid, cfg.federation.num_clients, float(rc.get("node-wait-timeout", 120)))
     node_of = map_partitions(grid, cfg, nodes, float(rc.get("first-round-timeout", 900)))
-    dispatch = GridDispatch(
-        grid, node_of, float(rc.get("first-round-timeout", 900)), float(rc.get("round-timeout", 300))
-    )
 
     def emit(kind: str, info: dict[str, Any]) -> None:
         if kind == "round_done":
-            info.update(dispatch.last)
+            info.update(dispatch.take_traffic())
         record(kind, info)
 
-    side = build_server(cfg, emit)
+    side = build_server(cfg, emit, out_dir / CHECKPOINTS)
+    if resume:
+        side.server.resume(tensors, state)
+        # A resumed run is a new Flower run: its nodes start with empty state, so they hold no frozen tensors.
+        side.server.ledger.held.clear()
+    dispatch = GridDispatch(
+        grid,
+        node_of,
+        float(rc.get("first-round-timeout", 900)),
+        float(rc.get("round-timeout", 300)),
+        emit,
+    )
     metrics = side.server.run(dispatch)
     finish_run(cfg, out_dir, side, metrics, started, emit)
