@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -335,6 +336,10 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         console.print(f"JSON written to {args.json}")
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedmml`` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -347,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         "bench": _cmd_bench,
         "deploy": _cmd_deploy,
     }
+    # A SIGTERM (a scheduler, `kill`) stops a run as cleanly as Ctrl-C: the processes it started are stopped
+    # and every finished round stays checkpointed.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.command == "config":
             print(_resolve(args).to_json())
@@ -361,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         console.print(f"[red]fedmml: error:[/] {err}")
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -133,3 +133,43 @@ def test_flwr_run_on_the_repository_app(emoji_root: Path, tmp_path: Path) -> Non
     assert len(records) == 1 and records[0]["clients"] == [0, 1, 2]
     assert json.loads((out / "summary.json").read_text())["rounds"] == 1
     assert not (repo / "run-config.toml").exists()
+
+
+def _processes_with(variable: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if variable.encode() in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds processes through /proc")
+def test_ctrl_c_stops_the_simulation_and_every_process_it_started(emoji_root: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fedmml.cli", "run", "--engine", "flower-sim", "--preset", "tiny", "--quiet"]
+    cmd += ["--out", str(out), "--set", f'data.root="{emoji_root}"', "--set", "run.threads=1"]
+    cmd += ["--set", "schedules.uniform.rounds=[50, 50, 50]"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoints").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        # Every Flower and Ray process of this run has the run's Flower home in its environment.
+        marker = f"FLWR_HOME={out / 'flwr'}"
+        assert len(_processes_with(marker)) >= 4  # SuperLink, SuperExec, simulation runtime, Ray
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(1)
+    assert _processes_with(marker) == []
+    assert any((out / "checkpoints").iterdir())  # what finished is kept, for --resume

@@ -144,3 +144,19 @@ def test_backfill_replaces_failed_clients_within_the_round(emoji_root: Path) -> 
     # Every client asked was either sampled or a replacement; replacements are never asked twice.
     for r in failed:
         assert len(set(r["backfilled_clients"])) == len(r["backfilled_clients"])
+
+
+def test_sigterm_stops_a_run_cleanly_and_it_resumes(emoji_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fedmml.cli", "run", *RUN_ARGS, "--set", f'data.root="{emoji_root}"']
+    # Enough rounds that the signal lands mid-run; evaluation only at the end keeps them short.
+    cmd += ["--set", "schedules.uniform.rounds=[1, 8, 8]", "--set", "eval.every=0", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130 and "fedmml run --resume" in output
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0
+    assert len(_records(out)) == 17

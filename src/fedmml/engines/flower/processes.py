@@ -8,8 +8,12 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from types import TracebackType
+
+# Every process a group starts carries this variable, and so do the processes they start in turn.
+MARKER = "FEDMML_PROCESS_GROUP"
 
 
 def free_port() -> int:
@@ -58,21 +62,25 @@ def tool(name: str) -> str:
 class ProcessGroup:
     """Processes started for one run; leaving the ``with`` block (normally, on error or Ctrl-C) stops all.
 
-    Each process leads its own session, so stopping it by its id also reaches the helpers it spawned
-    (SuperExec, the simulation runtime, ClientApp processes) and nothing else.
+    Each process leads its own session, so stopping it by its id also reaches the helpers it spawned in that
+    session. Some helpers start sessions of their own (Flower's SuperExec, and with it the simulation
+    runtime and Ray), and outlive their parent; they are found by a marker in their environment, which
+    every process started here passes on, and stopped by their ids as well (where ``/proc`` exists).
     """
 
     def __init__(self, logs: Path, env: dict[str, str]) -> None:
         self.logs = logs
         self.env = env
+        self.token = uuid.uuid4().hex
         self.procs: list[subprocess.Popen] = []
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         """Start ``argv`` with its output in ``<logs>/<name>.log`` (``env`` replaces the group's)."""
         self.logs.mkdir(parents=True, exist_ok=True)
+        env = {**(env or self.env), MARKER: self.token}
         with (self.logs / f"{name}.log").open("ab") as out:
             proc = subprocess.Popen(
-                argv, env=env or self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         self.procs.append(proc)
         return proc
@@ -97,11 +105,33 @@ class ProcessGroup:
                     pass
             break
 
-    def stop_all(self) -> None:
-        """Stop every process started here, the last started first."""
+    def strays(self) -> list[int]:
+        """Ids of live processes that carry this group's marker (empty where there is no ``/proc``)."""
+        needle = f"{MARKER}={self.token}".encode()
+        found = []
+        for entry in Path("/proc").glob("[0-9]*"):
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+        return found
+
+    def stop_all(self, grace: float = 5.0) -> None:
+        """Stop every process started here, the last started first, then whatever they left behind."""
         for proc in reversed(self.procs):
             self.stop(proc)
         self.procs.clear()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            left = self.strays()
+            for pid in left:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace
+            while left and self.strays() and time.monotonic() < deadline:
+                time.sleep(0.2)
 
     def __enter__(self) -> ProcessGroup:
         return self
