@@ -13,6 +13,7 @@ SUMMARY_KEYS = {
     "t2i_r10", "rsum", "bytes_up_total", "bytes_down_total", "wall_s",
 }  # fmt: skip
 ROUND_KEYS = {"round", "stage", "method", "clients", "train_loss", "bytes_up", "bytes_down", "wall_s"}
+ROUND_KEYS |= {"client_s"}
 
 
 def _data(root: Path) -> list[str]:

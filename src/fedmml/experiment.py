@@ -160,6 +160,7 @@ def build_setup(cfg: Config, listener: Listener | None = None, checkpoint_dir: P
     clients = [Client(cid, cfg, side.train, idx, workspace) for cid, idx in enumerate(side.partitions)]
     engine = InProcessEngine(clients, cfg, workspace, emit)
     side.server.engine_state = engine.state_dict
+    side.server.engine_metrics = engine.take_metrics
     return Setup(side.train, side.test, side.partitions, side.server, clients, engine, workspace)
 
 

@@ -36,6 +36,7 @@ class InProcessEngine:
         self.timeout_s = cfg.federation.client_timeout_s
         self.listener = listener or (lambda kind, info: None)
         self.rng = np.random.default_rng(derive_seed(cfg.run.seed, 2))
+        self.client_s = 0.0
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to continue exactly: the fault stream, the cost measurements and which
@@ -51,6 +52,11 @@ class InProcessEngine:
         self.rng.bit_generator.state = state["faults_rng"]
         self.meter.load_state(state["meter"])
         self.caches.restore(state.get("caches", {}))
+
+    def take_metrics(self) -> dict[str, Any]:
+        """Seconds the clients spent handling their messages since the last call (one round)."""
+        metrics, self.client_s = {"client_s": self.client_s}, 0.0
+        return metrics
 
     def _run_client(self, cid: int, message: Message) -> tuple[Message, float]:
         """The client's reply and its simulated extra delay."""
@@ -71,6 +77,7 @@ class InProcessEngine:
             except Exception as err:  # noqa: BLE001 - one failing client must not end the round
                 self.listener("client_failed", {"client": cid, "reason": f"{type(err).__name__}: {err}"})
                 continue
+            self.client_s += time.perf_counter() - start
             elapsed = time.perf_counter() - start + delay
             if self.timeout_s and elapsed > self.timeout_s:
                 reason = f"missed the {self.timeout_s:g} s deadline ({elapsed:.2f} s)"

@@ -115,6 +115,8 @@ class Server:
         self._parts_by_stage: dict[int, dict[str, int]] = {}
         # The engine's own resumable state (fault streams, cached measurements), saved with each checkpoint.
         self.engine_state: Callable[[], dict[str, Any]] = dict
+        # What the engine measured during the round (client time, its own byte counters), for its record.
+        self.engine_metrics: Callable[[], dict[str, Any]] = dict
 
     def sample_clients(self) -> list[int]:
         """Clients for one round: all, or a seeded sample without replacement."""
@@ -299,8 +301,11 @@ class Server:
         else:
             record["skipped"] = True
             self.listener("skipped", {"round": round_no, "accepted": len(accepted)})
+        record.update(self.engine_metrics())
         if self.evaluate is not None and self._eval_due(round_no):
+            evaluating = time.perf_counter()
             record.update(self.evaluate(self.model))
+            record["eval_s"] = time.perf_counter() - evaluating
         record["wall_s"] = time.perf_counter() - start
         self.listener("round_done", record)
         return record

@@ -8,6 +8,7 @@ separate processes Flower starts for each message).
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +89,8 @@ def train(msg: Message, context: Context) -> Message:
     pid, _ = _partition(context)
     client = Client(pid, loaded.cfg, loaded.train, loaded.partitions[pid], loaded.workspace)
     client.store = deserialize(bytes(state["store"]))
+    started = time.perf_counter()
     reply = client.handle(unpack(msg.content))
+    handled = time.perf_counter() - started
     state["store"] = serialize(client.store)
-    return Message(pack(reply, train=False), reply_to=msg)
+    return Message(pack(reply, train=False, client_s=handled), reply_to=msg)

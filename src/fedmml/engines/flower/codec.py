@@ -17,6 +17,7 @@ from fedmml.federation.payload import Message
 PAYLOAD = "fedmml"
 ROUND_CONFIG = "config"
 METRICS = "metrics"
+CLIENT_SECONDS = "client-s"  # in a reply's MetricRecord: the node's time in Client.handle
 
 
 def round_config(meta: dict[str, Any]) -> ConfigRecord:
@@ -32,14 +33,18 @@ def round_config(meta: dict[str, Any]) -> ConfigRecord:
     return ConfigRecord(record)
 
 
-def pack(message: Message, train: bool) -> RecordDict:
-    """A fedmml message as Flower message content."""
+def pack(message: Message, train: bool, client_s: float = 0.0) -> RecordDict:
+    """A fedmml message as Flower message content (a reply also says how long the client took)."""
     content = RecordDict({PAYLOAD: ConfigRecord({"meta": message.header.decode(), "blob": message.blob})})
     if train and "stage" in message.meta:
         content[ROUND_CONFIG] = round_config(message.meta)
     elif "num_samples" in message.meta:
         content[METRICS] = MetricRecord(
-            {"num-examples": message.meta["num_samples"], "train-loss": float(message.meta["train_loss"])}
+            {
+                "num-examples": message.meta["num_samples"],
+                "train-loss": float(message.meta["train_loss"]),
+                CLIENT_SECONDS: client_s,
+            }
         )
     return content
 

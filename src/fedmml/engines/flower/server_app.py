@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedmml.config import Config, config_from_dict, load_config
-from fedmml.engines.flower.codec import content_bytes, pack, unpack
+from fedmml.engines.flower.codec import CLIENT_SECONDS, METRICS, content_bytes, pack, unpack
 from fedmml.experiment import CHECKPOINTS, build_server, finish_run, reopen_run, start_run
 from fedmml.federation.payload import Message as Payload
 from fedmml.federation.server import Listener
@@ -102,7 +102,11 @@ class GridDispatch:
         self.timeouts = [first_timeout, timeout]
         self.listener = listener
         self.calls = 0
-        self.traffic = {"flower_bytes_down": 0, "flower_bytes_up": 0}
+        self.measured = self._zero()
+
+    @staticmethod
+    def _zero() -> dict[str, Any]:
+        return {"flower_bytes_down": 0, "flower_bytes_up": 0, "client_s": 0.0}
 
     def __call__(self, outgoing: list[tuple[int, Payload]]) -> list[tuple[int, Payload]]:
         """Send one training message per client and return the replies that arrived, in the order sent."""
@@ -114,8 +118,8 @@ class GridDispatch:
         timeout = self.timeouts[min(self.calls, 1)]
         self.calls += 1
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        self.traffic["flower_bytes_down"] += sum(content_bytes(m.content) for m in messages)
-        self.traffic["flower_bytes_up"] += sum(content_bytes(r.content) for r in replies if r.has_content())
+        self.measured["flower_bytes_down"] += sum(content_bytes(m.content) for m in messages)
+        self.measured["flower_bytes_up"] += sum(content_bytes(r.content) for r in replies if r.has_content())
         payloads: dict[int, Payload] = {}
         answered: set[int] = set()
         for reply in replies:
@@ -128,14 +132,17 @@ class GridDispatch:
                 payloads[cid] = unpack(reply.content)
             except (KeyError, ValueError) as err:
                 self.listener("client_failed", {"client": cid, "reason": f"unreadable reply: {err}"})
+                continue
+            metrics = reply.content.metric_records.get(METRICS, {})
+            self.measured["client_s"] += float(metrics.get(CLIENT_SECONDS, 0.0))
         for cid in sorted({cid for cid, _ in outgoing} - answered):
             self.listener("client_failed", {"client": cid, "reason": f"no reply within {timeout:g} s"})
         return [(cid, payloads[cid]) for cid, _ in outgoing if cid in payloads]
 
-    def take_traffic(self) -> dict[str, int]:
-        """Flower's bytes since the last call (one round: its waves and retries)."""
-        traffic, self.traffic = self.traffic, {"flower_bytes_down": 0, "flower_bytes_up": 0}
-        return traffic
+    def take_metrics(self) -> dict[str, Any]:
+        """Flower's bytes and the clients' own handling time since the last call (one round)."""
+        measured, self.measured = self.measured, self._zero()
+        return measured
 
 
 def _log_event(kind: str, info: dict[str, Any]) -> None:
@@ -170,13 +177,7 @@ def main(grid: Grid, context: Context) -> None:
         record = start_run(cfg, out_dir, _log_event)
     nodes = wait_for_nodes(grid, cfg.federation.num_clients, float(rc.get("node-wait-timeout", 120)))
     node_of = map_partitions(grid, cfg, nodes, float(rc.get("first-round-timeout", 900)))
-
-    def emit(kind: str, info: dict[str, Any]) -> None:
-        if kind == "round_done":
-            info.update(dispatch.take_traffic())
-        record(kind, info)
-
-    side = build_server(cfg, emit, out_dir / CHECKPOINTS)
+    side = build_server(cfg, record, out_dir / CHECKPOINTS)
     if resume:
         side.server.resume(tensors, state)
         # A resumed run is a new Flower run: its nodes start with empty state, so they hold no frozen tensors.
@@ -186,7 +187,8 @@ def main(grid: Grid, context: Context) -> None:
         node_of,
         float(rc.get("first-round-timeout", 900)),
         float(rc.get("round-timeout", 300)),
-        emit,
+        record,
     )
+    side.server.engine_metrics = dispatch.take_metrics
     metrics = side.server.run(dispatch)
-    finish_run(cfg, out_dir, side, metrics, started, emit)
+    finish_run(cfg, out_dir, side, metrics, started, record)
