@@ -14,8 +14,10 @@ from fedmml.federation.payload import (
     decode,
     deserialize,
     encode,
+    from_delta,
     pack,
     serialize,
+    to_delta,
     unpack,
     upload_parts,
     validate,
@@ -75,6 +77,35 @@ def test_non_finite_values_survive_encoding_so_they_can_be_rejected() -> None:
     for dtype in ("float16", "int8"):
         out = unpack(pack(bad, dtype))
         assert not torch.isfinite(out["w"]).all() and not torch.isfinite(out["v"]).all(), dtype
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_a_small_update_survives_a_lossy_transport_as_a_delta(dtype: str) -> None:
+    start = {"w": torch.full((4, 4), 3.0) + torch.arange(16.0).reshape(4, 4), "n": torch.tensor(5)}
+    step = torch.full((4, 4), 1e-3)  # below float16's resolution at 3..18, and int8's at max 18 / 127
+    trained = {"w": start["w"] + step, "n": torch.tensor(6)}
+    as_weights = unpack(pack(trained, dtype))
+    assert (as_weights["w"] - start["w"] - step).abs().max() > 5e-4  # the update is mostly lost
+    back = from_delta(unpack(pack(to_delta(trained, start), dtype)), start)
+    assert torch.allclose(back["w"], trained["w"], rtol=0, atol=1e-5)
+    assert torch.equal(back["n"], trained["n"])  # integer buffers travel as they are
+
+
+def test_from_delta_never_broadcasts_a_wrong_shape() -> None:
+    base = {"w": torch.zeros(3, 4)}
+    with pytest.raises(PayloadError, match="expected"):
+        validate(from_delta({"w": torch.ones(4)}, base), base)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_only_lossy_replies_carry_deltas(emoji_root: Path, dtype: str) -> None:
+    overrides = [f'data.root="{emoji_root}"', "data.limit_train=32", f'transport.dtype="{dtype}"']
+    cfg = load_config("tiny", overrides)
+    setup = build_setup(cfg)
+    stage = setup.server.stages[0]
+    message, _ = setup.server.message_for(0, stage, 1, setup.server.enter_stage(stage))
+    reply = setup.clients[0].handle(message)
+    assert reply.meta.get("delta", False) is (dtype != "float32")
 
 
 def test_decode_leaves_mismatches_for_validate() -> None:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedmml.accounting import StepMeter
 from fedmml.config import Config
-from fedmml.federation.payload import Message, PayloadError, pack, unpack
+from fedmml.federation.payload import Message, PayloadError, lossy, pack, to_delta, unpack
 from fedmml.federation.prefix_cache import CacheShelf, PrefixCache
 from fedmml.methods import Stage, configure, frozen_modules, param_group, set_train_mode
 from fedmml.models.build import build_model
@@ -216,6 +216,12 @@ class Client:
         loss, steps = train_epochs(model, self.dataset, self.indices, stage, meta, self.cfg, meter, cache)
         current = model.state_dict()
         update = {k: current[k] for k in sorted(trainable)}
+        transport = meta.get("transport", "float32")
+        if lossy(transport):
+            # A rounding transport carries this round's change rather than the weights: the rounding error
+            # then scales with the (small) change, not with the weights, and the server adds the change to
+            # its float32 master weights, which also cancels the rounding of what it sent.
+            update = to_delta(update, received)
         cost = meter.finish()  # flops, peak_mem_bytes
         # The one-off fill pass is work of the round that filled the cache.
         fill_flops = cache.take_fill_flops() if cache is not None else 0
@@ -231,5 +237,7 @@ class Client:
             "cache_on_disk": bool(cache is not None and cache.on_disk),
             "cache_note": shelf.why(self.cid),
         }
+        if lossy(transport):
+            reply["delta"] = True
         # The reply travels as the server asked; messages from before transport.dtype existed mean float32.
-        return Message(reply, pack(update, meta.get("transport", "float32")))
+        return Message(reply, pack(update, transport))

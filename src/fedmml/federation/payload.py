@@ -19,6 +19,8 @@ from safetensors.torch import save as st_save
 from fedmml.config import TRANSPORT_DTYPES
 from fedmml.methods import ENCODER_PREFIX
 
+Tensors = dict[str, torch.Tensor]
+
 # int8 tensors travel with their float32 scale under this suffix; no model key ends like this.
 SCALE_SUFFIX = ".__scale__"
 _INT8_MAX = 127
@@ -118,6 +120,30 @@ def decode(
             out[key] = value.to(target)
         else:
             out[key] = value
+    return out
+
+
+def lossy(dtype: str) -> bool:
+    """Whether ``dtype`` rounds floating tensors on the wire."""
+    return dtype != "float32"
+
+
+def to_delta(update: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor]) -> Tensors:
+    """A client's update as the change from the weights it started the round with (floating tensors)."""
+    return {k: v - start[k] if v.is_floating_point() else v for k, v in update.items()}
+
+
+def from_delta(delta: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> Tensors:
+    """Inverse of :func:`to_delta` on the server's ``base`` weights.
+
+    Only a floating tensor whose key and shape match is added; anything else is left as received, so that
+    :func:`validate` rejects it instead of broadcasting a wrong shape into a right one.
+    """
+    out = {}
+    for key, value in delta.items():
+        ref = base.get(key)
+        matches = ref is not None and value.is_floating_point() and value.shape == ref.shape
+        out[key] = ref + value.to(ref.dtype) if matches else value
     return out
 
 

@@ -20,7 +20,15 @@ from fedmml.config import Config
 from fedmml.federation.aggregate import AGGREGATORS
 from fedmml.federation.checkpoint import save_checkpoint
 from fedmml.federation.client import derive_seed, stage_to_meta
-from fedmml.federation.payload import Message, PayloadError, pack, unpack, upload_parts, validate
+from fedmml.federation.payload import (
+    Message,
+    PayloadError,
+    from_delta,
+    pack,
+    unpack,
+    upload_parts,
+    validate,
+)
 from fedmml.methods import Stage, configure
 from fedmml.models.multimodal import MultimodalModel
 
@@ -331,6 +339,8 @@ class Server:
             # A client that replied processed the message, so it now holds the frozen tensors sent to it.
             self.ledger.record(cid, sent[cid][1])
             tensors = unpack(reply.blob, dtypes)
+            if reply.meta.get("delta"):
+                tensors = from_delta(tensors, expected)
             reason = self.check_update(tensors, expected)
             if reason is None:
                 accepted.append((cid, tensors, reply))
