@@ -159,7 +159,7 @@ class FederationConfig:
 class TransportConfig:
     """How tensors travel between server and clients, both directions (the server keeps float32 weights)."""
 
-    dtype: str = "float32"  # float32 | float16 | int8 (per-tensor symmetric, float32 scale)
+    dtype: str = "float32"  # float32 | float16 | int8 (matrices: a float32 scale per row; vectors: float16)
 
 
 @dataclass

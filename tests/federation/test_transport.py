@@ -58,25 +58,54 @@ def test_float16_round_trip_relative_error() -> None:
 
 def test_int8_round_trip_error_at_most_half_a_step() -> None:
     tensors = _tensors()
+    tensors["w"][3] = 0.0
     wire = encode(tensors, "int8")
     assert wire["w"].dtype == torch.int8 and wire["w" + SCALE_SUFFIX].dtype == torch.float32
+    assert wire["w" + SCALE_SUFFIX].shape == (64,)  # one scale per row of a matrix
     assert "bn.num_batches_tracked" + SCALE_SUFFIX not in wire
     out = decode(deserialize(serialize(wire)), {k: v.dtype for k, v in tensors.items()})
-    assert set(out) == set(tensors)
-    for key in ("w", "b", "scalar"):
-        scale = wire[key + SCALE_SUFFIX]
-        assert out[key].dtype == torch.float32
-        assert (out[key] - tensors[key]).abs().max() <= scale / 2 * (1 + 1e-5), key
-    # An all-zero tensor: scale 0, no division by zero, exact zeros back.
-    assert wire["zero" + SCALE_SUFFIX] == 0 and torch.equal(out["zero"], tensors["zero"])
+    assert set(out) == set(tensors) and out["w"].dtype == torch.float32
+    step = wire["w" + SCALE_SUFFIX].reshape(-1, 1)
+    assert ((out["w"] - tensors["w"]).abs() <= step / 2 * (1 + 1e-5)).all()
+    # An all-zero row: scale 0, no division by zero, exact zeros back.
+    assert wire["w" + SCALE_SUFFIX][3] == 0 and torch.equal(out["w"][3], tensors["w"][3])
     assert torch.equal(out["bn.num_batches_tracked"], tensors["bn.num_batches_tracked"])
 
 
+def test_int8_sends_vectors_as_float16() -> None:
+    # A BatchNorm's running variances span orders of magnitude: a shared int8 scale would zero the small ones.
+    running_var = torch.tensor([1e-4, 3e-2, 10.0])
+    wire = encode({"bn.running_var": running_var, "b": torch.tensor(0.5)}, "int8")
+    assert wire["bn.running_var"].dtype == torch.float16 and wire["b"].dtype == torch.float16
+    assert "bn.running_var" + SCALE_SUFFIX not in wire
+    out = decode(wire)
+    assert torch.allclose(out["bn.running_var"], running_var, rtol=2**-11, atol=0)
+
+
+def test_int8_outlier_row_coarsens_only_its_own_row() -> None:
+    w = torch.full((4, 8), 0.01)
+    w[0, 0] = 100.0
+    out = unpack(pack({"w": w}, "int8"))
+    assert torch.allclose(out["w"][1:], w[1:], rtol=0, atol=0.01 / 254 * 1.001)
+
+
+def test_int8_scale_of_the_wrong_shape_is_left_for_validate() -> None:
+    wire = {"w": torch.zeros(4, 8, dtype=torch.int8), "w" + SCALE_SUFFIX: torch.ones(3)}
+    with pytest.raises(PayloadError, match="expected"):
+        validate(decode(wire), {"w": torch.zeros(4, 8)})
+
+
 def test_non_finite_values_survive_encoding_so_they_can_be_rejected() -> None:
-    bad = {"w": torch.tensor([1.0, float("nan")]), "v": torch.tensor([float("inf"), 2.0])}
+    bad = {
+        "w": torch.tensor([1.0, float("nan")]),
+        "v": torch.tensor([float("inf"), 2.0]),
+        "m": torch.tensor([[1.0, float("inf")], [2.0, 3.0]]),
+    }
     for dtype in ("float16", "int8"):
         out = unpack(pack(bad, dtype))
-        assert not torch.isfinite(out["w"]).all() and not torch.isfinite(out["v"]).all(), dtype
+        assert all(not torch.isfinite(out[k]).all() for k in bad), dtype
+    other_row = unpack(pack(bad, "int8"))["m"][1]  # the other row keeps its own finite scale
+    assert torch.allclose(other_row, torch.tensor([2.0, 3.0]), rtol=0, atol=3.0 / 254)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
@@ -211,4 +240,4 @@ def test_bench_upload_parts_count_wire_bytes() -> None:
     f32 = upload_parts(state, keys)["heads"]
     assert f32 == 32 * 4 + 8
     assert upload_parts(state, keys, "float16")["heads"] == 32 * 2 + 8
-    assert upload_parts(state, keys, "int8")["heads"] == 32 + 4 + 8  # codes + float32 scale + int64 buffer
+    assert upload_parts(state, keys, "int8")["heads"] == 32 + 8 * 4 + 8  # codes + a scale per row + int64

@@ -72,17 +72,28 @@ def validate(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
 
 
 def _quantise(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor symmetric int8 and its float32 scale; non-finite input gives a NaN scale."""
+    """Symmetric int8 codes and one float32 scale per row (output channel) of a matrix or kernel, so that
+    one row's outliers coarsen only that row. A non-finite row gets a NaN scale, so that the receiver's
+    non-finite check still rejects the tensor."""
     value = value.detach().to(torch.float32)
-    amax = value.abs().max() if value.numel() else torch.zeros(())
-    if not torch.isfinite(amax):
-        # Dequantises to all-NaN, so the receiver's non-finite check still rejects the tensor.
-        return torch.zeros_like(value, dtype=torch.int8), torch.tensor(float("nan"))
-    scale = amax / _INT8_MAX
-    # An all-zero tensor has scale 0: divide by 1 instead, the codes are 0 either way.
-    divisor = scale if scale > 0 else torch.ones(())
-    codes = torch.round(value / divisor).clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)
-    return codes, scale.reshape(())
+    rows = value.reshape(value.shape[0], -1)
+    if rows.numel() == 0:
+        return torch.zeros_like(value, dtype=torch.int8), torch.zeros(rows.shape[0])
+    amax = rows.abs().amax(dim=1)
+    finite = torch.isfinite(amax)
+    scale = torch.where(finite, amax / _INT8_MAX, torch.full_like(amax, float("nan")))
+    # An all-zero row has scale 0: divide by 1 instead, its codes are 0 either way.
+    divisor = torch.where(finite & (scale > 0), scale, torch.ones_like(scale)).unsqueeze(1)
+    codes = torch.round(rows / divisor).clamp_(-_INT8_MAX, _INT8_MAX)
+    codes = torch.where(finite.unsqueeze(1), codes, torch.zeros_like(codes)).to(torch.int8)
+    return codes.reshape(value.shape), scale
+
+
+def _dequantise(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """Inverse of :func:`_quantise`; None when ``scale`` does not fit (left for validate to reject)."""
+    if codes.dim() < 2 or scale.shape != codes.shape[:1]:
+        return None
+    return codes.to(torch.float32) * scale.to(torch.float32).reshape(-1, *[1] * (codes.dim() - 1))
 
 
 def encode(tensors: Mapping[str, torch.Tensor], dtype: str = "float32") -> dict[str, torch.Tensor]:
@@ -93,7 +104,10 @@ def encode(tensors: Mapping[str, torch.Tensor], dtype: str = "float32") -> dict[
     for key, value in tensors.items():
         if not value.is_floating_point() or dtype == "float32":
             out[key] = value
-        elif dtype == "float16":
+        elif dtype == "float16" or value.dim() < 2:
+            # Under int8, vectors and scalars (biases, norm weights, BatchNorm statistics) travel as float16:
+            # they are a sliver of the bytes, and a shared int8 scale would round a BatchNorm's small running
+            # variances to zero next to its large ones.
             out[key] = value.detach().to(torch.float16)
         else:
             out[key], out[key + SCALE_SUFFIX] = _quantise(value)
@@ -114,8 +128,13 @@ def decode(
             continue  # consumed with its codes below
         target = ref.get(key, torch.float32)
         scale = tensors.get(key + SCALE_SUFFIX)
-        if scale is not None and value.dtype == torch.int8 and target.is_floating_point:
-            out[key] = (value.to(torch.float32) * scale.to(torch.float32)).to(target)
+        restored = (
+            _dequantise(value, scale)
+            if scale is not None and value.dtype == torch.int8 and target.is_floating_point
+            else None
+        )
+        if restored is not None:
+            out[key] = restored.to(target)
         elif value.is_floating_point() and target.is_floating_point:
             out[key] = value.to(target)
         else:
