@@ -137,22 +137,13 @@ def test_flwr_run_on_the_repository_app(emoji_root: Path, tmp_path: Path) -> Non
     assert not (repo / "run-config.toml").exists()
 
 
-def _processes_with(variable: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            if variable.encode() in (entry / "environ").read_bytes().split(b"\0"):
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds processes through /proc")
 def test_ctrl_c_stops_the_simulation_and_every_process_it_started(emoji_root: Path, tmp_path: Path) -> None:
     import signal
     import subprocess
     import sys
+
+    from fedmml.engines.flower.processes import processes_with
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fedmml.cli", "run", "--engine", "flower-sim", "--preset", "tiny", "--quiet"]
@@ -168,12 +159,12 @@ def test_ctrl_c_stops_the_simulation_and_every_process_it_started(emoji_root: Pa
         assert proc.poll() is None, "the run ended before it could be interrupted"
         # Every Flower and Ray process of this run has the run's Flower home in its environment.
         marker = f"FLWR_HOME={out / 'flwr'}"
-        assert len(_processes_with(marker)) >= 4  # SuperLink, SuperExec, simulation runtime, Ray
+        assert len(processes_with(marker)) >= 4  # SuperLink, SuperExec, simulation runtime, Ray
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130
     finally:
         if proc.poll() is None:
             proc.kill()
     time.sleep(1)
-    assert _processes_with(marker) == []
+    assert processes_with(marker) == []
     assert list(checkpoints.glob(pattern))  # what finished is kept, for --resume

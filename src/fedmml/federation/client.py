@@ -216,8 +216,10 @@ class Client:
         loss, steps = train_epochs(model, self.dataset, self.indices, stage, meta, self.cfg, meter, cache)
         current = model.state_dict()
         update = {k: current[k] for k in sorted(trainable)}
+        # The reply travels as the server asked; messages from before transport.dtype existed mean float32.
         transport = meta.get("transport", "float32")
-        if lossy(transport):
+        as_delta = lossy(transport)
+        if as_delta:
             # A rounding transport carries this round's change rather than the weights: the rounding error
             # then scales with the (small) change, not with the weights, and the server adds the change to
             # its float32 master weights, which also cancels the rounding of what it sent.
@@ -237,7 +239,6 @@ class Client:
             "cache_on_disk": bool(cache is not None and cache.on_disk),
             "cache_note": shelf.why(self.cid),
         }
-        if lossy(transport):
+        if as_delta:
             reply["delta"] = True
-        # The reply travels as the server asked; messages from before transport.dtype existed mean float32.
         return Message(reply, pack(update, transport))

@@ -59,6 +59,19 @@ def tool(name: str) -> str:
     return str(path) if path.exists() else name
 
 
+def processes_with(variable: str) -> list[int]:
+    """Ids of live processes whose environment holds ``variable`` ("NAME=value"); empty without ``/proc``."""
+    needle = variable.encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
 class ProcessGroup:
     """Processes started for one run; leaving the ``with`` block (normally, on error or Ctrl-C) stops all.
 
@@ -107,15 +120,7 @@ class ProcessGroup:
 
     def strays(self) -> list[int]:
         """Ids of live processes that carry this group's marker (empty where there is no ``/proc``)."""
-        needle = f"{MARKER}={self.token}".encode()
-        found = []
-        for entry in Path("/proc").glob("[0-9]*"):
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-            except OSError:  # gone meanwhile, or not ours to read
-                continue
-        return found
+        return processes_with(f"{MARKER}={self.token}")
 
     def stop_all(self, grace: float = 5.0) -> None:
         """Stop every process started here, the last started first, then whatever they left behind."""
