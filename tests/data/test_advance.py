@@ -1,7 +1,6 @@
 """The ADVANCE-layout loader on a hand-made folder with broken pairs, and the language partition."""
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -77,9 +76,7 @@ def test_fbank_cache_is_reused_and_keyed_by_settings(layout: Path) -> None:
     assert first.cache.misses == 7 and first.cache.hits == 0  # bad_image.png has a good clip
     cached = list((layout / ".cache" / f"fbank-{SETTINGS.key()}").glob("*.npy"))
     assert len(cached) == 7
-    start = time.perf_counter()
     again = AdvanceDataset(layout, "train", image_size=16, settings=SETTINGS)
-    assert time.perf_counter() - start < 2.0
     assert again.cache.hits == 7 and again.cache.misses == 0
     assert all(np.array_equal(a, b) for a, b in zip(first.features, again.features, strict=True))
     other = AdvanceDataset(layout, "train", image_size=16, settings=FbankSettings(max_frames=64))

@@ -1,7 +1,6 @@
 """Emoji dataset preparation on the real emoji-datasource tarballs (fetched once by conftest's fixture)."""
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -65,9 +64,7 @@ def test_idempotent_and_deterministic(
 ) -> None:
     out, stats = both
     before = (out / "captions_train.json").stat().st_mtime_ns
-    start = time.perf_counter()
     assert prepare_emoji(out, tarballs=emoji_tarballs) == stats
-    assert time.perf_counter() - start < 2.0
     assert (out / "captions_train.json").stat().st_mtime_ns == before  # nothing rewritten
     again = tmp_path / "again"
     prepare_emoji(again, tarballs=emoji_tarballs)

@@ -1,7 +1,6 @@
 """Tux Paint preparation on a small real subset of the Debian package (installed by `make install`)."""
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -76,9 +75,7 @@ def test_loads_as_advance_dataset(small: tuple[Path, dict]) -> None:
 def test_idempotent_and_deterministic(small: tuple[Path, dict], tmp_path: Path) -> None:
     out, stats = small
     before = (out / "prepare.json").stat().st_mtime_ns
-    start = time.perf_counter()
     assert prepare_tuxpaint(out, **SUBSET) == stats
-    assert time.perf_counter() - start < 2.0
     assert (out / "prepare.json").stat().st_mtime_ns == before  # nothing rewritten
     again = tmp_path / "again"
     prepare_tuxpaint(again, **SUBSET)

@@ -89,9 +89,7 @@ def test_simulation_runtime_matches_the_inprocess_engine(
     args = ["run", "--preset", "tiny", "--engine", "flower-sim", "--quiet", "--out", str(out)]
     for item in _overrides(emoji_root):
         args += ["--set", item]
-    start = time.perf_counter()
     assert cli(args) == 0
-    assert time.perf_counter() - start < 240
     for name in ("config.json", "metrics.jsonl", "summary.json", "model.safetensors", "report.md"):
         assert (out / name).is_file(), name
     assert_same_run(inprocess, out)

@@ -61,6 +61,16 @@ def shapes(enc: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in enc.state_dict().items()}
 
 
+def in_float64(*modules: nn.Module) -> list[nn.Module]:
+    """Float64 copies: two implementations of one function then agree to ~1e-12, where in float32 their
+    different summation orders differ in the last bits from one processor to another."""
+    return [copy.deepcopy(m).double() for m in modules]
+
+
+# Tolerance of a float64 comparison of two implementations of one network (rounding ~1e-16 per operation).
+EXACT = {"atol": 1e-9, "rtol": 1e-9}
+
+
 def assert_same_tensors(a: nn.Module, b: nn.Module) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -134,11 +144,12 @@ def test_vit_matches_reference(tmp_path, size):
     enc.grow(1)
     enc.grow(1)
     enc.eval()
-    x = torch.randn(3, 3, size, size)
+    x = torch.randn(3, 3, size, size, dtype=torch.float64)
+    ref64, enc64 = in_float64(ref, enc)
     with torch.no_grad():
-        want = ref(x, interpolate_pos_encoding=size != 32).last_hidden_state[:, 0]
-        got = enc({"pixel_values": x})
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        want = ref64(x, interpolate_pos_encoding=size != 32).last_hidden_state[:, 0]
+        got = enc64({"pixel_values": x})
+    torch.testing.assert_close(got, want, **EXACT)
     assert top_level_prefixes(enc) == {"stem", "blocks", "norm"}
     assert_same_tensors(enc.norm, ref.layernorm)
     for j in range(2):
@@ -173,10 +184,11 @@ def minilm_enc():
 def test_minilm_matches_reference(minilm_enc, minilm_ref):
     tokens = minilm_enc.tokenize(TEXTS)
     assert tokens["attention_mask"].min() == 0  # padding is present, so the mask matters
+    enc, ref = in_float64(minilm_enc, minilm_ref)
     with torch.no_grad():
-        want = minilm_ref(**tokens).last_hidden_state[:, 0]
-        got = minilm_enc(tokens)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        want = ref(**tokens).last_hidden_state[:, 0]
+        got = enc(tokens)
+    torch.testing.assert_close(got, want, **EXACT)
     assert isinstance(minilm_enc.norm, nn.Identity)
     assert top_level_prefixes(minilm_enc) == {"stem", "blocks"}
 
@@ -186,12 +198,13 @@ def test_minilm_mean_pooling_is_the_sentence_transformers_embedding(minilm_enc, 
     mean_enc = build_encoder(text_cfg(pooling="mean"))
     mean_enc.grow(6)
     mean_enc.eval()
+    enc, ref = in_float64(mean_enc, minilm_ref)
     with torch.no_grad():
-        hidden = minilm_ref(**tokens).last_hidden_state
-        mask = tokens["attention_mask"].unsqueeze(-1).float()
+        hidden = ref(**tokens).last_hidden_state
+        mask = tokens["attention_mask"].unsqueeze(-1).double()
         want = (hidden * mask).sum(1) / mask.sum(1)
-        got = mean_enc(tokens)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        got = enc(tokens)
+    torch.testing.assert_close(got, want, **EXACT)
 
 
 def test_unknown_pooling_is_rejected():
@@ -219,10 +232,11 @@ def test_tiny_text_matches_reference(model_type, attn):
         ref_layers[j].load_state_dict(enc.blocks[j].state_dict())
     ids = torch.randint(1, 100, (3, 7))
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
+    ref, enc = in_float64(ref, enc)
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
         got = enc({"input_ids": ids, "attention_mask": mask})
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, want, **EXACT)
 
 
 def test_minilm_growth_carries_pretrained_blocks(minilm_ref):
@@ -280,15 +294,30 @@ def effnet_enc():
     return enc.eval()
 
 
+def effnet_features(enc: nn.Module, ref: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our full-depth pooled features and the package's, both in float64."""
+    enc, ref = in_float64(enc, ref)
+    with torch.no_grad():
+        return enc.pool(*enc.forward_prefix({"pixel_values": x}, 16)), reference_features(ref, x)
+
+
 def test_effnet_matches_reference(effnet_enc, effnet_ref):
     assert effnet_enc.total_blocks == 16
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    got, want = effnet_features(effnet_enc, effnet_ref, x)
+    torch.testing.assert_close(got, want, **EXACT)
     with torch.no_grad():
-        got = effnet_enc.pool(*effnet_enc.forward_prefix({"pixel_values": x}, 16))
-        want = reference_features(effnet_ref, x)
-        out = effnet_enc({"pixel_values": x})
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        out = effnet_enc({"pixel_values": x.float()})
     assert got.shape == (2, 320) and out.shape == (2, 24)
+
+
+def test_effnet_comparison_catches_a_wrong_weight(effnet_enc, effnet_ref):
+    # An error far smaller than any wrong mapping, 0.1 % in one BatchNorm statistic of one block, must fail.
+    enc = copy.deepcopy(effnet_enc)
+    enc.blocks[5]._bn2.running_var.mul_(1.001)
+    got, want = effnet_features(enc, effnet_ref, torch.randn(2, 3, 64, 64, dtype=torch.float64))
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(got, want, **EXACT)
 
 
 def test_effnet_drop_connect_matches_package_in_training(effnet_enc, effnet_ref):
