@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install data lint clean
+.PHONY: demo test test-fast install data lint clean
 
 # Optional Debian data packages (Fashion-MNIST for zero-shot evaluation, Tux Paint stamps for image+audio):
 # installed when we are root on a Debian-like system, otherwise skipped with a note.
@@ -44,9 +44,13 @@ demo: install data
 test: install data
 	$(BIN)/python -m pytest -q
 
+# The tests not marked slow (no Flower runtimes, no long end-to-end runs): a minute or two while developing.
+test-fast: install data
+	$(BIN)/python -m pytest -q -m "not slow"
+
 lint: install
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests scripts benchmarks
+	$(BIN)/ruff format --check src tests scripts benchmarks
 
 clean:
 	rm -rf $(VENV) runs .cache

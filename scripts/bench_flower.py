@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from fedmml.config import load_config
-from fedmml.experiment import read_metrics, run_experiment
+from fedmml.experiment import run_experiment
+from fedmml.runs import read_metrics
 from fedmml.tasks import resolve_classes
 
 

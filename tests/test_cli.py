@@ -110,7 +110,8 @@ def test_bad_input_is_one_clear_line(emoji_root: Path, tmp_path: Path, capsys, a
 def test_malformed_captions_and_unwritable_output_are_one_line_errors(tmp_path: Path, capsys) -> None:
     root = tmp_path / "bad"
     (root / "images").mkdir(parents=True)
-    (root / "captions_train.json").write_text("{not json")
+    for split in ("train", "test"):
+        (root / f"captions_{split}.json").write_text("{not json")
     args = [
         "run",
         "--preset",

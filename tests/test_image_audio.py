@@ -43,7 +43,7 @@ def test_lw_cache_is_exact_on_audio(tuxpaint_root: Path, same_trajectory) -> Non
         metrics = setup.run_rounds()
         losses[cached] = [m["train_loss"] for m in metrics]
         cache_bytes[cached] = metrics[-1]["client_cache_bytes"]
-    steps = max(len(part) for part in setup.partitions) // cfg.federation.batch_size
+    steps = max(c.num_samples for c in setup.clients.values()) // cfg.federation.batch_size
     same_trajectory(losses["true"], losses["false"], steps)
     assert cache_bytes["true"] > 0 == cache_bytes["false"]
 
@@ -69,7 +69,11 @@ def test_partitions_by_class_and_by_language(tuxpaint_root: Path) -> None:
 
 def test_classes_come_from_the_data(tuxpaint_root: Path, tmp_path: Path) -> None:
     assert resolve_classes(_cfg(tuxpaint_root)).model.num_classes == 4
-    assert resolve_classes(_cfg(tuxpaint_root, "model.num_classes=7")).model.num_classes == 7
+    # The class names travel in the config, so every client labels alike; a head of another width is an error.
+    named = resolve_classes(_cfg(tuxpaint_root, 'data.classes=["a", "b", "c"]'))
+    assert named.data.classes == ["a", "b", "c"] and named.model.num_classes == 3
+    with pytest.raises(ConfigError, match="model.num_classes = 7 but there are 4 classes"):
+        resolve_classes(_cfg(tuxpaint_root, "model.num_classes=7"))
     (tmp_path / "train" / "vision" / "only").mkdir(parents=True)
     with pytest.raises(ConfigError, match="at least 2"):
         resolve_classes(_cfg(tmp_path))
@@ -87,3 +91,17 @@ def test_audio_backend_and_features_must_match() -> None:
         load_config("tuxpaint-av-aisfx", ['data.audio_features="ast-fbank"'])
     with pytest.raises(ConfigError, match="ast-fbank"):
         load_config("tuxpaint-av", ['data.audio_features="aisfx-mel"'])
+
+
+def test_federated_evaluation_sums_confusion_matrices_exactly(tuxpaint_root: Path) -> None:
+    # The three clients' shares of the test split together are the whole split, so the summed confusion
+    # matrices give exactly the whole-split accuracy and macro-F1 the server computes.
+    runs = {}
+    for where in ("server", "federated"):
+        runs[where] = build_setup(_cfg(tuxpaint_root, f'eval.where="{where}"')).run_rounds()
+    for server, fed in zip(runs["server"], runs["federated"], strict=True):
+        assert fed["train_loss"] == server["train_loss"] and fed["bytes_up"] == server["bytes_up"]
+        assert fed["eval_clients"] == [0, 1, 2] and fed["eval_bytes_down"] > 0
+        assert fed["confusion"] == server["confusion"]
+        assert fed["accuracy"] == server["accuracy"] and fed["macro_f1"] == server["macro_f1"]
+        assert fed["test_loss"] == pytest.approx(server["test_loss"], rel=1e-5)

@@ -30,17 +30,18 @@ import torch
 from torch.utils.data import Dataset
 
 from fedmml.accounting import StepMeter
+from fedmml.client_data import ClientData
 from fedmml.config import Config, config_from_dict
 from fedmml.data.advance import collate as collate_pairs
 from fedmml.data.audio import FeatureSettings, feature_settings
 from fedmml.data.coco import collate_train
-from fedmml.experiment import select_device
 from fedmml.federation.client import Client, Workspace
 from fedmml.federation.payload import upload_parts
 from fedmml.federation.server import Server
 from fedmml.methods import plan_stages
 from fedmml.models.build import build_model
 from fedmml.models.multimodal import MultimodalModel
+from fedmml.setup import select_device
 from fedmml.tasks import resolve_classes
 
 METHODS = ("e2e", "lw", "lw-nocache", "prog")
@@ -186,8 +187,8 @@ def bench_method(
         workspace.meter = StepMeter(device, rss=True)
     batch = bcfg.federation.batch_size
     data = synthetic_data(bcfg, workspace.model, batch * steps)
-    client = Client(0, bcfg, data, list(range(len(data))), workspace)
-    server = Server(bcfg, model, stages, [client.num_samples])
+    client = Client(0, bcfg, ClientData(data, "synthetic", {}), workspace)
+    server = Server(bcfg, model, stages)
     rows = []
     round_no = 0
     for stage in stages:

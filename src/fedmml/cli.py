@@ -18,12 +18,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedmml.config import ENGINES, METHODS, ConfigError, available_presets, load_config
 from fedmml.data import DataError
+from fedmml.engines.flower.control import FlowerError
+from fedmml.federation import SetupFailed
 from fedmml.federation.payload import PayloadError
 
 console = Console(stderr=True)
 
-# Errors caused by input the user controls (config, paths, data, payloads): one line, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, OSError, PayloadError)
+# Errors caused by input the user controls (config, paths, data, payloads, clients that cannot start): one
+# line, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, OSError, PayloadError, SetupFailed)
+USER_ERRORS += (FlowerError,)
 
 EPILOG = """\
 examples:
@@ -33,6 +37,10 @@ examples:
   fedmml compare --preset tiny              e2e, lw and prog side by side
   fedmml data prepare tuxpaint              build the image + sound set (needs tuxpaint-stamps-default)
   fedmml compare --preset tuxpaint-av       the three methods on image + sound classification
+  fedmml run --set 'partition.kind="local"' --set federation.num_clients=2 \\
+      --set 'data.client_roots=["/data/a", "/data/b"]' --set 'data.root="/data/test-only"'
+                                            each client trains on a folder of its own
+  fedmml deploy --node-data /data/a /data/b one SuperNode per folder (TLS, node authentication)
   fedmml evaluate --run runs/emoji-lw --data data/emoji
   fedmml config --preset paper-coco         print the fully resolved configuration
   fedmml bench resources --preset paper-coco --schedule late-heavy --json cost.json
@@ -89,6 +97,9 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--method", choices=METHODS, help="training method (default: the preset's, lw)")
     _config_args(run)
     run.add_argument("--out", type=Path, help="run directory (default runs/<preset>-<method>-<time>)")
+    run.add_argument(
+        "--overwrite", action="store_true", help="replace a run already in --out (default: refuse)"
+    )
     run.add_argument("--quiet", action="store_true", help="no progress display")
     run.add_argument("--print-config", action="store_true", help="print the resolved config before running")
     run.add_argument(
@@ -105,6 +116,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _config_args(cmp_)
     cmp_.add_argument("--methods", default="e2e,lw,prog", help="comma-separated methods to compare")
     cmp_.add_argument("--out", type=Path, help="output directory (default runs/compare-<preset>-<time>)")
+    cmp_.add_argument("--overwrite", action="store_true", help="replace runs already in --out")
     cmp_.add_argument("--quiet", action="store_true", help="no progress display")
     cmp_.add_argument("--engine", choices=ENGINES, help="inprocess (default), flower-sim or flower")
 
@@ -114,6 +126,15 @@ def _build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--method", choices=METHODS, help="training method (default: the preset's, lw)")
     _config_args(dep)
     dep.add_argument("--out", type=Path, help="run directory (default runs/<preset>-<method>-flower-<time>)")
+    dep.add_argument(
+        "--node-data",
+        nargs="+",
+        metavar="DIR",
+        help="one SuperNode per folder, each reading only its own (the task's layout: COCO captions or "
+        "ADVANCE); sets partition.kind=local and federation.num_clients; data.root then needs only the "
+        "test split",
+    )
+    dep.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     dep.add_argument("--insecure", action="store_true", help="no TLS and no node authentication")
     dep.add_argument("--quiet", action="store_true", help="no progress display")
 
@@ -206,10 +227,12 @@ class _Display:
         elif kind == "round_done":
             if self.task is not None:
                 self.progress.advance(self.task)
-            if not self.quiet and "rsum" in info:
+            from fedmml.tasks import TASKS  # imported once a run is under way: it brings in the models
+
+            task = next((t for t in TASKS.values() if t.score_key in info), None)
+            if not self.quiet and task is not None:
                 console.print(
-                    f"  {self.method} round {info['round']}: rsum {info['rsum']:.1f}  "
-                    f"i2t R@1 {info['i2t_r1']:.1f}  t2i R@1 {info['t2i_r1']:.1f}  "
+                    f"  {self.method} round {info['round']}: {task.describe_scores(info)}  "
                     f"loss {info.get('train_loss', float('nan')):.3f}"
                 )
 
@@ -230,7 +253,17 @@ def _stamp() -> str:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    keys = ("method", "rsum", "i2t_r1", "t2i_r1", "bytes_up_total", "bytes_down_total", "wall_s")
+    keys = (
+        "method",
+        "rsum",
+        "i2t_r1",
+        "t2i_r1",
+        "accuracy",
+        "macro_f1",
+        "bytes_up_total",
+        "bytes_down_total",
+    )
+    keys += ("wall_s",)
     print(json.dumps({k: summary[k] for k in keys if k in summary}))
 
 
@@ -251,7 +284,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     display = _Display(args.quiet)
     display.method = cfg.run.method
     with display.live():
-        summary = run_experiment(cfg, out, display)
+        summary = run_experiment(cfg, out, display, overwrite=args.overwrite)
     _print_summary(summary)
     console.print(f"run written to {out} (report: {out / 'report.md'})")
 
@@ -267,7 +300,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     out = args.out or Path("runs") / f"compare-{cfg.preset}-{_stamp()}"
     display = _Display(args.quiet)
     with display.live():
-        summaries = compare(cfg, out, methods, display)
+        summaries = compare(cfg, out, methods, display, overwrite=args.overwrite)
     for summary in summaries.values():
         _print_summary(summary)
     console.print(f"comparison written to {out / 'comparison.md'}")
@@ -275,14 +308,21 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 def _cmd_deploy(args: argparse.Namespace) -> None:
     from fedmml.engines.flower.deploy import run_deployment
+    from fedmml.runs import claim_run_dir
+    from fedmml.tasks import resolve_classes
 
+    if args.node_data:
+        roots = ", ".join(json.dumps(str(Path(d).resolve())) for d in args.node_data)
+        args.overrides += ['partition.kind="local"', f"data.client_roots=[{roots}]"]
+        args.overrides.append(f"federation.num_clients={len(args.node_data)}")
+    args.overrides.append('run.engine="flower"')
     cfg = _resolve(args)
-    cfg.run.engine = "flower"
     out = args.out or Path("runs") / f"{cfg.preset}-{cfg.run.method}-flower-{_stamp()}"
+    claim_run_dir(out, args.overwrite)
     display = _Display(args.quiet)
     display.method = cfg.run.method
     with display.live():
-        summary = run_deployment(cfg, out, display, insecure=args.insecure)
+        summary = run_deployment(resolve_classes(cfg), out, display, insecure=args.insecure)
     _print_summary(summary)
     traffic = summary["flower"].get("network-traffic", {})
     console.print(
@@ -292,7 +332,8 @@ def _cmd_deploy(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from fedmml.experiment import evaluate_on, load_run_model, select_device
+    from fedmml.runs import load_run_model
+    from fedmml.setup import evaluate_on, select_device
     from fedmml.tasks import task_for
 
     cfg, model = load_run_model(args.run)
@@ -367,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         if args.debug:
             raise
-        console.print(f"[red]fedmml: error:[/] {err}")
+        console.print(f"[red]fedmml: error:[/] {err}", soft_wrap=True)  # one line, however long
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -21,7 +21,8 @@ from fedmml.data.audio import FEATURES as AUDIO_FEATURES
 
 METHODS = ("e2e", "lw", "prog")
 ENGINES = ("inprocess", "flower-sim", "flower")  # flower-sim: Flower simulation; flower: deployment
-PARTITIONS = ("iid", "dirichlet", "group")  # group: whole groups (e.g. spoken languages) per client
+# group: whole groups (e.g. spoken languages) per client; local: each client reads a whole folder of its own
+PARTITIONS = ("iid", "dirichlet", "group", "local")
 # A task fixes the modalities, the data format and the objective.
 # The audio features each audio backend was built for (a mismatch would only fail at the first forward pass,
 # after every clip has been featurised).
@@ -121,6 +122,12 @@ class DataConfig:
     # image-audio: the audio encoder's input; ast-fbank: AST's Kaldi fbank, 16 kHz, 128 bins, 10 ms frames;
     # aisfx-mel: aisfx's log-mel, 44.1 kHz, 96 bins, 23.2 ms frames (see fedmml.data.audio)
     audio_features: str = "ast-fbank"
+    # partition.kind = "local": one folder per client, in the task's layout (a deployment's SuperNodes name
+    # their own folder in their node config instead)
+    client_roots: list[str] = field(default_factory=list)
+    # image-audio: class names in label order, the same on every client; []: the class folders of the training
+    # split under root (or of its test split when root holds only that)
+    classes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -190,6 +197,9 @@ class EvalConfig:
     """When and how the global model is scored."""
 
     every: int = 1  # evaluate every N rounds (and always at the end); 0: only at the end
+    # server: on the test split under data.root (the server's own); federated: each client of the round
+    # scores the global model on its own held-out split and the server combines what they report
+    where: str = "server"
     batch_size: int = 128
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     zeroshot: bool = True  # Fashion-MNIST zero-shot, when the Debian package is installed
@@ -379,6 +389,28 @@ def _choice(value: str, valid: tuple[str, ...], key: str) -> None:
         raise ConfigError(f"unknown {key} {value!r}; valid choices: {', '.join(valid)}")
 
 
+def _validate_client_roots(cfg: Config) -> None:
+    roots = cfg.data.client_roots
+    if cfg.partition.kind != "local":
+        if roots:
+            raise ConfigError('data.client_roots is read only with partition.kind = "local"')
+        return
+    # A deployment's nodes may each name their own folder instead (node config data-root).
+    if cfg.run.engine == "flower" and not roots:
+        return
+    if len(roots) != cfg.federation.num_clients:
+        raise ConfigError(
+            f"data.client_roots lists {len(roots)} folders for federation.num_clients = "
+            f"{cfg.federation.num_clients}; give one folder per client"
+        )
+    seen: dict[Path, str] = {}
+    for root in roots:
+        key = Path(root).expanduser().resolve()
+        if key in seen:
+            raise ConfigError(f"data.client_roots names one folder twice: {seen[key]!r} and {root!r}")
+        seen[key] = root
+
+
 def validate(cfg: Config) -> None:
     """Check cross-field rules that types alone cannot express."""
     _choice(cfg.run.method, METHODS, "method")
@@ -419,6 +451,7 @@ def validate(cfg: Config) -> None:
                 f"schedule {name!r}: lr must name heads and every modality in blocks "
                 f"({', '.join(sched.blocks)})"
             )
+    _validate_client_roots(cfg)
     fed = cfg.federation
     if fed.num_clients < 1 or fed.local_epochs < 1 or fed.batch_size < 2:
         raise ConfigError("federation: num_clients >= 1, local_epochs >= 1 and batch_size >= 2 are required")
@@ -439,5 +472,6 @@ def validate(cfg: Config) -> None:
     for name in ("crash_rate", "straggler_rate"):
         if not 0 <= getattr(cfg.faults, name) <= 1:
             raise ConfigError(f"faults.{name} must be a probability between 0 and 1")
+    _choice(cfg.eval.where, ("server", "federated"), "eval.where")
     if cfg.eval.every < 0:
         raise ConfigError("eval.every must be >= 0")

@@ -72,6 +72,7 @@ def write_run_report(
     preset = _find("preset", config, summary) or _find("name", config) or "custom"
     sections = [
         f"# {method} on {preset}",
+        *_evaluation_note(summary),
         "## Summary\n\n" + _table(["metric", "value"], _summary_rows(summary, metrics)),
         "## Stages\n\n" + _stage_table(metrics),
         *_upload_section(metrics),
@@ -80,6 +81,22 @@ def write_run_report(
     path = run_dir / "report.md"
     path.write_text("\n\n".join(sections) + "\n")
     return path
+
+
+def _evaluation_note(summary: Mapping[str, Any]) -> list[str]:
+    """Say so when the scores come from the clients' own held-out splits, not the server's test split."""
+    if summary.get("evaluation") != "federated":
+        return []
+    if "rsum" in summary:
+        return [
+            "Scores are **local-gallery recall** (federated evaluation): each client ranks its own test "
+            "images against its own captions and the server averages the recalls weighted by images. A "
+            "client's gallery is smaller than the whole test split, so these are not whole-split recalls."
+        ]
+    return [
+        "Scores are from federated evaluation: each client scored the model on its own test split and the "
+        "server summed their confusion matrices, which gives the exact accuracy and macro-F1 of all of them."
+    ]
 
 
 def plot_comparison(runs: Mapping[str, Sequence[Record]], out_dir: Path) -> list[Path]:

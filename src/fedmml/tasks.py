@@ -19,11 +19,18 @@ from torch.utils.data import Dataset
 
 from fedmml.config import Config, ConfigError
 from fedmml.data import fashion_mnist
-from fedmml.data.advance import AdvanceDataset, read_classes
+from fedmml.data.advance import AdvanceDataset, AdvanceIndex, read_advance_index, read_classes
 from fedmml.data.audio import feature_settings
-from fedmml.data.coco import CaptionDataset
+from fedmml.data.coco import CaptionDataset, CaptionIndex, read_caption_index
 from fedmml.data.partition import partition, partition_by_group
-from fedmml.evaluation.classification import evaluate_classifier, majority_rate, per_class_f1, plot_confusion
+from fedmml.evaluation.classification import (
+    accuracy,
+    evaluate_classifier,
+    macro_f1,
+    majority_rate,
+    per_class_f1,
+    plot_confusion,
+)
 from fedmml.evaluation.scoring import retrieval_chance, retrieval_scores, zeroshot_score
 from fedmml.models.multimodal import MultimodalModel
 
@@ -37,38 +44,70 @@ class Task:
     score_key = ""  # the headline metric: a run's final score and what comparisons rank by
     summary_keys: tuple[str, ...] = ()  # metrics of the last evaluation copied into summary.json
 
-    def load_split(self, cfg: Config, split: str, train: bool) -> Dataset:
-        """One split of the configured dataset."""
+    def read_index(self, cfg: Config, root: str, split: str, train: bool) -> Any:
+        """The metadata of one split under ``root`` (ids, labels, groups): nothing is decoded."""
         raise NotImplementedError
 
-    def labels(self, data: Dataset) -> list[str | None]:
-        """The label of every sample that a Dirichlet split is over."""
+    def load_split(
+        self,
+        cfg: Config,
+        split: str,
+        train: bool,
+        root: str | None = None,
+        positions: list[int] | None = None,
+        index: Any = None,
+    ) -> Dataset:
+        """One split of the dataset under ``root`` (default ``data.root``); with ``positions``, only those
+        samples of its index are loaded."""
         raise NotImplementedError
 
-    def groups(self, data: Dataset) -> list[str | None]:
-        """The group of every sample that a group split is over."""
+    def labels(self, index: Any) -> list[str | None]:
+        """The label of every indexed sample that a Dirichlet split is over."""
+        raise NotImplementedError
+
+    def groups(self, index: Any) -> list[str | None]:
+        """The group of every indexed sample that a group split is over."""
         raise ConfigError(f"partition.kind = group is not available for task {self.name!r}")
 
-    def partitions(self, cfg: Config, train: Dataset) -> list[list[int]]:
-        """Training-sample indices per client."""
+    def partitions(self, cfg: Config, index: Any) -> list[list[int]]:
+        """Index positions per client, from metadata only."""
         p = cfg.partition
         n = cfg.federation.num_clients
-        if p.kind == "group":
-            return partition_by_group(self.groups(train), n, seed=cfg.run.seed)
-        labels = self.labels(train) if p.kind == "dirichlet" else len(train)
-        return partition(
-            labels, n, p.kind, alpha=p.alpha, seed=cfg.run.seed, min_partition_size=p.min_partition_size
-        )
+        try:
+            if p.kind == "group":
+                return partition_by_group(self.groups(index), n, seed=cfg.run.seed)
+            labels = self.labels(index) if p.kind == "dirichlet" else len(index)
+            return partition(
+                labels, n, p.kind, alpha=p.alpha, seed=cfg.run.seed, min_partition_size=p.min_partition_size
+            )
+        except ValueError as err:
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError(f"partition.kind = {p.kind}: {err}") from None
 
     def evaluate(self, model: MultimodalModel, test: Dataset, cfg: Config) -> dict[str, Any]:
         """Scores of ``model`` over the whole test split (recorded in the round's metrics)."""
         raise NotImplementedError
 
+    def describe_scores(self, scores: dict[str, Any]) -> str:
+        """The task's headline scores of one evaluation, for a progress line."""
+        raise NotImplementedError
+
+    def local_scores(self, model: MultimodalModel, test: Dataset, cfg: Config) -> dict[str, Any]:
+        """What one client reports of ``model`` on its own held-out split under federated evaluation: enough
+        for the server to combine (counts, not finished ratios where exactness needs counts)."""
+        raise NotImplementedError
+
+    def combine_scores(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """The federated evaluation of the clients' reports, under the same keys as :meth:`evaluate`."""
+        raise NotImplementedError
+
     def summarize(
-        self, model: MultimodalModel, test: Dataset, cfg: Config, out_dir: Path, final: dict[str, Any]
+        self, model: MultimodalModel, test: Dataset | None, cfg: Config, out_dir: Path, final: dict[str, Any]
     ) -> dict[str, Any]:
         """Task-specific summary entries of a finished run (chance levels, extra scores, figures);
-        ``final`` is the last evaluation of the same model, so nothing it holds is computed again."""
+        ``final`` is the last evaluation of the same model, so nothing it holds is computed again. ``test``
+        is the server's test split, None under federated evaluation."""
         raise NotImplementedError
 
 
@@ -79,10 +118,22 @@ class ImageText(Task):
     score_key = "rsum"
     summary_keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
-    def load_split(self, cfg: Config, split: str, train: bool) -> CaptionDataset:
+    def read_index(self, cfg: Config, root: str, split: str, train: bool) -> CaptionIndex:
+        d = cfg.data
+        return read_caption_index(root, split, d.images_dir, d.limit_train if train else d.limit_test)
+
+    def load_split(
+        self,
+        cfg: Config,
+        split: str,
+        train: bool,
+        root: str | None = None,
+        positions: list[int] | None = None,
+        index: CaptionIndex | None = None,
+    ) -> CaptionDataset:
         d = cfg.data
         return CaptionDataset(
-            d.root,
+            root or d.root,
             split,
             images_dir=d.images_dir,
             image_size=cfg.model.image.image_size,
@@ -90,19 +141,43 @@ class ImageText(Task):
             augment=d.augment and train,
             seed=cfg.run.seed,
             limit=d.limit_train if train else d.limit_test,
+            positions=positions,
+            index=index,
         )
 
-    def labels(self, data: CaptionDataset) -> list[str | None]:
-        return data.labels
+    def labels(self, index: CaptionIndex) -> list[str | None]:
+        return index.labels
 
     def evaluate(self, model: MultimodalModel, test: CaptionDataset, cfg: Config) -> dict[str, float]:
         pixels = [test[i][0] for i in range(len(test))]
         return retrieval_scores(model, pixels, test.captions, cfg.eval.batch_size, cfg.eval.ks)
 
+    def describe_scores(self, scores: dict[str, Any]) -> str:
+        return f"rsum {scores['rsum']:.1f}  i2t R@1 {scores['i2t_r1']:.1f}  t2i R@1 {scores['t2i_r1']:.1f}"
+
+    def local_scores(self, model: MultimodalModel, test: CaptionDataset, cfg: Config) -> dict[str, Any]:
+        # Recall within the client's own gallery: its images against its own captions only.
+        return {**self.evaluate(model, test, cfg), "images": len(test)}
+
+    def combine_scores(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        # "Local-gallery recall": the image-weighted mean of every client's R@K over its own gallery. A
+        # smaller gallery is easier, so this is not the whole-split recall of server-side evaluation.
+        images = sum(p["images"] for p in parts)
+        keys = [k for k in parts[0] if k not in ("images", "rsum")]
+        scores = {k: sum(p[k] * p["images"] for p in parts) / images for k in keys}
+        return {**scores, "rsum": sum(scores.values()), "test_images": images}
+
     def summarize(
-        self, model: MultimodalModel, test: CaptionDataset, cfg: Config, out_dir: Path, final: dict[str, Any]
+        self,
+        model: MultimodalModel,
+        test: CaptionDataset | None,
+        cfg: Config,
+        out_dir: Path,
+        final: dict[str, Any],
     ) -> dict[str, Any]:
-        summary: dict[str, Any] = {"chance_rsum": retrieval_chance(test.captions, cfg.eval.ks)}
+        summary: dict[str, Any] = {}
+        if test is not None:
+            summary["chance_rsum"] = retrieval_chance(test.captions, cfg.eval.ks)
         if cfg.eval.zeroshot and fashion_mnist.available():
             pixels, labels = fashion_mnist.load_test(
                 limit=cfg.eval.zeroshot_limit, image_size=cfg.model.image.image_size
@@ -120,41 +195,88 @@ class ImageAudio(Task):
     score_key = "accuracy"
     summary_keys = ("accuracy", "macro_f1")
 
-    def load_split(self, cfg: Config, split: str, train: bool) -> AdvanceDataset:
+    def read_index(self, cfg: Config, root: str, split: str, train: bool) -> AdvanceIndex:
+        d = cfg.data
+        return read_advance_index(
+            root,
+            split,
+            classes=d.classes or None,
+            limit=d.limit_train if train else d.limit_test,
+            group_key=cfg.partition.group,
+        )
+
+    def load_split(
+        self,
+        cfg: Config,
+        split: str,
+        train: bool,
+        root: str | None = None,
+        positions: list[int] | None = None,
+        index: AdvanceIndex | None = None,
+    ) -> AdvanceDataset:
         d = cfg.data
         return AdvanceDataset(
-            d.root,
+            root or d.root,
             split,
             image_size=cfg.model.image.image_size,
             settings=feature_settings(d.audio_features, d.audio_frames),
+            classes=d.classes or None,
             train=train,
             augment=d.augment and train,
             seed=cfg.run.seed,
             limit=d.limit_train if train else d.limit_test,
             group_key=cfg.partition.group,
+            positions=positions,
+            index=index,
         )
 
-    def labels(self, data: AdvanceDataset) -> list[str | None]:
-        return list(data.label_names)
+    def labels(self, index: AdvanceIndex) -> list[str | None]:
+        return list(index.label_names)
 
-    def groups(self, data: AdvanceDataset) -> list[str | None]:
-        return data.groups
+    def groups(self, index: AdvanceIndex) -> list[str | None]:
+        return index.groups
 
     def evaluate(self, model: MultimodalModel, test: AdvanceDataset, cfg: Config) -> dict[str, Any]:
         metrics, confusion = evaluate_classifier(model, test, cfg.eval.batch_size)
         scores = {k: metrics[k] for k in ("accuracy", "macro_f1")} | {"test_loss": metrics["loss"]}
         return scores | {"confusion": confusion.tolist()}
 
+    def describe_scores(self, scores: dict[str, Any]) -> str:
+        return f"accuracy {scores['accuracy']:.1f}  macro-F1 {scores['macro_f1']:.1f}"
+
+    def local_scores(self, model: MultimodalModel, test: AdvanceDataset, cfg: Config) -> dict[str, Any]:
+        scores = self.evaluate(model, test, cfg)
+        return {"confusion": scores["confusion"], "loss_sum": scores["test_loss"] * len(test)}
+
+    def combine_scores(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        # Summed confusion matrices give exactly the dataset-level accuracy and macro-F1 of the union of the
+        # clients' test splits (averaging the clients' F1 scores would not).
+        confusion = sum(torch.tensor(p["confusion"]) for p in parts)
+        samples = int(confusion.sum())
+        return {
+            "accuracy": accuracy(confusion),
+            "macro_f1": macro_f1(confusion),
+            "test_loss": sum(p["loss_sum"] for p in parts) / samples,
+            "confusion": confusion.tolist(),
+            "test_images": samples,
+        }
+
     def summarize(
-        self, model: MultimodalModel, test: AdvanceDataset, cfg: Config, out_dir: Path, final: dict[str, Any]
+        self,
+        model: MultimodalModel,
+        test: AdvanceDataset | None,
+        cfg: Config,
+        out_dir: Path,
+        final: dict[str, Any],
     ) -> dict[str, Any]:
         confusion = torch.tensor(final["confusion"])
-        title = f"{cfg.run.method}: test split"
-        plot_confusion(confusion, test.classes, out_dir / CONFUSION_PNG, title=title)
+        classes = cfg.data.classes
+        where = "test split" if test is not None else "the clients' test splits"
+        plot_confusion(confusion, classes, out_dir / CONFUSION_PNG, title=f"{cfg.run.method}: {where}")
         return {
             "majority_rate": majority_rate(confusion),
-            "per_class_f1": dict(zip(test.classes, per_class_f1(confusion), strict=True)),
-            "classes": list(test.classes),
+            "per_class_f1": dict(zip(classes, per_class_f1(confusion), strict=True)),
+            "classes": list(classes),
             "confusion": final["confusion"],
         }
 
@@ -168,13 +290,26 @@ def task_for(cfg: Config) -> Task:
 
 
 def resolve_classes(cfg: Config) -> Config:
-    """``cfg`` with ``model.num_classes`` taken from the training split's class folders when it is 0."""
-    if cfg.model.task != "image-audio" or cfg.model.num_classes:
+    """``cfg`` with ``data.classes`` (label order) and ``model.num_classes`` filled in for image-audio.
+
+    Every client must map class names to the same labels, so the names travel in the config: given as
+    ``data.classes``, else the class folders of ``data.root``'s training split, else of its test split (a
+    server that holds only the test split). Clients never decide them from their own folders.
+    """
+    if cfg.model.task != "image-audio":
         return cfg
-    classes = read_classes(cfg.data.root)
+    classes = list(cfg.data.classes)
+    root = Path(cfg.data.root)
+    if not classes:
+        classes = read_classes(root, cfg.data.train_split) or read_classes(root, cfg.data.test_split)
     if len(classes) < 2:
         raise ConfigError(
-            f"found {len(classes)} class folders under {Path(cfg.data.root) / 'train'}; a classifier needs "
-            "at least 2 (run `fedmml data prepare tuxpaint`, or point data.root at an ADVANCE-layout folder)"
+            f"found {len(classes)} class folders under {root / cfg.data.train_split} and "
+            f"{root / cfg.data.test_split}; a classifier needs at least 2 (set data.classes, run "
+            "`fedmml data prepare tuxpaint`, or point data.root at an ADVANCE-layout folder)"
         )
-    return replace(cfg, model=replace(cfg.model, num_classes=len(classes)))
+    if cfg.model.num_classes not in (0, len(classes)):
+        raise ConfigError(f"model.num_classes = {cfg.model.num_classes} but there are {len(classes)} classes")
+    return replace(
+        cfg, data=replace(cfg.data, classes=classes), model=replace(cfg.model, num_classes=len(classes))
+    )

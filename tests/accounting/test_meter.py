@@ -26,13 +26,15 @@ def _cfg(emoji_root: Path, method: str, *extra: str):
 def lw_run(emoji_root: Path):
     setup = build_setup(_cfg(emoji_root, "lw"))
     replies = []
+    engine_dispatch = setup.engine.dispatch
 
     def dispatch(outgoing):
-        out = setup.engine.dispatch(outgoing)
+        out = engine_dispatch(outgoing)
         replies.append([r for _, r in out])
         return out
 
-    return setup, setup.server.run(dispatch), replies
+    setup.engine.dispatch = dispatch
+    return setup, setup.server.run(setup.engine), replies
 
 
 def test_rounds_report_client_flops_and_peak_memory(lw_run) -> None:

@@ -14,7 +14,7 @@ from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 
 from fedmml.engines.flower.client_app import app as client_app  # noqa: E402
 from fedmml.engines.flower.server_app import main  # noqa: E402
-from fedmml.experiment import CHECKPOINTS, read_metrics  # noqa: E402
+from fedmml.runs import CHECKPOINTS, read_metrics  # noqa: E402
 
 OVERRIDES = ["run.threads=1", "run.keep_checkpoints=0"]
 

@@ -84,6 +84,7 @@ class Poisoned:
 
     def __init__(self, client, how: str) -> None:
         self.client, self.how = client, how
+        self.describe = client.describe
 
     def handle(self, message: Message) -> Message:
         reply = self.client.handle(message)
@@ -109,8 +110,7 @@ def test_poisoned_updates_are_rejected_and_never_reach_the_model(emoji_root: Pat
     kinds = ["nan", "shape", "missing", "huge"]
     for cid, how in enumerate(kinds):
         setup.clients[cid] = Poisoned(setup.clients[cid], how)
-    setup.engine.clients = setup.clients
-    metrics = setup.server.run(setup.engine.dispatch)
+    metrics = setup.server.run(setup.engine)
     for record in metrics:
         assert set(record["rejected_clients"]) == {"0", "1", "2", "3"}
         assert record["clients"] == [4]
@@ -123,7 +123,10 @@ def test_poisoned_updates_are_rejected_and_never_reach_the_model(emoji_root: Pat
 
 
 class Crashing:
-    """A client whose device always fails before replying."""
+    """A client whose device always fails before replying (after a normal set-up)."""
+
+    def describe(self) -> dict:
+        return {"num_samples": 1}
 
     def handle(self, message: Message) -> Message:
         raise RuntimeError("device lost")
@@ -133,8 +136,7 @@ def test_backfill_replaces_failed_clients_within_the_round(emoji_root: Path) -> 
     overrides = [f'data.root="{emoji_root}"', "federation.num_clients=5", "federation.clients_per_round=3"]
     setup = build_setup(load_config("tiny", [*overrides, "federation.backfill=2"]))
     setup.clients[0] = setup.clients[1] = Crashing()
-    setup.engine.clients = setup.clients
-    metrics = setup.server.run(setup.engine.dispatch)
+    metrics = setup.server.run(setup.engine)
     # Two waves of replacements always find three healthy clients among five with two lost.
     assert all(len(r["clients"]) == 3 and not {0, 1} & set(r["clients"]) for r in metrics)
     assert all(set(r["failed_clients"]) <= {0, 1} for r in metrics)

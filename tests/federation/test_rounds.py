@@ -20,15 +20,18 @@ def _setup(emoji_root: Path, method: str, *extra: str):
 
 
 class Recorder:
-    """Wraps an engine's dispatch and keeps every message, plus a snapshot of the global model per round."""
+    """Takes the place of the engine's dispatch and keeps every message, plus a snapshot of the global model
+    per round."""
 
     def __init__(self, setup) -> None:
         self.setup = setup
         self.rounds: list[dict] = []
+        self.dispatch = setup.engine.dispatch
+        setup.engine.dispatch = self
 
     def __call__(self, outgoing):
         before = {k: v.clone() for k, v in self.setup.server.model.state_dict().items()}
-        replies = self.setup.engine.dispatch(outgoing)
+        replies = self.dispatch(outgoing)
         self.rounds.append({"down": outgoing, "up": replies, "before": before})
         return replies
 
@@ -37,7 +40,7 @@ class Recorder:
 def lw_run(emoji_root: Path):
     setup = _setup(emoji_root, "lw")
     recorder = Recorder(setup)
-    metrics = setup.server.run(recorder)
+    metrics = setup.server.run(setup.engine)
     return setup, recorder, metrics
 
 
@@ -87,8 +90,7 @@ def test_reported_bytes_equal_serialised_sizes(lw_run) -> None:
 
 def test_client_leaves_frozen_tensors_untouched(emoji_root: Path) -> None:
     setup = _setup(emoji_root, "lw", "model.head.dropout=0.5")
-    rec = Recorder(setup)
-    setup.server.run(rec)
+    setup.server.run(setup.engine)
     client = setup.clients[0]
     local = setup.clients[0].workspace.model.state_dict()
     for key, value in client.store.items():
@@ -99,5 +101,5 @@ def test_lw_moves_fewer_bytes_than_e2e(emoji_root: Path) -> None:
     totals = {}
     for method in ("e2e", "lw"):
         setup = _setup(emoji_root, method)
-        totals[method] = sum(m["bytes_up"] for m in setup.server.run(setup.engine.dispatch))
+        totals[method] = sum(m["bytes_up"] for m in setup.server.run(setup.engine))
     assert totals["lw"] < totals["e2e"] / 2

@@ -171,7 +171,7 @@ def _run(emoji_root: Path, dtype: str, *extra: str):
         ],
     )
     setup = build_setup(cfg)
-    return setup, setup.server.run(setup.engine.dispatch)
+    return setup, setup.server.run(setup.engine)
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +201,7 @@ class NaNClient:
 
     def __init__(self, client) -> None:
         self.client = client
+        self.describe = client.describe
 
     def handle(self, message: Message) -> Message:
         reply = self.client.handle(message)
@@ -225,8 +226,7 @@ def test_nan_update_rejected_under_float16(emoji_root: Path) -> None:
     )
     setup = build_setup(cfg)
     setup.clients[0] = NaNClient(setup.clients[0])
-    setup.engine.clients = setup.clients
-    metrics = setup.server.run(setup.engine.dispatch)
+    metrics = setup.server.run(setup.engine)
     assert "non-finite" in metrics[0]["rejected_clients"]["0"]
     assert metrics[0]["clients"] == [1, 2]
     assert all(

@@ -7,6 +7,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from torch.utils.data import Dataset
 
 from fedmml.data import DataError
 from fedmml.data.audio import DEFAULT_FBANK, FeatureSettings, UnreadableAudio, load_fbank, pad_frames
-from fedmml.data.coco import DatasetNotFound
+from fedmml.data.coco import DatasetNotFound, sample_seed
 from fedmml.data.images import UnreadableImage, fit_for_storage, load_image, random_resized_crop, to_tensor
 
 PREPARE_HINT = (
@@ -53,10 +54,10 @@ def _class_names(folder: Path) -> list[str]:
     )
 
 
-def read_classes(root: str | Path) -> list[str]:
-    """Sorted class folder names of the train split (vision and sound), shared by every split."""
-    train = Path(root) / "train"
-    return sorted(set(_class_names(train / "vision")) | set(_class_names(train / "sound")))
+def read_classes(root: str | Path, split: str = "train") -> list[str]:
+    """Sorted class folder names of one split (vision and sound)."""
+    folder = Path(root) / split
+    return sorted(set(_class_names(folder / "vision")) | set(_class_names(folder / "sound")))
 
 
 def _read_meta(path: Path) -> dict:
@@ -122,8 +123,77 @@ def collate(batch: list[tuple[torch.Tensor, torch.Tensor, int]]) -> dict[str, to
     }
 
 
+@dataclass
+class AdvanceIndex:
+    """One split as metadata only: its (class, id, image file, sound file) pairs in class then id order, each
+    sample's group from ``meta.json``, and the broken pairs counted. No file is decoded."""
+
+    split_dir: Path
+    classes: list[str]
+    pairs: list[tuple[str, str, Path, Path]]
+    groups: list[str | None]
+    skipped: dict[str, int]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def label_names(self) -> list[str]:
+        """The class name of every pair (what a per-class Dirichlet split is over)."""
+        return [name for name, _, _, _ in self.pairs]
+
+
+def read_advance_index(
+    root: str | Path,
+    split: str,
+    classes: Sequence[str] | None = None,
+    limit: int = 0,
+    group_key: str = "language",
+) -> AdvanceIndex:
+    """The index of ``split`` under ``root``; classes default to the train split's class folders."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetNotFound(f"dataset root not found: {root}; {PREPARE_HINT}")
+    split_dir = root / split
+    if not (split_dir / "vision").is_dir() and not (split_dir / "sound").is_dir():
+        raise DatasetNotFound(
+            f"split {split!r} not found: no vision/ or sound/ in {split_dir}; {PREPARE_HINT}"
+        )
+    names = list(classes) if classes is not None else read_classes(root)
+    folders = set(_class_names(split_dir / "vision")) | set(_class_names(split_dir / "sound"))
+    # No train split (e.g. a test-only folder): fall back to this split's own class folders.
+    names = names or sorted(folders)
+    skipped: Counter = Counter(missing_image=0, missing_sound=0, unknown_class=0, duplicate_id=0)
+    pairs: list[tuple[str, str, Path, Path]] = []
+    for name in sorted(folders):
+        images = _files(split_dir / "vision" / name, IMAGE_EXTS, skipped)
+        sounds = _files(split_dir / "sound" / name, SOUND_EXTS, skipped)
+        if name not in names:
+            skipped["unknown_class"] += len(images.keys() | sounds.keys())
+            continue
+        skipped["missing_sound"] += len(images.keys() - sounds.keys())
+        skipped["missing_image"] += len(sounds.keys() - images.keys())
+        pairs += [(name, i, images[i], sounds[i]) for i in sorted(images.keys() & sounds.keys())]
+    if limit > 0:
+        pairs = pairs[:limit]
+    if not pairs:
+        raise DataError(f"no usable image-sound pairs in {split_dir} (skipped: {dict(skipped)})")
+    meta = _read_meta(split_dir / "meta.json")
+    groups = []
+    for _, sample_id, _, _ in pairs:
+        entry = meta.get(sample_id)
+        group = entry.get(group_key) if isinstance(entry, dict) else None
+        groups.append(group if isinstance(group, str) else None)
+    return AdvanceIndex(split_dir, names, pairs, groups, dict(skipped))
+
+
 class AdvanceDataset(Dataset):
-    """(image [3,S,S], fbank [frames, mel], label) triples, preloaded; broken pairs are counted, not fatal."""
+    """(image [3,S,S], fbank [frames, mel], label) triples in memory; broken pairs are counted, not fatal.
+
+    Only the pairs at ``positions`` of the split's index are decoded (all of them when None): a client
+    materialises its own share and nothing else. ``skipped`` counts the index's broken pairs when the whole
+    split is loaded, and only the share's unreadable files otherwise.
+    """
 
     def __init__(
         self,
@@ -140,6 +210,8 @@ class AdvanceDataset(Dataset):
         cache: bool = True,
         group_key: str = "language",
         progress: Progress | None = None,
+        positions: Sequence[int] | None = None,
+        index: AdvanceIndex | None = None,
     ) -> None:
         self.root = Path(root)
         self.split = split
@@ -149,47 +221,17 @@ class AdvanceDataset(Dataset):
         self.augment = augment
         self.seed = seed
         self.epoch = 0
-        if not self.root.is_dir():
-            raise DatasetNotFound(f"dataset root not found: {self.root}; {PREPARE_HINT}")
-        split_dir = self.root / split
-        if not (split_dir / "vision").is_dir() and not (split_dir / "sound").is_dir():
-            raise DatasetNotFound(
-                f"split {split!r} not found: no vision/ or sound/ in {split_dir}; {PREPARE_HINT}"
-            )
-        self.classes: list[str] = list(classes) if classes is not None else read_classes(self.root)
-        if not self.classes:
-            # No train split (e.g. a test-only folder): fall back to this split's own class folders.
-            self.classes = sorted(
-                set(_class_names(split_dir / "vision")) | set(_class_names(split_dir / "sound"))
-            )
-        index = {name: i for i, name in enumerate(self.classes)}
-        meta = _read_meta(split_dir / "meta.json")
+        if index is None:
+            index = read_advance_index(root, split, classes, limit, group_key)
+        self.classes: list[str] = list(index.classes)
+        label_of = {name: i for i, name in enumerate(self.classes)}
         self.cache = FbankCache(
             (Path(cache_dir) if cache_dir is not None else self.root / ".cache") if cache else None, settings
         )
-
-        skipped: Counter = Counter(
-            missing_image=0,
-            missing_sound=0,
-            unreadable_image=0,
-            unreadable_sound=0,
-            unknown_class=0,
-            duplicate_id=0,
-        )
-        pairs: list[tuple[str, str, Path, Path]] = []
-        folders = set(_class_names(split_dir / "vision")) | set(_class_names(split_dir / "sound"))
-        for name in sorted(folders):
-            images = _files(split_dir / "vision" / name, IMAGE_EXTS, skipped)
-            sounds = _files(split_dir / "sound" / name, SOUND_EXTS, skipped)
-            if name not in index:
-                skipped["unknown_class"] += len(images.keys() | sounds.keys())
-                continue
-            skipped["missing_sound"] += len(images.keys() - sounds.keys())
-            skipped["missing_image"] += len(sounds.keys() - images.keys())
-            pairs += [(name, i, images[i], sounds[i]) for i in sorted(images.keys() & sounds.keys())]
-        if limit > 0:
-            pairs = pairs[:limit]
-
+        whole = positions is None
+        skipped: Counter = Counter(index.skipped) if whole else Counter()
+        skipped.update(unreadable_image=0, unreadable_sound=0)
+        chosen = range(len(index)) if whole else sorted(positions)
         say = progress or (lambda _msg: None)
         self.ids: list[str] = []
         self.labels: list[int] = []
@@ -197,9 +239,10 @@ class AdvanceDataset(Dataset):
         self.images: list[np.ndarray] = []
         self.features: list[np.ndarray] = []
         decoded: dict[tuple[int, int], np.ndarray] = {}  # by inode: prepared datasets hard-link shared images
-        for n, (name, sample_id, image_path, sound_path) in enumerate(pairs):
+        for n, i in enumerate(chosen):
             if n and n % 500 == 0:
-                say(f"{split}: {n}/{len(pairs)} pairs loaded")
+                say(f"{split}: {n}/{len(chosen)} pairs loaded")
+            name, sample_id, image_path, sound_path = index.pairs[i]
             try:
                 features = self.cache.load(sound_path)
             except UnreadableAudio:
@@ -214,15 +257,13 @@ class AdvanceDataset(Dataset):
                     skipped["unreadable_image"] += 1
                     continue
             self.ids.append(sample_id)
-            self.labels.append(index[name])
-            entry = meta.get(sample_id)
-            group = entry.get(group_key) if isinstance(entry, dict) else None
-            self.groups.append(group if isinstance(group, str) else None)
+            self.labels.append(label_of[name])
+            self.groups.append(index.groups[i])
             self.images.append(decoded[key])
             self.features.append(features)
         self.skipped: dict[str, int] = dict(skipped)
         if not self.ids:
-            raise DataError(f"no usable image-sound pairs in {split_dir} (skipped: {self.skipped})")
+            raise DataError(f"no usable image-sound pairs in {index.split_dir} (skipped: {self.skipped})")
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose seeded augmentations __getitem__ returns."""
@@ -238,9 +279,8 @@ class AdvanceDataset(Dataset):
         pixels = self.images[index]
         if self.train and self.augment:
             # Seeded by (seed, epoch, index) so crops do not depend on access order or DataLoader workers.
-            pixels = random_resized_crop(
-                pixels, self.image_size, rng=np.random.default_rng([self.seed, epoch, index])
-            )
+            sample = f"{self.classes[self.labels[index]]}/{self.ids[index]}"
+            pixels = random_resized_crop(pixels, self.image_size, rng=sample_seed(self.seed, epoch, sample))
         return to_tensor(pixels, self.image_size)
 
     def _fbank(self, index: int) -> torch.Tensor:
@@ -256,5 +296,5 @@ class AdvanceDataset(Dataset):
 
     @property
     def label_names(self) -> list[str]:
-        """The class name of every sample (for partition.partition and partition.describe)."""
+        """The class name of every sample."""
         return [self.classes[label] for label in self.labels]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import zlib
 from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +45,70 @@ def collate_train(batch: list[tuple[torch.Tensor, str]]) -> dict[str, Any]:
     return {"image": torch.stack(pixels), "text": list(captions)}
 
 
+def sample_seed(seed: int, epoch: int, key: int | str) -> np.random.Generator:
+    """The generator of one sample's draws in one epoch, keyed by the sample's own id: a sample presents the
+    same caption and crop whichever dataset, share or folder it is read from, in whatever order."""
+    ident = key if isinstance(key, int) and key >= 0 else zlib.crc32(str(key).encode("utf-8")) + 2**32
+    return np.random.default_rng([seed, epoch, ident])
+
+
+@dataclass
+class CaptionIndex:
+    """One split as metadata only, read from its captions JSON: ids, files, captions and labels, sorted by
+    id. No image is opened, so partitions over a split of any size cost no decoding."""
+
+    captions_path: Path
+    images_path: Path
+    image_ids: list[Any]
+    file_names: list[str]
+    captions: list[list[str]]
+    labels: list[str | None]
+    skipped: dict[str, int]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+def read_caption_index(
+    root: str | Path, split: str, images_dir: str = "images", limit: int = 0, captions_file: str | None = None
+) -> CaptionIndex:
+    """The index of ``split`` under ``root`` (the first ``limit`` captioned images in id order if > 0)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise _missing("dataset root", root)
+    captions_path = root / (captions_file or f"captions_{split}.json")
+    if not captions_path.is_file():
+        raise _missing(f"captions file for split {split!r}", captions_path)
+    images_path = root / images_dir
+    if not images_path.is_dir():
+        raise _missing("image folder", images_path)
+    records, captions, skipped = _parse_captions(captions_path)
+    index = CaptionIndex(captions_path, images_path, [], [], [], [], {})
+    for image_id in sorted(records, key=_sort_key):
+        if limit > 0 and len(index) >= limit:
+            break
+        if not captions.get(image_id):
+            skipped["image_without_caption"] += 1
+            continue
+        record = records[image_id]
+        index.image_ids.append(image_id)
+        index.file_names.append(record["file_name"])
+        index.captions.append(captions[image_id])
+        category = record.get("category")
+        index.labels.append(category if isinstance(category, str) else None)
+    index.skipped = dict(skipped)
+    if not index.image_ids:
+        raise DataError(f"no usable image-caption pairs in {captions_path} (skipped: {index.skipped})")
+    return index
+
+
 class CaptionDataset(Dataset):
-    """Images with one or more captions each, preloaded into memory as uint8 arrays."""
+    """Images with one or more captions each, held in memory as uint8 arrays.
+
+    Only the images at ``positions`` of the split's index are decoded (all of them when None): a client
+    materialises its own share and nothing else. ``skipped`` counts the index's malformed entries when the
+    whole split is loaded, and only the share's unreadable images otherwise.
+    """
 
     def __init__(
         self,
@@ -56,47 +121,37 @@ class CaptionDataset(Dataset):
         seed: int = 0,
         limit: int = 0,
         captions_file: str | None = None,
+        positions: Sequence[int] | None = None,
+        index: CaptionIndex | None = None,
     ) -> None:
-        self.root = Path(root)
         self.split = split
         self.image_size = image_size
         self.train = train
         self.augment = augment
         self.seed = seed
         self.epoch = 0
-        if not self.root.is_dir():
-            raise _missing("dataset root", self.root)
-        self.captions_path = self.root / (captions_file or f"captions_{split}.json")
-        if not self.captions_path.is_file():
-            raise _missing(f"captions file for split {split!r}", self.captions_path)
-        self.images_path = self.root / images_dir
-        if not self.images_path.is_dir():
-            raise _missing("image folder", self.images_path)
-
-        records, captions, skipped = _parse_captions(self.captions_path)
+        if index is None:
+            index = read_caption_index(root, split, images_dir, limit, captions_file)
+        self.captions_path = index.captions_path
+        self.images_path = index.images_path
+        whole = positions is None
+        skipped = Counter(index.skipped) if whole else Counter(unreadable_image=0)
         self.image_ids: list[Any] = []
         self.file_names: list[str] = []
         self.captions: list[list[str]] = []
         self.labels: list[str | None] = []
         self.images: list[np.ndarray] = []
-        for image_id in sorted(records, key=_sort_key):
-            if limit > 0 and len(self.image_ids) >= limit:
-                break
-            if not captions.get(image_id):
-                skipped["image_without_caption"] += 1
-                continue
-            record = records[image_id]
+        for i in range(len(index)) if whole else sorted(positions):
             try:
-                pixels = load_image(self.images_path / record["file_name"])
+                pixels = load_image(self.images_path / index.file_names[i])
             except UnreadableImage:
                 skipped["unreadable_image"] += 1
                 continue
             self.images.append(fit_for_storage(pixels, self.image_size, self.augment))
-            self.image_ids.append(image_id)
-            self.file_names.append(record["file_name"])
-            self.captions.append(captions[image_id])
-            category = record.get("category")
-            self.labels.append(category if isinstance(category, str) else None)
+            self.image_ids.append(index.image_ids[i])
+            self.file_names.append(index.file_names[i])
+            self.captions.append(index.captions[i])
+            self.labels.append(index.labels[i])
         self.skipped: dict[str, int] = dict(skipped)
         if not self.images:
             raise DataError(
@@ -118,8 +173,9 @@ class CaptionDataset(Dataset):
     def _draw(self, index: int, epoch: int) -> tuple[torch.Tensor, str]:
         """The training sample ``index`` presents in ``epoch``."""
         pixels = self.images[index]
-        # Seeded by (seed, epoch, index) so draws do not depend on access order or DataLoader workers.
-        rng = np.random.default_rng([self.seed, epoch, index])
+        # Seeded by (seed, epoch, image id) so draws depend neither on access order, DataLoader workers, nor
+        # on which share or folder holds the image.
+        rng = sample_seed(self.seed, epoch, self.image_ids[index])
         options = self.captions[index]
         caption = options[int(rng.integers(len(options)))]
         if self.augment:

@@ -10,7 +10,7 @@ import numpy as np
 from fedmml.config import Config
 from fedmml.federation.client import Client, Workspace, derive_seed
 from fedmml.federation.payload import Message
-from fedmml.federation.server import Listener
+from fedmml.federation.server import Listener, Server
 
 
 class InjectedFault(RuntimeError):
@@ -27,9 +27,15 @@ class InProcessEngine:
     """
 
     def __init__(
-        self, clients: list[Client], cfg: Config, workspace: Workspace, listener: Listener | None = None
+        self,
+        clients: dict[int, Client],
+        failures: dict[int, str],
+        cfg: Config,
+        workspace: Workspace,
+        listener: Listener | None = None,
     ) -> None:
         self.clients = clients
+        self.failures = failures
         self.meter = workspace.meter
         self.caches = workspace.caches
         self.faults = cfg.faults
@@ -37,6 +43,19 @@ class InProcessEngine:
         self.listener = listener or (lambda kind, info: None)
         self.rng = np.random.default_rng(derive_seed(cfg.run.seed, 2))
         self.client_s = 0.0
+
+    def setup(self) -> dict[int, dict[str, Any]]:
+        """Each client's data description, and the clients that could not open their data."""
+        reports: dict[int, dict[str, Any]] = {cid: {"error": why} for cid, why in self.failures.items()}
+        reports.update({cid: client.describe() for cid, client in self.clients.items()})
+        return reports
+
+    def resume(self, server: Server, state: dict[str, Any]) -> None:
+        """Continue after a checkpoint: streams and caches as they were, each client holding what the
+        ledger says it holds."""
+        self.load_state_dict(state)
+        for cid, client in self.clients.items():
+            client.store = server.held_tensors(cid)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to continue exactly: the fault stream, the cost measurements and which

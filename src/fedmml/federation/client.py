@@ -17,12 +17,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fedmml.accounting import StepMeter
+from fedmml.client_data import ClientData
 from fedmml.config import Config
 from fedmml.federation.payload import Message, PayloadError, lossy, pack, to_delta, unpack
 from fedmml.federation.prefix_cache import CacheShelf, PrefixCache
 from fedmml.methods import Stage, configure, frozen_modules, param_group, set_train_mode
 from fedmml.models.build import build_model
 from fedmml.models.multimodal import MultimodalModel
+from fedmml.tasks import task_for
 
 
 def stage_to_meta(stage: Stage) -> dict[str, Any]:
@@ -174,23 +176,29 @@ def train_epochs(
 
 
 class Client:
-    """A client: its data, the frozen tensors it already holds, and its local training."""
+    """A client: its own data, the frozen tensors it already holds, and its local training."""
 
-    def __init__(self, cid: int, cfg: Config, dataset: Dataset, indices: list[int], workspace: Workspace):
+    def __init__(self, cid: int, cfg: Config, data: ClientData, workspace: Workspace):
         self.cid = cid
         self.cfg = cfg
-        self.dataset = dataset
-        self.indices = list(indices)
+        self.data = data
+        self.dataset = data.dataset
+        self.indices = list(range(len(data.dataset)))
         self.workspace = workspace
         self.store: dict[str, torch.Tensor] = {}
 
     @property
     def num_samples(self) -> int:
-        """Number of training images this client holds."""
+        """Number of training samples this client holds."""
         return len(self.indices)
 
-    def handle(self, message: Message) -> Message:
-        """Answer one training instruction with this client's update."""
+    def describe(self) -> dict[str, Any]:
+        """What the server learns of this client's data at set-up: sizes and skip counts, no samples."""
+        return self.data.describe()
+
+    def _load(self, message: Message) -> tuple[Stage, MultimodalModel, set[str], dict[str, torch.Tensor]]:
+        """The global model the message describes, loaded into the workspace: (stage, model, trainable keys,
+        tensors received)."""
         meta = message.meta
         stage = stage_from_meta(meta["stage"])
         model = self.workspace.at_depth(stage.depth)
@@ -205,6 +213,24 @@ class Client:
         model.load_state_dict(state, strict=True)
         # Frozen tensors are kept for later rounds; trainable ones change every round and are re-sent.
         self.store = {k: v for k, v in state.items() if k not in trainable}
+        return stage, model, trainable, received
+
+    def evaluate(self, message: Message) -> Message:
+        """Score the global model on this client's own held-out split (eval.where = "federated")."""
+        _, model, _, _ = self._load(message)
+        transport = message.meta.get("transport", "float32")
+        if self.data.test is None:
+            reason = self.data.test_missing or f"client {self.cid} holds no test split"
+            return Message({"cid": self.cid, "no_test": reason}, pack({}, transport))
+        scores = task_for(self.cfg).local_scores(model, self.data.test, self.cfg)
+        return Message({"cid": self.cid, "scores": scores}, pack({}, transport))
+
+    def handle(self, message: Message) -> Message:
+        """Answer one instruction: train and reply with this client's update, or evaluate."""
+        if message.meta.get("evaluate"):
+            return self.evaluate(message)
+        meta = message.meta
+        stage, model, trainable, received = self._load(message)
         # Frozen tensors arrive only when this client lacks them: new to the prefix, or replacing lost ones.
         frozen_received = [k for k in received if k not in trainable]
         shelf = self.workspace.caches

@@ -1,7 +1,8 @@
 """The server: stage progression, client sampling, what to send each client, aggregation, metrics.
 
-Engine-agnostic: the engine supplies ``dispatch``, which delivers one message per sampled client and returns
-their replies (in-process: direct calls; Flower: ``grid.send_and_receive``).
+Engine-agnostic: an :class:`Engine` (in-process, Flower simulation, Flower deployment) sets the clients up and
+delivers one message per sampled client (in-process: direct calls; Flower: ``grid.send_and_receive``). The
+server holds no training data: it knows its clients by id and by what they report (sizes, skip counts).
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from fedmml.config import Config
+from fedmml.federation import SetupFailed
 from fedmml.federation.aggregate import AGGREGATORS
 from fedmml.federation.checkpoint import save_checkpoint
 from fedmml.federation.client import derive_seed, stage_to_meta
@@ -31,10 +33,30 @@ from fedmml.federation.payload import (
 )
 from fedmml.methods import Stage, configure
 from fedmml.models.multimodal import MultimodalModel
+from fedmml.tasks import task_for
 
-Dispatch = Callable[[list[tuple[int, Message]]], list[tuple[int, Message]]]
 Evaluator = Callable[[MultimodalModel], dict[str, Any]]
 Listener = Callable[[str, dict[str, Any]], None]
+
+
+class Engine(Protocol):
+    """How the server reaches its clients: in-process calls, Flower's simulation runtime, or a deployment."""
+
+    def setup(self) -> dict[int, dict[str, Any]]:
+        """Set every client up; per client id, its data description (``num_samples``, ``skipped``, ...), or
+        ``{"error": line}`` for a client that could not open its data."""
+
+    def dispatch(self, outgoing: list[tuple[int, Message]]) -> list[tuple[int, Message]]:
+        """Deliver one message per client; return the replies that arrived (failed clients send none)."""
+
+    def resume(self, server: Server, state: dict[str, Any]) -> None:
+        """Restore the engine's state saved by :meth:`state_dict` when ``server`` continues a run."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to continue exactly (fault streams, cached measurements, ...)."""
+
+    def take_metrics(self) -> dict[str, Any]:
+        """What the engine measured since the last call (one round): client time, its own byte counts."""
 
 
 @dataclass
@@ -103,7 +125,6 @@ class Server:
         cfg: Config,
         model: MultimodalModel,
         stages: list[Stage],
-        client_sizes: list[int],
         evaluate: Evaluator | None = None,
         listener: Listener | None = None,
         checkpoint_dir: Path | None = None,
@@ -111,7 +132,6 @@ class Server:
         self.cfg = cfg
         self.model = model
         self.stages = stages
-        self.client_sizes = client_sizes
         self.evaluate = evaluate
         self.listener = listener or (lambda kind, info: None)
         self.checkpoint_dir = checkpoint_dir
@@ -121,21 +141,39 @@ class Server:
         self.total_rounds = sum(s.rounds for s in stages)
         self.done_rounds = 0
         self._parts_by_stage: dict[int, dict[str, int]] = {}
-        # The engine's own resumable state (fault streams, cached measurements), saved with each checkpoint.
-        self.engine_state: Callable[[], dict[str, Any]] = dict
-        # What the engine measured during the round (client time, its own byte counters), for its record.
-        self.engine_metrics: Callable[[], dict[str, Any]] = dict
+        # What each client reported at set-up (only sizes and skip counts), and why others could not start.
+        self.clients: dict[int, dict[str, Any]] = {}
+        self.setup_failures: dict[int, str] = {}
+        self._engine_state: dict[str, Any] | None = None  # a checkpoint's engine state, until run() starts
 
     def sample_clients(self) -> list[int]:
-        """Clients for one round: all, or a seeded sample without replacement."""
-        n = len(self.client_sizes)
-        k = self.cfg.federation.clients_per_round or n
-        return sorted(int(c) for c in self.rng.choice(n, size=k, replace=False)) if k < n else list(range(n))
+        """Clients for one round: all set-up ones, or a seeded sample of them without replacement."""
+        pool = sorted(self.clients)
+        k = self.cfg.federation.clients_per_round or len(pool)
+        if k >= len(pool):
+            return pool
+        return sorted(int(c) for c in self.rng.choice(pool, size=k, replace=False))
+
+    def open_clients(self, engine: Engine) -> None:
+        """Set the clients up through ``engine``; those that fail are left out of every round."""
+        reports = engine.setup()
+        self.clients = {cid: r for cid, r in sorted(reports.items()) if "error" not in r}
+        self.setup_failures = {cid: str(r["error"]) for cid, r in sorted(reports.items()) if "error" in r}
+        for cid, reason in self.setup_failures.items():
+            self.listener("client_failed", {"client": cid, "reason": reason})
+        need = self.cfg.federation.min_clients
+        if len(self.clients) < need:
+            first = next(iter(self.setup_failures.values()), "no client answered")
+            raise SetupFailed(
+                f"only {len(self.clients)} of {len(reports)} clients could be set up (federation.min_clients "
+                f"= {need}); {first}"
+            )
 
     def message_for(
-        self, cid: int, stage: Stage, round_no: int, trainable: list[str]
+        self, cid: int, stage: Stage, round_no: int, trainable: list[str], evaluate: bool = False
     ) -> tuple[Message, list[str]]:
-        """The trainable tensors plus the frozen tensors this client lacks (also returned, by name)."""
+        """The trainable tensors plus the frozen tensors this client lacks (also returned, by name); with
+        ``evaluate``, an instruction to score them on the client's own held-out split instead of training."""
         state = self.model.state_dict()
         trainable_set = set(trainable)
         frozen = [k for k in state if k not in trainable_set]
@@ -151,6 +189,8 @@ class Server:
             # The client decodes with it and encodes its reply alike (a Flower ClientApp has no config).
             "transport": self.cfg.transport.dtype,
         }
+        if evaluate:
+            meta["evaluate"] = True
         return Message(meta, pack(tensors, self.cfg.transport.dtype)), missing_frozen
 
     def _eval_due(self, round_no: int) -> bool:
@@ -166,14 +206,14 @@ class Server:
         return trainable
 
     # Checkpoints -----------------------------------------------------------------------------------------
-    def snapshot(self, round_no: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def snapshot(self, round_no: int, engine: Engine) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Everything needed to continue after ``round_no`` exactly as if the run had not stopped."""
         state = {
             "round": round_no,
             "method": self.cfg.run.method,
             "metrics": self.metrics,
             "rng": self.rng.bit_generator.state,
-            "engine": self.engine_state(),
+            "engine": engine.state_dict(),
             "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
             "ledger": {
                 "versions": self.ledger.versions,
@@ -217,9 +257,15 @@ class Server:
             if rounds_before >= self.done_rounds:
                 break
         self._restore(tensors, state)
+        self._engine_state = state.get("engine", {})
 
-    def run(self, dispatch: Dispatch) -> list[dict[str, Any]]:
-        """Run every stage (after :meth:`resume`, only rounds not yet done); return the per-round metrics."""
+    def run(self, engine: Engine) -> list[dict[str, Any]]:
+        """Set the clients up and run every stage (after :meth:`resume`, only rounds not yet done); return the
+        per-round metrics."""
+        self.open_clients(engine)
+        if self._engine_state is not None:
+            engine.resume(self, self._engine_state)
+            self._engine_state = None
         round_no = 0
         for stage in self.stages:
             if round_no + stage.rounds < self.done_rounds:
@@ -233,9 +279,9 @@ class Server:
                 round_no += 1
                 if round_no <= self.done_rounds:
                     continue
-                self.metrics.append(self._round(dispatch, stage, round_no, trainable))
+                self.metrics.append(self._round(engine, stage, round_no, trainable))
                 if self.checkpoint_dir is not None:
-                    tensors, state = self.snapshot(round_no)
+                    tensors, state = self.snapshot(round_no, engine)
                     save_checkpoint(
                         self.checkpoint_dir, round_no, tensors, state, self.cfg.run.keep_checkpoints
                     )
@@ -259,7 +305,7 @@ class Server:
                 return f"update norm {delta:.3g} exceeds {bound} x the global norm {norm:.3g}"
         return None
 
-    def _round(self, dispatch: Dispatch, stage: Stage, round_no: int, trainable: list[str]) -> dict[str, Any]:
+    def _round(self, engine: Engine, stage: Stage, round_no: int, trainable: list[str]) -> dict[str, Any]:
         start = time.perf_counter()
         fed = self.cfg.federation
         trainable_set = set(trainable)
@@ -270,7 +316,7 @@ class Server:
             retries += 1
             cids = self.sample_clients()
             self.listener("round", {"round": round_no, "rounds": self.total_rounds, "clients": cids})
-            accepted = self._wave(dispatch, cids, stage, round_no, trainable, expected, tally)
+            accepted = self._wave(engine, cids, stage, round_no, trainable, expected, tally)
             asked = set(cids)
             for _ in range(fed.backfill):
                 replacements = self._replacements(len(cids) - len(accepted), asked)
@@ -279,7 +325,7 @@ class Server:
                 self.listener("backfill", {"round": round_no, "clients": replacements})
                 tally.backfilled += replacements
                 asked.update(replacements)
-                accepted += self._wave(dispatch, replacements, stage, round_no, trainable, expected, tally)
+                accepted += self._wave(engine, replacements, stage, round_no, trainable, expected, tally)
             if len(accepted) >= fed.min_clients:
                 break
         record: dict[str, Any] = {
@@ -302,6 +348,8 @@ class Server:
             # What one client's update carries, by part of the model (tensor bytes on the wire).
             "upload_parts": self._upload_parts(stage, expected, trainable),
         }
+        if round_no == 1 and self.setup_failures:
+            record["setup_failures"] = {str(c): r for c, r in self.setup_failures.items()}
         if tally.cache_notes:
             record["cache_notes"] = {str(c): n for c, n in tally.cache_notes.items()}
         if len(accepted) >= fed.min_clients:
@@ -309,10 +357,14 @@ class Server:
         else:
             record["skipped"] = True
             self.listener("skipped", {"round": round_no, "accepted": len(accepted)})
-        record.update(self.engine_metrics())
-        if self.evaluate is not None and self._eval_due(round_no):
+        record.update(engine.take_metrics())
+        if self._eval_due(round_no):
             evaluating = time.perf_counter()
-            record.update(self.evaluate(self.model))
+            if self.cfg.eval.where == "federated":
+                clients = record["clients"]
+                record.update(self._evaluate_on_clients(engine, stage, round_no, trainable, clients))
+            elif self.evaluate is not None:
+                record.update(self.evaluate(self.model))
             record["eval_s"] = time.perf_counter() - evaluating
         record["wall_s"] = time.perf_counter() - start
         self.listener("round_done", record)
@@ -320,7 +372,7 @@ class Server:
 
     def _wave(
         self,
-        dispatch: Dispatch,
+        engine: Engine,
         cids: list[int],
         stage: Stage,
         round_no: int,
@@ -332,7 +384,7 @@ class Server:
         # Updates are decoded back to the master weights' dtypes before validation and aggregation.
         dtypes = {k: v.dtype for k, v in expected.items()}
         sent = {cid: self.message_for(cid, stage, round_no, trainable) for cid in cids}
-        replies = dict(dispatch([(cid, message) for cid, (message, _) in sent.items()]))
+        replies = dict(engine.dispatch([(cid, message) for cid, (message, _) in sent.items()]))
         tally.add([m for m, _ in sent.values()], replies, cids)
         accepted = []
         for cid, reply in replies.items():
@@ -349,9 +401,35 @@ class Server:
                 self.listener("rejected", {"round": round_no, "client": cid, "reason": reason})
         return accepted
 
+    def _evaluate_on_clients(
+        self, engine: Engine, stage: Stage, round_no: int, trainable: list[str], cids: list[int]
+    ) -> dict[str, Any]:
+        """Federated evaluation: the round's clients score the new global model on their own held-out splits,
+        and the task combines what they report. Its bytes are counted apart from training's."""
+        self.listener("phase", {"phase": "evaluating on the clients"})
+        sent = {cid: self.message_for(cid, stage, round_no, trainable, evaluate=True) for cid in cids}
+        replies = dict(engine.dispatch([(cid, message) for cid, (message, _) in sent.items()]))
+        parts, skipped = [], {}
+        for cid, reply in replies.items():
+            self.ledger.record(cid, sent[cid][1])
+            if "scores" in reply.meta:
+                parts.append(reply.meta["scores"])
+            else:
+                skipped[str(cid)] = reply.meta.get("no_test", "no scores")
+        record: dict[str, Any] = {
+            "eval_clients": sorted(int(c) for c, r in replies.items() if "scores" in r.meta),
+            "eval_skipped_clients": skipped,
+            "eval_failed_clients": sorted(set(cids) - set(replies)),
+            "eval_bytes_down": sum(m.nbytes for m, _ in sent.values()),
+            "eval_bytes_up": sum(r.nbytes for r in replies.values()),
+        }
+        if parts:
+            record.update(task_for(self.cfg).combine_scores(parts))
+        return record
+
     def _replacements(self, shortfall: int, asked: set[int]) -> list[int]:
         """Up to ``shortfall`` clients not yet asked this round, drawn from the server's seeded stream."""
-        pool = [c for c in range(len(self.client_sizes)) if c not in asked]
+        pool = [c for c in sorted(self.clients) if c not in asked]
         if shortfall <= 0 or not pool:
             return []
         return sorted(int(c) for c in self.rng.choice(pool, size=min(shortfall, len(pool)), replace=False))

@@ -1,26 +1,29 @@
-"""The ClientApp: node ``partition-id`` runs the project's :class:`Client` for that partition.
+"""The ClientApp: node ``partition-id`` runs the project's :class:`Client` on its own data.
 
-The server's first message (a query) carries the resolved run config; the node keeps it, and the frozen
-tensors the client holds, in ``context.state`` so they survive across rounds (and, in deployment, across the
-separate processes Flower starts for each message).
+The server's first message (a query) carries the resolved run config; the node opens its own training data
+(its share of a shared dataset, or under ``partition.kind = "local"`` the folder named by ``data-root`` in its
+node config, else ``data.client_roots[partition-id]``) and answers with its size and skip counts, or with the
+one line that says why it cannot. It keeps the config, and the frozen tensors its client holds, in
+``context.state`` so they survive across rounds (and, in deployment, across the separate processes Flower
+starts for each message).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from torch.utils.data import Dataset
 
+from fedmml.client_data import ClientData, ClientDataError, SharedSplit, open_client_data
 from fedmml.config import Config, config_from_dict
 from fedmml.engines.flower.codec import pack, unpack
-from fedmml.experiment import apply_threads, client_data, select_device
 from fedmml.federation.client import Client, Workspace
 from fedmml.federation.payload import PayloadError, deserialize, serialize
+from fedmml.setup import apply_threads, select_device
 
 STATE = "fedmml-state"
 app = ClientApp()
@@ -28,37 +31,41 @@ app = ClientApp()
 
 @dataclass
 class _Loaded:
-    """Data and model skeleton of one run, reused by every node a simulation process hosts."""
+    """One run's model skeleton and the data of the nodes this process hosts (simulation hosts many)."""
 
     key: tuple[int, str]
     cfg: Config
-    train: Dataset
-    partitions: list[list[int]]
     workspace: Workspace
+    shared: dict[str, SharedSplit] = field(default_factory=dict)
+    data: dict[tuple[int, str], ClientData] = field(default_factory=dict)
+
+    def client_data(self, pid: int, root: str) -> ClientData:
+        """This node's own data, opened once per process: its folder, or its share of the shared split (at
+        ``root`` when the node keeps its copy elsewhere than the server's config says)."""
+        if (pid, root) not in self.data:
+            shared = None
+            if self.cfg.partition.kind != "local":
+                where = root or self.cfg.data.root
+                if where not in self.shared:
+                    # The split's metadata only; the node decodes just its own share below.
+                    here = replace(self.cfg, data=replace(self.cfg.data, root=where))
+                    self.shared[where] = SharedSplit(here)
+                shared = self.shared[where]
+            self.data[(pid, root)] = open_client_data(self.cfg, pid, shared, root or None)
+        return self.data[(pid, root)]
 
 
 _cache: list[_Loaded] = []
 
 
-def node_config_json(config_json: str, node_config: dict[str, Any]) -> str:
-    """The run config with this node's local data root (``data-root`` in the node config) applied."""
-    if not node_config.get("data-root"):
-        return config_json
-    tree = json.loads(config_json)
-    tree["data"]["root"] = str(node_config["data-root"])
-    return json.dumps(tree)
-
-
 def _loaded(run_id: int, config_json: str) -> _Loaded:
-    # Simulation runs many nodes in one process: load the data and build the skeleton once per run. A new
-    # run (a repeat, or a resumed run) starts from a fresh skeleton and empty frozen-prefix caches.
+    # A new run (a repeat, or a resumed run) starts from a fresh skeleton and empty frozen-prefix caches.
     key = (run_id, config_json)
     if _cache and _cache[0].key == key:
         return _cache[0]
     cfg = config_from_dict(json.loads(config_json))
     apply_threads(cfg)
-    train, partitions = client_data(cfg)
-    loaded = _Loaded(key, cfg, train, partitions, Workspace(cfg, select_device(cfg.run.device)))
+    loaded = _Loaded(key, cfg, Workspace(cfg, select_device(cfg.run.device)))
     _cache[:] = [loaded]
     return loaded
 
@@ -67,30 +74,51 @@ def _partition(context: Context) -> tuple[int, int]:
     return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
 
 
+def _data_root(context: Context) -> str:
+    """The node's own data folder from its node config, if it names one."""
+    return str(context.node_config.get("data-root", "") or "")
+
+
 @app.query()
 def setup(msg: Message, context: Context) -> Message:
-    """Keep the run config the server sent; answer with this node's partition."""
-    config_json = node_config_json(str(msg.content.config_records["run"]["config"]), context.node_config)
+    """Keep the run config the server sent, open this node's own data, and answer with its partition and its
+    data description, or the one line that says why the data cannot be used."""
+    config_json = str(msg.content.config_records["run"]["config"])
     context.state[STATE] = ConfigRecord({"config": config_json, "store": b""})
     pid, n = _partition(context)
-    return Message(
-        RecordDict({"node": ConfigRecord({"partition-id": pid, "num-partitions": n})}), reply_to=msg
-    )
+    node: dict[str, Any] = {"partition-id": pid, "num-partitions": n}
+    try:
+        described = _loaded(context.run_id, config_json).client_data(pid, _data_root(context)).describe()
+        node["data"] = json.dumps(described)
+    except ClientDataError as err:
+        node["error"] = str(err)
+    return Message(RecordDict({"node": ConfigRecord(node)}), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """One round of local training by this node's client."""
+def _handle(msg: Message, context: Context) -> Message:
+    """This node's client answers one message (training or evaluation) with the state the node keeps."""
     if STATE not in context.state.config_records:
         # A restarted node has lost its frozen tensors; the server must start over with it.
         raise PayloadError("this node holds no run state (was it restarted?)")
     state = context.state.config_records[STATE]
     loaded = _loaded(context.run_id, str(state["config"]))
     pid, _ = _partition(context)
-    client = Client(pid, loaded.cfg, loaded.train, loaded.partitions[pid], loaded.workspace)
+    client = Client(pid, loaded.cfg, loaded.client_data(pid, _data_root(context)), loaded.workspace)
     client.store = deserialize(bytes(state["store"]))
     started = time.perf_counter()
     reply = client.handle(unpack(msg.content))
     handled = time.perf_counter() - started
     state["store"] = serialize(client.store)
     return Message(pack(reply, train=False, client_s=handled), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training by this node's client."""
+    return _handle(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Federated evaluation: this node scores the global model on its own held-out split."""
+    return _handle(msg, context)

@@ -14,6 +14,18 @@ from typing import Any
 
 from fedmml.engines.flower.processes import tool
 
+# `flwr run` exits 0 and prints only "check your network connection" for many failures (a wrong CA among
+# them), so every failure is reported with this hint.
+HINT = (
+    "flwr exits 0 even when it fails: check the SuperLink address and port, the CA certificate "
+    "(root-certificates) and the log in <run>/flwr/logs"
+)
+
+
+class FlowerError(RuntimeError):
+    """Flower refused or failed a command or a run; the message says what Flower said and where to look."""
+
+
 # The app's run config keys and defaults; `flwr run -c` may only set keys listed here.
 RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "preset": "tiny",
@@ -61,15 +73,16 @@ def flwr(args: list[str], env: dict[str, str], timeout: float = 120) -> subproce
         [tool("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
     if proc.returncode != 0:
-        raise RuntimeError(
-            f"flwr {' '.join(args[:2])} failed ({proc.returncode}): {proc.stderr or proc.stdout}"
-        )
+        said = " ".join((proc.stderr or proc.stdout).split())
+        raise FlowerError(f"flwr {' '.join(args[:2])} failed ({proc.returncode}): {said}; {HINT}")
     return proc
 
 
 def _json_out(proc: subprocess.CompletedProcess) -> dict[str, Any]:
     # Warnings may precede the JSON document on stdout.
     text = proc.stdout
+    if "{" not in text:
+        raise FlowerError(f"flwr answered without a result: {' '.join((text + proc.stderr).split())}; {HINT}")
     return json.loads(text[text.index("{") :])
 
 
@@ -92,7 +105,8 @@ def submit(
         args += ["--federation-config", federation_config]
     out = _json_out(flwr(args, env))
     if not out.get("success"):
-        raise RuntimeError(f"flwr run did not start a run: {out}")
+        said = out.get("error-message") or out
+        raise FlowerError(f"flwr run did not start a run: {said}; {HINT}")
     return int(out["run-id"])
 
 

@@ -67,20 +67,26 @@ class LocalDeployment:
                 argv += ["--auth-supernode-private-key", str(key)]
         return self.procs.start(name, argv, env=flower_env(self.home / "nodes" / name))
 
-    def start_nodes(self, count: int) -> list[subprocess.Popen]:
-        """One registered SuperNode per partition."""
-        return [self.start_node(i, count, self.node_key(f"node{i}")) for i in range(count)]
+    def start_nodes(self, count: int, roots: list[str] | None = None) -> list[subprocess.Popen]:
+        """One registered SuperNode per partition, each given only its own data folder when ``roots``."""
+        folders = roots or [""] * count
+        return [self.start_node(i, count, self.node_key(f"node{i}"), folders[i]) for i in range(count)]
 
 
 def run_deployment(
     cfg: Config, out_dir: Path, listener: Listener | None = None, insecure: bool = False, resume: bool = False
 ) -> dict[str, Any]:
-    """The experiment across a loopback SuperLink and ``num_clients`` SuperNodes; returns the summary."""
+    """The experiment across a loopback SuperLink and ``num_clients`` SuperNodes; returns the summary.
+
+    Under ``partition.kind = "local"`` node i is started with ``data.client_roots[i]`` as its own folder
+    (``data-root`` in its node config) and sees no other; the ServerApp needs only a test split.
+    """
     out_dir, home, env = prepare(cfg, out_dir)
+    roots = [str(Path(r).resolve()) for r in cfg.data.client_roots] if cfg.partition.kind == "local" else None
     with ProcessGroup(home / "logs", env) as procs:
         deployment = LocalDeployment(home, procs, insecure)
         deployment.start()
-        deployment.start_nodes(cfg.federation.num_clients)
+        deployment.start_nodes(cfg.federation.num_clients, roots)
         summary = follow_run(cfg, out_dir, home, env, listener, resume=resume)
     summary["flower"]["security"] = "insecure" if insecure else "tls+node-auth"
     return summary

@@ -19,7 +19,7 @@ from fedmml.federation.server import Listener
 CONNECTION = "fedmml"
 
 
-class RunFailed(RuntimeError):
+class RunFailed(control.FlowerError):
     """Flower reports the run as finished but not completed."""
 
 
@@ -29,7 +29,8 @@ def total_rounds(cfg: Config) -> int:
 
 
 def prepare(cfg: Config, out_dir: Path) -> tuple[Path, Path, dict[str, str]]:
-    """Run directory with config.json, Flower home and environment; returns (out_dir, home, env)."""
+    """Config.json in the (claimed) run directory, Flower's home and environment; returns (out_dir, home,
+    env)."""
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(cfg.to_json())
@@ -94,14 +95,3 @@ def run_simulation(
             f"num-supernodes={cfg.federation.num_clients} client-resources-num-cpus={cpus_per_client}"
         )
         return follow_run(cfg, out_dir, home, env, listener, federation, resume=resume)
-
-
-def run_on_flower(
-    cfg: Config, out_dir: Path, listener: Listener | None = None, resume: bool = False
-) -> dict[str, Any]:
-    """``flower-sim``: simulation runtime; ``flower``: a TLS-secured loopback deployment."""
-    if cfg.run.engine == "flower-sim":
-        return run_simulation(cfg, out_dir, listener, resume=resume)
-    from fedmml.engines.flower.deploy import run_deployment
-
-    return run_deployment(cfg, out_dir, listener, resume=resume)

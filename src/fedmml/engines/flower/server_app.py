@@ -1,7 +1,9 @@
-"""The ServerApp: the project's :class:`Server` with a dispatch that goes through Flower's grid.
+"""The ServerApp: the project's :class:`Server` driven through Flower's grid by :class:`GridEngine`.
 
-Node ``partition-id`` i plays client i. A first query to every node hands it the resolved config and learns
-its partition; after that each round sends one message per sampled client with ``grid.send_and_receive``.
+Node ``partition-id`` i plays client i. A first query to every node hands it the resolved config; each node
+opens its own data and answers with its partition and data description (or the one line that says why it
+cannot). After that each round sends one message per sampled client with ``grid.send_and_receive``. Replies
+are matched to the messages they answer, never to their source node: Flower answers for a lost node itself.
 """
 
 from __future__ import annotations
@@ -17,17 +19,15 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmml.config import Config, config_from_dict, load_config
 from fedmml.engines.flower.codec import CLIENT_SECONDS, METRICS, content_bytes, pack, unpack
-from fedmml.experiment import CHECKPOINTS, build_server, finish_run, reopen_run, start_run
+from fedmml.federation import SetupFailed
 from fedmml.federation.payload import Message as Payload
-from fedmml.federation.server import Listener
+from fedmml.federation.server import Listener, Server
+from fedmml.runs import CHECKPOINTS, finish_run, reopen_run, start_run
+from fedmml.setup import build_server
 from fedmml.tasks import resolve_classes
 
 log = logging.getLogger("flwr")
 app = ServerApp()
-
-
-class SetupFailed(RuntimeError):
-    """The run cannot start: nodes missing, or a node failed the setup query."""
 
 
 def resolve_config(run_config: dict[str, Any]) -> Config:
@@ -50,57 +50,40 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def _check(replies: list[Message], sent: int, what: str) -> None:
-    errors = [r.error.reason for r in replies if r.has_error()]
-    if errors:
-        raise SetupFailed(f"{what}: {len(errors)} node(s) failed; first error: {errors[0]}")
-    if len(replies) < sent:
-        raise SetupFailed(f"{what}: {sent - len(replies)} of {sent} node(s) did not answer in time")
-
-
-def map_partitions(grid: Grid, cfg: Config, nodes: list[int], timeout: float) -> dict[int, int]:
-    """Send every node the config; return client id (its ``partition-id``) -> node id."""
-    config = ConfigRecord({"config": cfg.to_json()})
-    queries = [
-        Message(RecordDict({"run": config}), dst_node_id=nid, message_type=MessageType.QUERY) for nid in nodes
-    ]
-    replies = list(grid.send_and_receive(queries, timeout=timeout))
-    _check(replies, len(queries), "setup")
-    node_of: dict[int, int] = {}
+def exchange(grid: Grid, messages: list[Message], timeout: float) -> dict[int, Message | None]:
+    """Send ``messages`` and return, by position in ``messages``, the reply that answers each (None when
+    none came in time). Flower answers for a node it lost with an error reply whose source is the SuperLink,
+    so replies are matched by the message they answer."""
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    # The grid gives every message its id as it sends it.
+    position = {m.metadata.message_id: i for i, m in enumerate(messages)}
+    answered: dict[int, Message | None] = dict.fromkeys(range(len(messages)))
     for reply in replies:
-        info = reply.content.config_records["node"]
-        if int(info["num-partitions"]) != cfg.federation.num_clients:
-            raise SetupFailed(
-                f"node {reply.metadata.src_node_id} has num-partitions={info['num-partitions']}, "
-                f"the run has {cfg.federation.num_clients} clients"
-            )
-        node_of[int(info["partition-id"])] = reply.metadata.src_node_id
-    missing = sorted(set(range(cfg.federation.num_clients)) - set(node_of))
-    if missing:
-        raise SetupFailed(f"no node holds partition(s) {missing[:10]}")
-    return node_of
+        i = position.get(reply.metadata.reply_to_message_id)
+        if i is not None:
+            answered[i] = reply
+    return answered
 
 
-class GridDispatch:
-    """The Server's dispatch over a Flower grid; also counts the bytes Flower's records carry.
+class GridEngine:
+    """The :class:`~fedmml.federation.server.Engine` over a Flower grid; also counts Flower's bytes.
 
-    A node that answers with an error, with an unreadable reply or not before the timeout is dropped from the
-    round (the Server then aggregates the others, backfills or retries), as the in-process engine does.
+    A node that answers with an error (its own, or Flower's for a node it lost), with an unreadable reply or
+    not before the timeout is dropped from the round (the Server then aggregates the others, backfills or
+    retries), as the in-process engine does.
     """
 
-    def __init__(
-        self,
-        grid: Grid,
-        node_of: dict[int, int],
-        first_timeout: float,
-        timeout: float,
-        listener: Listener,
-    ) -> None:
+    def __init__(self, grid: Grid, cfg: Config, run_config: dict[str, Any], listener: Listener) -> None:
         self.grid = grid
-        self.node_of = node_of
-        self.cid_of = {nid: cid for cid, nid in node_of.items()}
-        self.timeouts = [first_timeout, timeout]
+        self.cfg = cfg
+        self.node_wait = float(run_config.get("node-wait-timeout", 120))
+        # The first round also pays for process start, imports and data loading on every node.
+        self.timeouts = [
+            float(run_config.get("first-round-timeout", 900)),
+            float(run_config.get("round-timeout", 300)),
+        ]
         self.listener = listener
+        self.node_of: dict[int, int] = {}
         self.calls = 0
         self.measured = self._zero()
 
@@ -108,36 +91,79 @@ class GridDispatch:
     def _zero() -> dict[str, Any]:
         return {"flower_bytes_down": 0, "flower_bytes_up": 0, "client_s": 0.0}
 
-    def __call__(self, outgoing: list[tuple[int, Payload]]) -> list[tuple[int, Payload]]:
-        """Send one training message per client and return the replies that arrived, in the order sent."""
+    def setup(self) -> dict[int, dict[str, Any]]:
+        """Send every node the config; each opens its own data and reports it (or why it cannot)."""
+        n = self.cfg.federation.num_clients
+        nodes = wait_for_nodes(self.grid, n, self.node_wait)
+        config = ConfigRecord({"config": self.cfg.to_json()})
+        queries = [
+            Message(RecordDict({"run": config}), dst_node_id=nid, message_type=MessageType.QUERY)
+            for nid in nodes
+        ]
+        reports: dict[int, dict[str, Any]] = {}
+        unplaced: list[str] = []  # nodes that failed before saying which partition they hold
+        for i, reply in exchange(self.grid, queries, self.timeouts[0]).items():
+            if reply is None or reply.has_error():
+                why = "no answer" if reply is None else reply.error.reason.strip().splitlines()[-1]
+                unplaced.append(f"node {nodes[i]}: {why}")
+                continue
+            info = reply.content.config_records["node"]
+            if int(info["num-partitions"]) != n:
+                raise SetupFailed(
+                    f"node {nodes[i]} has num-partitions={info['num-partitions']}, the run has {n} clients"
+                )
+            cid = int(info["partition-id"])
+            self.node_of[cid] = nodes[i]
+            if "error" in info:
+                reports[cid] = {"error": f"node {nodes[i]}: {info['error']}"}
+            else:
+                reports[cid] = json.loads(str(info["data"]))
+        for cid in range(n):
+            failed = f" ({'; '.join(unplaced)})" if unplaced else ""
+            reports.setdefault(cid, {"error": f"no node set up partition {cid}{failed}"})
+        return reports
+
+    def dispatch(self, outgoing: list[tuple[int, Payload]]) -> list[tuple[int, Payload]]:
+        """Send one message per client (training, or evaluation when the payload says so) and return the
+        replies that arrived, in the order sent."""
         messages = [
-            Message(pack(p, train=True), dst_node_id=self.node_of[cid], message_type=MessageType.TRAIN)
+            Message(
+                pack(p, train=True),
+                dst_node_id=self.node_of[cid],
+                message_type=MessageType.EVALUATE if p.meta.get("evaluate") else MessageType.TRAIN,
+            )
             for cid, p in outgoing
         ]
-        # The first round also pays for process start, imports and data loading on every node.
         timeout = self.timeouts[min(self.calls, 1)]
         self.calls += 1
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        answered = exchange(self.grid, messages, timeout)
         self.measured["flower_bytes_down"] += sum(content_bytes(m.content) for m in messages)
-        self.measured["flower_bytes_up"] += sum(content_bytes(r.content) for r in replies if r.has_content())
-        payloads: dict[int, Payload] = {}
-        answered: set[int] = set()
-        for reply in replies:
-            cid = self.cid_of[reply.metadata.src_node_id]
-            answered.add(cid)
+        payloads: list[tuple[int, Payload]] = []
+        for i, (cid, _) in enumerate(outgoing):
+            reply = answered[i]
+            if reply is None:
+                self.listener("client_failed", {"client": cid, "reason": f"no reply within {timeout:g} s"})
+                continue
             if reply.has_error():
                 self.listener("client_failed", {"client": cid, "reason": f"node error: {reply.error.reason}"})
                 continue
+            self.measured["flower_bytes_up"] += content_bytes(reply.content)
             try:
-                payloads[cid] = unpack(reply.content)
+                payloads.append((cid, unpack(reply.content)))
             except (KeyError, ValueError) as err:
                 self.listener("client_failed", {"client": cid, "reason": f"unreadable reply: {err}"})
                 continue
             metrics = reply.content.metric_records.get(METRICS, {})
             self.measured["client_s"] += float(metrics.get(CLIENT_SECONDS, 0.0))
-        for cid in sorted({cid for cid, _ in outgoing} - answered):
-            self.listener("client_failed", {"client": cid, "reason": f"no reply within {timeout:g} s"})
-        return [(cid, payloads[cid]) for cid, _ in outgoing if cid in payloads]
+        return payloads
+
+    def resume(self, server: Server, state: dict[str, Any]) -> None:
+        """A resumed run is a new Flower run: its nodes start with empty state and hold no frozen tensors."""
+        server.ledger.held.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing of its own to restore: a resumed run starts on fresh nodes."""
+        return {}
 
     def take_metrics(self) -> dict[str, Any]:
         """Flower's bytes and the clients' own handling time since the last call (one round)."""
@@ -166,29 +192,18 @@ def main(grid: Grid, context: Context) -> None:
     """Run the configured experiment over the connected nodes and write the run directory."""
     started = time.perf_counter()
     rc = context.run_config
-    # Resolved before anything is sent, so every node builds the same model.
+    # Resolved before anything is sent, so every node builds the same model (and labels the same classes).
     cfg = resolve_classes(resolve_config(rc))
     out_dir = Path(str(rc["run-dir"])) if rc.get("run-dir") else _default_run_dir(cfg)
     log.info("fedmml: %s on %s clients, writing %s", cfg.run.method, cfg.federation.num_clients, out_dir)
-    resume = bool(rc.get("resume", False))
-    if resume:
+    if bool(rc.get("resume", False)):
         _, (tensors, state), record = reopen_run(out_dir, _log_event)
     else:
+        out_dir.mkdir(parents=True, exist_ok=True)
         record = start_run(cfg, out_dir, _log_event)
-    nodes = wait_for_nodes(grid, cfg.federation.num_clients, float(rc.get("node-wait-timeout", 120)))
-    node_of = map_partitions(grid, cfg, nodes, float(rc.get("first-round-timeout", 900)))
+        tensors, state = {}, None
     side = build_server(cfg, record, out_dir / CHECKPOINTS)
-    if resume:
+    if state is not None:
         side.server.resume(tensors, state)
-        # A resumed run is a new Flower run: its nodes start with empty state, so they hold no frozen tensors.
-        side.server.ledger.held.clear()
-    dispatch = GridDispatch(
-        grid,
-        node_of,
-        float(rc.get("first-round-timeout", 900)),
-        float(rc.get("round-timeout", 300)),
-        record,
-    )
-    side.server.engine_metrics = dispatch.take_metrics
-    metrics = side.server.run(dispatch)
+    metrics = side.server.run(GridEngine(grid, cfg, dict(rc), record))
     finish_run(cfg, out_dir, side, metrics, started, record)

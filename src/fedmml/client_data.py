@@ -1,0 +1,121 @@
+"""A client's training data, and nothing else.
+
+Two sources, one interface (:class:`ClientData`):
+
+- a share of one shared dataset (``partition.kind`` = iid | dirichlet | group), for simulation: the partition
+  is computed from the split's metadata (ids, labels, groups), and the client decodes only its own samples;
+- a whole folder of the client's own in the task's layout (``partition.kind = "local"``): the folder is
+  ``data.client_roots[cid]`` in simulation, or the ``data-root`` a deployed node names in its node config.
+
+Both give the same dataset for the same samples (same order, same seeded draws), so a partition written out
+as folders trains exactly as the partition itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from fedmml.config import Config, ConfigError
+from fedmml.data import DataError
+from fedmml.tasks import task_for
+
+
+class ClientDataError(DataError):
+    """A client cannot open its training data; the message names the client and the path, on one line."""
+
+
+@dataclass
+class ClientData:
+    """A client's training samples (and, under federated evaluation, its held-out samples), and what it tells
+    the server about them at set-up."""
+
+    dataset: Dataset
+    source: str  # the folder or shared split the samples were read from
+    source_skipped: dict[str, int]  # malformed entries in that source's metadata (counted once per source)
+    test: Dataset | None = None  # the client's own held-out split (eval.where = "federated")
+    test_missing: str = ""  # why it has none
+
+    def describe(self) -> dict[str, Any]:
+        """Sizes and skip counts only: what the server may know of a client's data."""
+        return {
+            "num_samples": len(self.dataset),
+            "skipped": dict(self.dataset.skipped),
+            "source": self.source,
+            "source_skipped": dict(self.source_skipped),
+            "test_samples": len(self.test) if self.test is not None else 0,
+        }
+
+
+class SharedSplit:
+    """One shared training split and its partition over clients, from metadata only."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        task = task_for(cfg)
+        self.source = str(Path(cfg.data.root) / cfg.data.train_split)
+        try:
+            self.index = task.read_index(cfg, cfg.data.root, cfg.data.train_split, train=True)
+        except (OSError, DataError) as err:
+            raise ClientDataError(f"shared training split {self.source}: {err}") from None
+        self.parts = task.partitions(cfg, self.index)
+        self.test_index, self.test_parts = None, []
+        if cfg.eval.where == "federated":
+            # Every client also holds a share of the test split, cut the same way, to score the model on.
+            self.test_index = task.read_index(cfg, cfg.data.root, cfg.data.test_split, train=False)
+            self.test_parts = task.partitions(cfg, self.test_index)
+
+    def client(self, cid: int) -> ClientData:
+        """Client ``cid``'s share, decoded (only its own samples)."""
+        task = task_for(self.cfg)
+        split = self.cfg.data.train_split
+        dataset = task.load_split(self.cfg, split, train=True, positions=self.parts[cid], index=self.index)
+        data = ClientData(dataset, self.source, self.index.skipped)
+        if self.test_index is not None:
+            split, held_out = self.cfg.data.test_split, self.test_parts[cid]
+            data.test = task.load_split(self.cfg, split, False, positions=held_out, index=self.test_index)
+        return data
+
+
+def local_folder(cfg: Config, cid: int, root: str) -> ClientData:
+    """Client ``cid``'s own folder, whole; a missing, empty or malformed folder is a one-line error."""
+    task = task_for(cfg)
+    split = cfg.data.train_split
+    try:
+        index = task.read_index(cfg, root, split, train=True)
+        dataset = task.load_split(cfg, split, train=True, root=root, positions=range(len(index)), index=index)
+    except (OSError, DataError) as err:
+        raise ClientDataError(f"client {cid} cannot use its data folder {root}: {err}") from None
+    data = ClientData(dataset, str(Path(root).resolve()), index.skipped)
+    if cfg.eval.where == "federated":
+        # A folder without a test split still trains; it is left out of evaluation, and counted.
+        try:
+            data.test = task.load_split(cfg, cfg.data.test_split, train=False, root=root)
+        except (OSError, DataError) as err:
+            data.test_missing = f"client {cid} has no usable test split in {root}: {err}"
+    return data
+
+
+def open_client_data(
+    cfg: Config, cid: int, shared: SharedSplit | None = None, root: str | None = None
+) -> ClientData:
+    """Client ``cid``'s training data: its own folder (``root``, else ``data.client_roots[cid]``) under
+    ``partition.kind = "local"``, else its share of the shared split (``shared``, built when not given)."""
+    if cfg.partition.kind == "local":
+        roots = cfg.data.client_roots
+        root = root or (roots[cid] if cid < len(roots) else None)
+        if not root:
+            raise ConfigError(
+                f'client {cid} has no data folder: partition.kind = "local" needs data.client_roots, or a '
+                "data-root in the node's config"
+            )
+        return local_folder(cfg, cid, root)
+    return (shared or SharedSplit(cfg)).client(cid)
+
+
+def source_of(cfg: Config) -> SharedSplit | None:
+    """What every client of this process cuts its data from: the shared split, or None for local folders."""
+    return None if cfg.partition.kind == "local" else SharedSplit(cfg)

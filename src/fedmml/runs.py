@@ -1,0 +1,168 @@
+"""The run directory, and the only code that writes it: ``config.json``, ``metrics.jsonl``, checkpoints,
+``model.safetensors``, ``summary.json``, ``report.md`` and the plots.
+
+A directory that already holds a run is never replaced unless the caller asks (``overwrite``); a stopped run
+is continued with :func:`reopen_run`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedmml import report
+from fedmml.accounting import memory_method
+from fedmml.config import Config, config_from_dict
+from fedmml.federation.checkpoint import latest_checkpoint, load_checkpoint
+from fedmml.federation.server import Listener
+from fedmml.models.build import build_model
+from fedmml.models.multimodal import MultimodalModel
+from fedmml.setup import ServerSide, final_depth, select_device, train_data_summary
+from fedmml.tasks import task_for
+
+CHECKPOINTS = "checkpoints"
+Checkpoint = tuple[dict[str, torch.Tensor], dict[str, Any]]
+# What marks a directory as holding a run (a run writes config.json first).
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", CHECKPOINTS)
+
+
+class RunExists(FileExistsError):
+    """The output directory already holds a run."""
+
+
+def save_model(model: MultimodalModel, path: Path) -> None:
+    """Weights as safetensors (the architecture is rebuilt from the run's config.json)."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def load_run_model(run_dir: Path, device: torch.device | None = None) -> tuple[Config, MultimodalModel]:
+    """The config and final global model of a finished run."""
+    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
+    model = build_model(cfg.model, load_weights=False)
+    for modality, depth in final_depth(cfg).items():
+        model.encoders[modality].grow_to(depth)
+    model.load_state_dict(load_file(str(run_dir / "model.safetensors")), strict=True)
+    return cfg, model.to(device or torch.device("cpu"))
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-round records of a run."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+class MetricsWriter:
+    """Appends each finished round to metrics.jsonl as it happens, then forwards the event."""
+
+    def __init__(self, path: Path, forward: Listener | None) -> None:
+        self.path = path
+        self.forward = forward
+
+    def __call__(self, kind: str, info: dict[str, Any]) -> None:
+        if kind == "round_done":
+            with self.path.open("a") as f:
+                f.write(json.dumps(info) + "\n")
+        if self.forward is not None:
+            self.forward(kind, info)
+
+
+def holds_run(out_dir: Path) -> bool:
+    """Whether ``out_dir`` already holds (part of) a run."""
+    return any((out_dir / name).exists() for name in RUN_FILES)
+
+
+def claim_run_dir(out_dir: Path, overwrite: bool = False) -> None:
+    """Make ``out_dir`` ready for a new run; one holding a run is refused, or cleared with ``overwrite``."""
+    if holds_run(out_dir):
+        if not overwrite:
+            raise RunExists(
+                f"{out_dir} already holds a run; continue it with `fedmml run --resume {out_dir}`, "
+                "choose another --out, or pass --overwrite to replace it"
+            )
+        for name in RUN_FILES:
+            path = out_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    probe = out_dir / ".write-test"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"cannot write to the run directory {out_dir}: {err.strerror}") from None
+
+
+def start_run(cfg: Config, out_dir: Path, listener: Listener | None = None) -> Listener:
+    """Write config.json and an empty metrics.jsonl into a claimed directory; return the recording
+    listener."""
+    (out_dir / "config.json").write_text(cfg.to_json())
+    (out_dir / "metrics.jsonl").write_text("")
+    return MetricsWriter(out_dir / "metrics.jsonl", listener)
+
+
+def reopen_run(run_dir: Path, listener: Listener | None = None) -> tuple[Config, Checkpoint, Listener]:
+    """A stopped run's config and newest checkpoint, and a listener that appends to its metrics.jsonl.
+
+    Rounds after the checkpoint are redone, so their lines are dropped from metrics.jsonl.
+    """
+    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
+    found = latest_checkpoint(run_dir / CHECKPOINTS)
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir / CHECKPOINTS}; start the run again instead")
+    tensors, state = load_checkpoint(found)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in state["metrics"]))
+    return cfg, (tensors, state), MetricsWriter(run_dir / "metrics.jsonl", listener)
+
+
+def finish_run(
+    cfg: Config,
+    out_dir: Path,
+    side: ServerSide,
+    metrics: list[dict[str, Any]],
+    started: float,
+    emit: Listener,
+) -> dict[str, Any]:
+    """Write the model, summary.json and the report of a finished run; return the summary."""
+    server, test = side.server, side.test
+    emit("phase", {"phase": "writing outputs"})
+    save_model(server.model, out_dir / "model.safetensors")
+    task = task_for(cfg)
+    final = next(m for m in reversed(metrics) if task.score_key in m)
+    data = train_data_summary(server.clients)
+    summary: dict[str, Any] = {
+        "task": task.name,
+        "method": cfg.run.method,
+        "preset": cfg.preset,
+        "schedule": cfg.schedule,
+        "rounds": len(metrics),
+        "stages": len(server.stages),
+        "clients": cfg.federation.num_clients,
+        **{k: final[k] for k in task.summary_keys},
+        "bytes_up_total": sum(m["bytes_up"] for m in metrics),
+        "bytes_down_total": sum(m["bytes_down"] for m in metrics),
+        # Measured per client (fedmml.accounting): FLOPs summed over the run, peak memory as the maximum.
+        "client_flops_total": sum(m.get("client_flops", 0) for m in metrics),
+        "client_peak_mem_bytes": max((m.get("client_peak_mem_bytes", 0) for m in metrics), default=0),
+        "memory_method": memory_method(select_device(cfg.run.device)),
+        # Reported by the clients at set-up: the server itself never opens a training file.
+        "train_images": data["train_images"],
+        "test_images": len(test) if test is not None else final.get("test_images", 0),
+        "skipped": {"train": data["train_skipped"], "test": test.skipped if test is not None else {}},
+        "client_samples": {str(c): r["num_samples"] for c, r in server.clients.items()},
+        "setup_failures": {str(c): r for c, r in server.setup_failures.items()},
+        # server: whole-split scores on the server's test split; federated: combined from the clients' own
+        # held-out splits (retrieval then is local-gallery recall, see tasks.ImageText.combine_scores)
+        "evaluation": cfg.eval.where,
+    }
+    summary.update(task.summarize(server.model, test, cfg, out_dir, final))
+    summary["wall_s"] = time.perf_counter() - started
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    report.write_run_report(out_dir, cfg.to_dict(), summary, metrics)
+    return summary
