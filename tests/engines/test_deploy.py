@@ -15,6 +15,8 @@ from fedmml.config import load_config
 from fedmml.experiment import build_setup
 from fedmml.runs import read_metrics
 
+pytestmark = pytest.mark.slow  # Flower runtimes: minutes each; `make test-fast` skips them
+
 # LW over two rounds of tiny; evaluation only at the end keeps the two ClientApp rounds the main cost.
 OVERRIDES = [
     "schedules.uniform.rounds=[1, 1, 0]",

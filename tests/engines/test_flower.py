@@ -11,11 +11,14 @@ import pytest
 
 pytest.importorskip("flwr", reason="the Flower engine needs the optional extra fedmml[flower]")
 
+
 from fedmml.cli import main as cli
 from fedmml.config import load_config
 from fedmml.experiment import run_experiment
 from fedmml.federation.client import derive_seed
 from fedmml.runs import read_metrics
+
+pytestmark = pytest.mark.slow  # Flower runtimes: minutes each; `make test-fast` skips them
 
 # Two rounds (stage 1, then stage 2 with stage-1 tensors frozen) and one thread, so that kernels and
 # therefore floats are identical in every process.

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from fedmml.cli import main
@@ -31,6 +32,7 @@ def _stable(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in VOLATILE}
 
 
+@pytest.mark.slow
 def test_sigkill_mid_stage_then_resume_equals_uninterrupted_run(emoji_root: Path, tmp_path: Path) -> None:
     data = ["--set", f'data.root="{emoji_root}"']
     reference = tmp_path / "reference"
@@ -149,6 +151,7 @@ def test_backfill_replaces_failed_clients_within_the_round(emoji_root: Path) -> 
         assert len(set(r["backfilled_clients"])) == len(r["backfilled_clients"])
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_run_cleanly_and_it_resumes(emoji_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fedmml.cli", "run", *RUN_ARGS, "--set", f'data.root="{emoji_root}"']
