@@ -19,6 +19,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedmml.config import ENGINES, METHODS, ConfigError, available_presets, load_config
 from fedmml.data import DataError
 from fedmml.engines.flower.control import FlowerError
+from fedmml.events import (
+    Backfill,
+    ClientDropped,
+    ClientStarted,
+    Event,
+    MethodStarted,
+    Phase,
+    RoundDone,
+    RoundSkipped,
+    RoundStarted,
+    StageStarted,
+)
 from fedmml.federation import SetupFailed
 from fedmml.federation.payload import PayloadError
 
@@ -199,42 +211,36 @@ class _Display:
         self.method = ""
         self.stage = ""
 
-    def __call__(self, kind: str, info: dict[str, Any]) -> None:
-        if kind == "method":
-            self.method = info["method"]
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, MethodStarted):
+            self.method = event.method
             self.task = None
-        elif kind == "stage":
-            self.stage = f"stage {info['stage']}/{info['stages']}"
-        elif kind == "round":
+        elif isinstance(event, StageStarted):
+            self.stage = f"stage {event.stage}/{event.stages}"
+        elif isinstance(event, RoundStarted):
             if self.task is None:
-                self.task = self.progress.add_task("", total=info["rounds"], method=self.method)
-            self._describe(f"{self.stage} round {info['round']}")
-        elif kind == "client":
-            self._describe(f"{self.stage} client {info['position']}/{info['of']} (#{info['client']})")
-        elif kind == "phase":
-            self._describe(info["phase"])
-        elif kind in ("client_failed", "rejected"):
-            if not self.quiet:
-                console.print(f"  [yellow]client {info['client']} dropped:[/] {info['reason']}")
-        elif kind == "backfill":
-            if not self.quiet:
-                console.print(f"  [yellow]round {info['round']} backfills with clients {info['clients']}[/]")
-        elif kind == "skipped":
-            if not self.quiet:
-                console.print(
-                    f"  [yellow]round {info['round']} skipped: only {info['accepted']} valid updates[/]"
-                )
-        elif kind == "round_done":
+                self.task = self.progress.add_task("", total=event.rounds, method=self.method)
+            self._describe(f"{self.stage} round {event.round}")
+        elif isinstance(event, ClientStarted):
+            self._describe(f"{self.stage} client {event.position}/{event.of} (#{event.client})")
+        elif isinstance(event, Phase):
+            self._describe(event.text)
+        elif isinstance(event, ClientDropped):
+            self._say(f"  [yellow]client {event.client} dropped:[/] {event.reason}")
+        elif isinstance(event, Backfill):
+            self._say(f"  [yellow]round {event.round} backfills with clients {event.clients}[/]")
+        elif isinstance(event, RoundSkipped):
+            self._say(f"  [yellow]round {event.round} skipped: only {event.accepted} valid updates[/]")
+        elif isinstance(event, RoundDone):
             if self.task is not None:
                 self.progress.advance(self.task)
-            from fedmml.tasks import TASKS  # imported once a run is under way: it brings in the models
+            if event.scores:
+                loss = event.record.get("train_loss", float("nan"))
+                self._say(f"  {self.method} round {event.record['round']}: {event.scores}  loss {loss:.3f}")
 
-            task = next((t for t in TASKS.values() if t.score_key in info), None)
-            if not self.quiet and task is not None:
-                console.print(
-                    f"  {self.method} round {info['round']}: {task.describe_scores(info)}  "
-                    f"loss {info.get('train_loss', float('nan')):.3f}"
-                )
+    def _say(self, text: str) -> None:
+        if not self.quiet:
+            console.print(text)
 
     def _describe(self, text: str) -> None:
         if self.task is not None:

@@ -7,7 +7,6 @@ The parts come from :mod:`fedmml.setup` (model, server, clients) and the run dir
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,8 @@ from typing import Any
 from fedmml import report
 from fedmml.config import Config, config_from_dict
 from fedmml.engines.inprocess import InProcessEngine
+from fedmml.events import Listener, MethodStarted, Phase, ignore
 from fedmml.federation.client import Client, Workspace
-from fedmml.federation.server import Listener
 from fedmml.runs import CHECKPOINTS, claim_run_dir, finish_run, read_metrics, reopen_run, start_run
 from fedmml.setup import ServerSide, build_server, open_clients, select_device
 from fedmml.tasks import resolve_classes
@@ -41,12 +40,12 @@ class Setup(ServerSide):
 def build_setup(cfg: Config, listener: Listener | None = None, checkpoint_dir: Path | None = None) -> Setup:
     """The server side, every client with its own data, and the in-process engine for ``cfg``."""
     cfg = resolve_classes(cfg)
-    emit = listener or (lambda kind, info: None)
+    emit = listener or ignore
     side = build_server(cfg, emit, checkpoint_dir)
     # A disk-backed frozen-prefix cache lives beside the checkpoints, in the run directory.
     cache_dir = checkpoint_dir.parent / "prefix-cache" if checkpoint_dir is not None else None
     workspace = Workspace(cfg, select_device(cfg.run.device), cache_dir)
-    emit("phase", {"phase": "opening the clients' data"})
+    emit(Phase("opening the clients' data"))
     clients, failures = open_clients(cfg, workspace)
     engine = InProcessEngine(clients, failures, cfg, workspace, emit)
     return Setup(side.test, side.server, clients, engine, workspace)
@@ -97,7 +96,7 @@ def compare(
     cfg: Config,
     out_dir: Path,
     methods: tuple[str, ...] = ("e2e", "lw", "prog"),
-    listener: Callable[[str, dict[str, Any]], None] | None = None,
+    listener: Listener | None = None,
     overwrite: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Run several methods with the same seed and round budget; write comparison.md/.json and plots."""
@@ -105,7 +104,7 @@ def compare(
     for method in methods:
         method_cfg = config_from_dict({**cfg.to_dict(), "run": {**cfg.to_dict()["run"], "method": method}})
         if listener is not None:
-            listener("method", {"method": method})
+            listener(MethodStarted(method))
         summaries[method] = run_experiment(method_cfg, out_dir / method, listener, overwrite)
         runs[method] = read_metrics(out_dir / method)
     report.write_comparison(out_dir, summaries, runs, cfg.preset)

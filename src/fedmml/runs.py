@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from fedmml import report
 from fedmml.accounting import memory_method
 from fedmml.config import Config, config_from_dict
+from fedmml.events import Event, Listener, Phase, RoundDone
 from fedmml.federation.checkpoint import latest_checkpoint, load_checkpoint
-from fedmml.federation.server import Listener
 from fedmml.models.build import build_model
 from fedmml.models.multimodal import MultimodalModel
 from fedmml.setup import ServerSide, final_depth, select_device, train_data_summary
@@ -63,12 +63,12 @@ class MetricsWriter:
         self.path = path
         self.forward = forward
 
-    def __call__(self, kind: str, info: dict[str, Any]) -> None:
-        if kind == "round_done":
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, RoundDone):
             with self.path.open("a") as f:
-                f.write(json.dumps(info) + "\n")
+                f.write(json.dumps(event.record) + "\n")
         if self.forward is not None:
-            self.forward(kind, info)
+            self.forward(event)
 
 
 def holds_run(out_dir: Path) -> bool:
@@ -131,7 +131,7 @@ def finish_run(
 ) -> dict[str, Any]:
     """Write the model, summary.json and the report of a finished run; return the summary."""
     server, test = side.server, side.test
-    emit("phase", {"phase": "writing outputs"})
+    emit(Phase("writing outputs"))
     save_model(server.model, out_dir / "model.safetensors")
     task = task_for(cfg)
     final = next(m for m in reversed(metrics) if task.score_key in m)

@@ -16,8 +16,9 @@ from torch.utils.data import Dataset
 
 from fedmml.client_data import ClientDataError, open_client_data, source_of
 from fedmml.config import Config
+from fedmml.events import Listener, Phase, ignore
 from fedmml.federation.client import Client, Workspace, derive_seed
-from fedmml.federation.server import Listener, Server
+from fedmml.federation.server import Server
 from fedmml.methods import plan_stages
 from fedmml.models.build import build_model
 from fedmml.models.multimodal import MultimodalModel
@@ -66,22 +67,22 @@ def build_server(
     cfg: Config, listener: Listener | None = None, checkpoint_dir: Path | None = None
 ) -> ServerSide:
     """The global model, its stage plan, the test split and the server for ``cfg``; no training data."""
-    emit = listener or (lambda kind, info: None)
+    emit = listener or ignore
     apply_threads(cfg)
     device = select_device(cfg.run.device)
     # The model comes first so that a schedule that cannot fit the encoders fails before data is loaded.
-    emit("phase", {"phase": "building model"})
+    emit(Phase("building model"))
     model = global_model(cfg, device)
     totals = {m: enc.total_blocks for m, enc in model.encoders.items()}
     stages = plan_stages(cfg.active_schedule, cfg.run.method, totals)
     if cfg.eval.where == "federated":
         # The clients score the model on their own held-out data; the server holds no data at all.
         return ServerSide(None, Server(cfg, model, stages, None, emit, checkpoint_dir))
-    emit("phase", {"phase": "loading the test split"})
+    emit(Phase("loading the test split"))
     test = task_for(cfg).load_split(cfg, cfg.data.test_split, train=False)
 
     def evaluate(m: MultimodalModel) -> dict[str, Any]:
-        emit("phase", {"phase": "evaluating"})
+        emit(Phase("evaluating"))
         return evaluate_on(m, test, cfg)
 
     return ServerSide(test, Server(cfg, model, stages, evaluate, emit, checkpoint_dir))

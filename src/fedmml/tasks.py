@@ -90,7 +90,11 @@ class Task:
         raise NotImplementedError
 
     def describe_scores(self, scores: dict[str, Any]) -> str:
-        """The task's headline scores of one evaluation, for a progress line."""
+        """The task's headline scores in a round's record as text for a progress line ("" when the round
+        was not evaluated)."""
+        return self._describe(scores) if self.score_key in scores else ""
+
+    def _describe(self, scores: dict[str, Any]) -> str:
         raise NotImplementedError
 
     def local_scores(self, model: MultimodalModel, test: Dataset, cfg: Config) -> dict[str, Any]:
@@ -152,7 +156,7 @@ class ImageText(Task):
         pixels = [test[i][0] for i in range(len(test))]
         return retrieval_scores(model, pixels, test.captions, cfg.eval.batch_size, cfg.eval.ks)
 
-    def describe_scores(self, scores: dict[str, Any]) -> str:
+    def _describe(self, scores: dict[str, Any]) -> str:
         return f"rsum {scores['rsum']:.1f}  i2t R@1 {scores['i2t_r1']:.1f}  t2i R@1 {scores['t2i_r1']:.1f}"
 
     def local_scores(self, model: MultimodalModel, test: CaptionDataset, cfg: Config) -> dict[str, Any]:
@@ -241,7 +245,7 @@ class ImageAudio(Task):
         scores = {k: metrics[k] for k in ("accuracy", "macro_f1")} | {"test_loss": metrics["loss"]}
         return scores | {"confusion": confusion.tolist()}
 
-    def describe_scores(self, scores: dict[str, Any]) -> str:
+    def _describe(self, scores: dict[str, Any]) -> str:
         return f"accuracy {scores['accuracy']:.1f}  macro-F1 {scores['macro_f1']:.1f}"
 
     def local_scores(self, model: MultimodalModel, test: AdvanceDataset, cfg: Config) -> dict[str, Any]:

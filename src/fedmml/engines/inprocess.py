@@ -8,9 +8,10 @@ from typing import Any
 import numpy as np
 
 from fedmml.config import Config
+from fedmml.events import ClientDropped, ClientStarted, Listener, ignore
 from fedmml.federation.client import Client, Workspace, derive_seed
 from fedmml.federation.payload import Message
-from fedmml.federation.server import Listener, Server
+from fedmml.federation.server import Server
 
 
 class InjectedFault(RuntimeError):
@@ -40,7 +41,7 @@ class InProcessEngine:
         self.caches = workspace.caches
         self.faults = cfg.faults
         self.timeout_s = cfg.federation.client_timeout_s
-        self.listener = listener or (lambda kind, info: None)
+        self.listener = listener or ignore
         self.rng = np.random.default_rng(derive_seed(cfg.run.seed, 2))
         self.client_s = 0.0
 
@@ -89,18 +90,18 @@ class InProcessEngine:
         """Run each addressed client's local training and collect the replies of those that succeeded."""
         replies = []
         for i, (cid, message) in enumerate(outgoing):
-            self.listener("client", {"client": cid, "position": i + 1, "of": len(outgoing)})
+            self.listener(ClientStarted(cid, i + 1, len(outgoing)))
             start = time.perf_counter()
             try:
                 reply, delay = self._run_client(cid, message)
             except Exception as err:  # noqa: BLE001 - one failing client must not end the round
-                self.listener("client_failed", {"client": cid, "reason": f"{type(err).__name__}: {err}"})
+                self.listener(ClientDropped(cid, f"{type(err).__name__}: {err}"))
                 continue
             self.client_s += time.perf_counter() - start
             elapsed = time.perf_counter() - start + delay
             if self.timeout_s and elapsed > self.timeout_s:
                 reason = f"missed the {self.timeout_s:g} s deadline ({elapsed:.2f} s)"
-                self.listener("client_failed", {"client": cid, "reason": reason})
+                self.listener(ClientDropped(cid, reason))
                 continue
             replies.append((cid, reply))
         return replies

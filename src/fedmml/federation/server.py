@@ -18,6 +18,17 @@ import numpy as np
 import torch
 
 from fedmml.config import Config
+from fedmml.events import (
+    Backfill,
+    ClientDropped,
+    Listener,
+    Phase,
+    RoundDone,
+    RoundSkipped,
+    RoundStarted,
+    StageStarted,
+    ignore,
+)
 from fedmml.federation import SetupFailed
 from fedmml.federation.aggregate import AGGREGATORS
 from fedmml.federation.checkpoint import save_checkpoint
@@ -36,7 +47,6 @@ from fedmml.models.multimodal import MultimodalModel
 from fedmml.tasks import task_for
 
 Evaluator = Callable[[MultimodalModel], dict[str, Any]]
-Listener = Callable[[str, dict[str, Any]], None]
 
 
 class Engine(Protocol):
@@ -133,7 +143,7 @@ class Server:
         self.model = model
         self.stages = stages
         self.evaluate = evaluate
-        self.listener = listener or (lambda kind, info: None)
+        self.listener = listener or ignore
         self.checkpoint_dir = checkpoint_dir
         self.ledger = Ledger()
         self.rng = np.random.default_rng(derive_seed(cfg.run.seed, 1))
@@ -160,7 +170,7 @@ class Server:
         self.clients = {cid: r for cid, r in sorted(reports.items()) if "error" not in r}
         self.setup_failures = {cid: str(r["error"]) for cid, r in sorted(reports.items()) if "error" in r}
         for cid, reason in self.setup_failures.items():
-            self.listener("client_failed", {"client": cid, "reason": reason})
+            self.listener(ClientDropped(cid, reason))
         need = self.cfg.federation.min_clients
         if len(self.clients) < need:
             first = next(iter(self.setup_failures.values()), "no client answered")
@@ -272,9 +282,7 @@ class Server:
                 round_no += stage.rounds
                 continue
             trainable = self.enter_stage(stage)
-            self.listener(
-                "stage", {"stage": stage.index + 1, "stages": len(self.stages), "rounds": stage.rounds}
-            )
+            self.listener(StageStarted(stage.index + 1, len(self.stages), stage.rounds))
             for _ in range(stage.rounds):
                 round_no += 1
                 if round_no <= self.done_rounds:
@@ -315,14 +323,14 @@ class Server:
         while retries < fed.round_retries:
             retries += 1
             cids = self.sample_clients()
-            self.listener("round", {"round": round_no, "rounds": self.total_rounds, "clients": cids})
+            self.listener(RoundStarted(round_no, self.total_rounds, cids))
             accepted = self._wave(engine, cids, stage, round_no, trainable, expected, tally)
             asked = set(cids)
             for _ in range(fed.backfill):
                 replacements = self._replacements(len(cids) - len(accepted), asked)
                 if not replacements:
                     break
-                self.listener("backfill", {"round": round_no, "clients": replacements})
+                self.listener(Backfill(round_no, replacements))
                 tally.backfilled += replacements
                 asked.update(replacements)
                 accepted += self._wave(engine, replacements, stage, round_no, trainable, expected, tally)
@@ -356,7 +364,7 @@ class Server:
             record.update(self._aggregate(accepted))
         else:
             record["skipped"] = True
-            self.listener("skipped", {"round": round_no, "accepted": len(accepted)})
+            self.listener(RoundSkipped(round_no, len(accepted)))
         record.update(engine.take_metrics())
         if self._eval_due(round_no):
             evaluating = time.perf_counter()
@@ -367,7 +375,7 @@ class Server:
                 record.update(self.evaluate(self.model))
             record["eval_s"] = time.perf_counter() - evaluating
         record["wall_s"] = time.perf_counter() - start
-        self.listener("round_done", record)
+        self.listener(RoundDone(record, task_for(self.cfg).describe_scores(record)))
         return record
 
     def _wave(
@@ -398,7 +406,7 @@ class Server:
                 accepted.append((cid, tensors, reply))
             else:
                 tally.rejected[cid] = reason
-                self.listener("rejected", {"round": round_no, "client": cid, "reason": reason})
+                self.listener(ClientDropped(cid, f"update rejected: {reason}"))
         return accepted
 
     def _evaluate_on_clients(
@@ -406,7 +414,7 @@ class Server:
     ) -> dict[str, Any]:
         """Federated evaluation: the round's clients score the new global model on their own held-out splits,
         and the task combines what they report. Its bytes are counted apart from training's."""
-        self.listener("phase", {"phase": "evaluating on the clients"})
+        self.listener(Phase("evaluating on the clients"))
         sent = {cid: self.message_for(cid, stage, round_no, trainable, evaluate=True) for cid in cids}
         replies = dict(engine.dispatch([(cid, message) for cid, (message, _) in sent.items()]))
         parts, skipped = [], {}

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmml.engines.flower.processes import tool
+from fedmml.events import Listener, RoundDone, RoundStarted
 
 # `flwr run` exits 0 and prints only "check your network connection" for many failures (a wrong CA among
 # them), so every failure is reported with this hint.
@@ -154,12 +155,16 @@ def save_log(run_id: int, connection: str, env: dict[str, str], path: Path) -> N
 
 
 class MetricsFollower:
-    """Replays new lines of the ServerApp's metrics.jsonl as round events to a local listener."""
+    """Replays new lines of the ServerApp's metrics.jsonl as round events to a local listener; ``describe``
+    gives a record's headline scores as text (or "" when it holds none)."""
 
-    def __init__(self, path: Path, rounds: int, listener: Callable[[str, dict[str, Any]], None] | None):
+    def __init__(
+        self, path: Path, rounds: int, listener: Listener | None, describe: Callable[[dict[str, Any]], str]
+    ) -> None:
         self.path = path
         self.rounds = rounds
         self.listener = listener
+        self.describe = describe
         self.seen = 0
 
     def __call__(self) -> None:
@@ -168,9 +173,7 @@ class MetricsFollower:
             return
         lines = [line for line in self.path.read_text().splitlines() if line.strip()]
         for line in lines[self.seen :]:
-            info = json.loads(line)
-            self.listener(
-                "round", {"round": info["round"], "rounds": self.rounds, "clients": info["clients"]}
-            )
-            self.listener("round_done", info)
+            record = json.loads(line)
+            self.listener(RoundStarted(record["round"], self.rounds, record["clients"]))
+            self.listener(RoundDone(record, self.describe(record)))
         self.seen = len(lines)

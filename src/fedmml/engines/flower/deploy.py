@@ -16,7 +16,7 @@ from fedmml.engines.flower import control
 from fedmml.engines.flower.credentials import make_node_key, make_tls
 from fedmml.engines.flower.launch import CONNECTION, follow_run, prepare, start_superlink
 from fedmml.engines.flower.processes import ProcessGroup, flower_env, free_port, tool
-from fedmml.federation.server import Listener
+from fedmml.events import Listener
 
 
 @dataclass

@@ -14,7 +14,8 @@ from typing import Any
 from fedmml.config import Config
 from fedmml.engines.flower import control
 from fedmml.engines.flower.processes import ProcessGroup, flower_env, free_port, tool, wait_for_port
-from fedmml.federation.server import Listener
+from fedmml.events import Listener
+from fedmml.tasks import task_for
 
 CONNECTION = "fedmml"
 
@@ -66,7 +67,8 @@ def follow_run(
     run_config = {"config-file": str(out_dir / "config.json"), "run-dir": str(out_dir), "resume": resume}
     started = time.perf_counter()
     run_id = control.submit(app_dir, CONNECTION, env, run_config, federation_config)
-    follower = control.MetricsFollower(out_dir / "metrics.jsonl", total_rounds(cfg), listener)
+    describe = task_for(cfg).describe_scores
+    follower = control.MetricsFollower(out_dir / "metrics.jsonl", total_rounds(cfg), listener, describe)
     info = control.wait_for_run(run_id, CONNECTION, env, timeout, tick=follower)
     control.save_log(run_id, CONNECTION, env, out_dir / "flower.log")
     record = {"run-id": run_id, "wall_s": time.perf_counter() - started, **info}

@@ -19,9 +19,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmml.config import Config, config_from_dict, load_config
 from fedmml.engines.flower.codec import CLIENT_SECONDS, METRICS, content_bytes, pack, unpack
+from fedmml.events import ClientDropped, Event, Listener, RoundDone, RoundSkipped, StageStarted
 from fedmml.federation import SetupFailed
 from fedmml.federation.payload import Message as Payload
-from fedmml.federation.server import Listener, Server
+from fedmml.federation.server import Server
 from fedmml.runs import CHECKPOINTS, finish_run, reopen_run, start_run
 from fedmml.setup import build_server
 from fedmml.tasks import resolve_classes
@@ -142,16 +143,16 @@ class GridEngine:
         for i, (cid, _) in enumerate(outgoing):
             reply = answered[i]
             if reply is None:
-                self.listener("client_failed", {"client": cid, "reason": f"no reply within {timeout:g} s"})
+                self.listener(ClientDropped(cid, f"no reply within {timeout:g} s"))
                 continue
             if reply.has_error():
-                self.listener("client_failed", {"client": cid, "reason": f"node error: {reply.error.reason}"})
+                self.listener(ClientDropped(cid, f"node error: {reply.error.reason}"))
                 continue
             self.measured["flower_bytes_up"] += content_bytes(reply.content)
             try:
                 payloads.append((cid, unpack(reply.content)))
             except (KeyError, ValueError) as err:
-                self.listener("client_failed", {"client": cid, "reason": f"unreadable reply: {err}"})
+                self.listener(ClientDropped(cid, f"unreadable reply: {err}"))
                 continue
             metrics = reply.content.metric_records.get(METRICS, {})
             self.measured["client_s"] += float(metrics.get(CLIENT_SECONDS, 0.0))
@@ -171,16 +172,16 @@ class GridEngine:
         return measured
 
 
-def _log_event(kind: str, info: dict[str, Any]) -> None:
-    if kind == "round_done":
-        scores = f" rsum {info['rsum']:.2f}" if "rsum" in info else ""
-        log.info("fedmml round %s: loss %.4f%s", info["round"], info["train_loss"], scores)
-    elif kind == "stage":
-        log.info("fedmml stage %s/%s", info["stage"], info["stages"])
-    elif kind in ("client_failed", "rejected"):
-        log.warning("fedmml client %s dropped: %s", info["client"], info["reason"])
-    elif kind == "skipped":
-        log.warning("fedmml round %s skipped: only %s valid updates", info["round"], info["accepted"])
+def _log_event(event: Event) -> None:
+    if isinstance(event, RoundDone):
+        loss = event.record.get("train_loss", float("nan"))
+        log.info("fedmml round %s: loss %.4f %s", event.record["round"], loss, event.scores)
+    elif isinstance(event, StageStarted):
+        log.info("fedmml stage %s/%s", event.stage, event.stages)
+    elif isinstance(event, ClientDropped):
+        log.warning("fedmml client %s dropped: %s", event.client, event.reason)
+    elif isinstance(event, RoundSkipped):
+        log.warning("fedmml round %s skipped: only %s valid updates", event.round, event.accepted)
 
 
 def _default_run_dir(cfg: Config) -> Path:
