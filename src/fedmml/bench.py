@@ -160,7 +160,10 @@ def bench_config(cfg: Config, name: str) -> tuple[Config, list[str]]:
                 f"{modality} encoder built from model.{modality}.arch, not from {source!r} "
                 "(hub not reachable)"
             )
-    # A classifier's width comes from the data when the preset leaves it open.
+    # A classifier's width comes from the data when the preset leaves it open; synthetic pairs need only a
+    # count, so a given model.num_classes stands without class folders.
+    if tree["model"]["num_classes"] and not tree["data"]["classes"]:
+        tree["data"]["classes"] = [f"class{i}" for i in range(tree["model"]["num_classes"])]
     return resolve_classes(config_from_dict(tree)), notes
 
 
@@ -206,7 +209,7 @@ def bench_method(
             continue
         say(f"{name}: stage {stage.index + 1}/{len(stages)}")
         round_no += 1
-        first, frozen_sent = server.message_for(client.cid, stage, round_no, trainable)
+        first, frozen_sent = server.message_for(client.cid, stage, round_no, trainable, measure_memory=True)
         reply = client.handle(first)
         # As after a real round: the client holds what it was sent; aggregation changes every trainable tensor
         # (its version is bumped).

@@ -1,14 +1,15 @@
-"""Per-client cost of local training, measured on the real training steps and cached per stage.
+"""Per-client cost of local training, measured on the real training steps.
 
 Measuring is expensive, so a :class:`StepMeter` (one per process, shared by the clients it runs) measures
-FLOPs once per (stage, batch shape) and peak memory once per stage, and reuses the figures:
+FLOPs once per (stage, batch shape) and peak memory only when asked:
 
 - FLOPs: the first step with a new (stage, input shapes) key runs under ``FlopCounterMode``; every later
   step with that key adds the cached count. The caller supplies the key (e.g. pixel and padded token
   shapes). A client's ``flops`` is the sum over the steps it ran.
-- Memory: the first two steps of the first client trained in a stage run under the live-tensor tracker; the
-  stage's peak is the larger of the two (the second step is the steady state: gradients and optimiser state
-  from the first are live). Every client of that stage reports it as ``peak_mem_bytes``.
+- Memory: when the server asks a client to measure (one client per stage, see ``Server``), that client's
+  first two steps run under the live-tensor tracker and its ``peak_mem_bytes`` is the larger of the two (the
+  second step is the steady state: gradients and optimiser state from the first are live); other clients
+  report 0. The server keeps the stage's figure, so it does not depend on which process ran which client.
 """
 
 from __future__ import annotations
@@ -42,20 +43,23 @@ class StepMeter:
         self.memory: dict[Hashable, MemoryPeak] = {}
         self._memory_steps: dict[Hashable, int] = {}
         self._stage: Hashable = None
+        self._measuring = False
         self.flops = 0
         self.peak_mem_bytes = 0
 
-    def start(self, method: str, stage: Stage) -> None:
-        """Begin one client's local training in ``stage`` of ``method``."""
+    def start(self, method: str, stage: Stage, measure_memory: bool = True) -> None:
+        """Begin one client's local training in ``stage`` of ``method``; measure its peak memory if asked."""
         self._stage = stage = stage_key(method, stage)
         self.flops = 0
         self.peak_mem_bytes = 0
-        if stage not in self._memory_steps:
-            self._memory_steps[stage] = MEMORY_STEPS
+        self._measuring = measure_memory
+        self._memory_steps[stage] = MEMORY_STEPS if measure_memory else 0
+        if measure_memory:
+            self.memory.pop(stage, None)
 
     def finish(self) -> dict[str, int]:
-        """This client's cost: FLOPs summed over its steps, the stage's peak memory."""
-        peak = self.memory.get(self._stage)
+        """This client's cost: FLOPs summed over its steps, its peak memory (0 when not measured)."""
+        peak = self.memory.get(self._stage) if self._measuring else None
         self.peak_mem_bytes = peak.peak_bytes if peak is not None else 0
         return {"flops": self.flops, "peak_mem_bytes": self.peak_mem_bytes}
 
@@ -98,14 +102,3 @@ class StepMeter:
         flops = {k[1]: v for k, v in self.step_flops.items() if k[0] == key}
         peak = self.memory.get(key)
         return {"step_flops": flops, "memory": peak.to_dict() if peak is not None else None}
-
-    def state(self) -> list[Any]:
-        """The per-stage memory measurements as JSON-able data (for checkpoints)."""
-        return [[[k[0], k[1], [list(d) for d in k[2]]], peak.to_dict()] for k, peak in self.memory.items()]
-
-    def load_state(self, state: list[Any]) -> None:
-        """Reuse saved measurements, so a resumed run reports what the uninterrupted run would have."""
-        for (method, index, depth), peak in state:
-            key = (method, index, tuple((m, d) for m, d in depth))
-            self.memory[key] = MemoryPeak(**peak)
-            self._memory_steps[key] = 0

@@ -37,7 +37,6 @@ class InProcessEngine:
     ) -> None:
         self.clients = clients
         self.failures = failures
-        self.meter = workspace.meter
         self.caches = workspace.caches
         self.faults = cfg.faults
         self.timeout_s = cfg.federation.client_timeout_s
@@ -59,18 +58,16 @@ class InProcessEngine:
             client.store = server.held_tensors(cid)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint needs to continue exactly: the fault stream, the cost measurements and which
-        frozen-prefix cache each client held (rebuilt after a resume, so later rounds do the same work)."""
+        """What a checkpoint needs to continue exactly: the fault stream and which frozen-prefix cache each
+        client held (rebuilt after a resume, so later rounds do the same work)."""
         return {
             "faults_rng": self.rng.bit_generator.state,
-            "meter": self.meter.state(),
             "caches": self.caches.state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict`."""
         self.rng.bit_generator.state = state["faults_rng"]
-        self.meter.load_state(state["meter"])
         self.caches.restore(state.get("caches", {}))
 
     def take_metrics(self) -> dict[str, Any]:

@@ -150,7 +150,7 @@ def train_epochs(
     # A cached client never runs its frozen modules, so their weights are not part of its working memory.
     absent = frozen_modules(model, method, stage) if cache is not None else []
     if meter is not None:
-        meter.start(method, stage)
+        meter.start(method, stage, measure_memory=bool(meta.get("measure_memory")))
     losses = []
     for local_epoch in range(meta["local_epochs"]):
         epoch = meta["round"] * meta["local_epochs"] + local_epoch

@@ -107,7 +107,6 @@ class _Tally:
     bytes_up: int = 0
     bytes_down: int = 0
     flops: int = 0
-    peak_mem: int = 0
     cache_bytes: int = 0
     cache_notes: dict[int, str] = field(default_factory=dict)
     failed: list[int] = field(default_factory=list)
@@ -120,7 +119,6 @@ class _Tally:
         self.bytes_up += sum(r.nbytes for r in replies.values())
         # Cost counts every client that trained and replied, whether or not its update was accepted.
         self.flops += sum(r.meta.get("flops", 0) for r in replies.values())
-        self.peak_mem = max([self.peak_mem, *(r.meta.get("peak_mem_bytes", 0) for r in replies.values())])
         self.cache_bytes = max([self.cache_bytes, *(r.meta.get("cache_bytes", 0) for r in replies.values())])
         notes = {c: r.meta.get("cache_note") for c, r in replies.items()}
         self.cache_notes.update({c: note for c, note in notes.items() if note})
@@ -155,6 +153,10 @@ class Server:
         self.clients: dict[int, dict[str, Any]] = {}
         self.setup_failures: dict[int, str] = {}
         self._engine_state: dict[str, Any] | None = None  # a checkpoint's engine state, until run() starts
+        # A client's peak training memory, measured once per stage by the client the server asks (the first of
+        # the stage's first wave, again in later waves until one replies), so the figure is the same whichever
+        # engine or process ran that client.
+        self.stage_peaks: dict[int, int] = {}
 
     def sample_clients(self) -> list[int]:
         """Clients for one round: all set-up ones, or a seeded sample of them without replacement."""
@@ -180,10 +182,17 @@ class Server:
             )
 
     def message_for(
-        self, cid: int, stage: Stage, round_no: int, trainable: list[str], evaluate: bool = False
+        self,
+        cid: int,
+        stage: Stage,
+        round_no: int,
+        trainable: list[str],
+        evaluate: bool = False,
+        measure_memory: bool = False,
     ) -> tuple[Message, list[str]]:
         """The trainable tensors plus the frozen tensors this client lacks (also returned, by name); with
-        ``evaluate``, an instruction to score them on the client's own held-out split instead of training."""
+        ``evaluate``, an instruction to score them on the client's own held-out split instead of training;
+        with ``measure_memory``, to measure its peak training memory."""
         state = self.model.state_dict()
         trainable_set = set(trainable)
         frozen = [k for k in state if k not in trainable_set]
@@ -201,6 +210,8 @@ class Server:
         }
         if evaluate:
             meta["evaluate"] = True
+        if measure_memory:
+            meta["measure_memory"] = True
         return Message(meta, pack(tensors, self.cfg.transport.dtype)), missing_frozen
 
     def _eval_due(self, round_no: int) -> bool:
@@ -223,6 +234,7 @@ class Server:
             "method": self.cfg.run.method,
             "metrics": self.metrics,
             "rng": self.rng.bit_generator.state,
+            "stage_peaks": {str(k): v for k, v in self.stage_peaks.items()},
             "engine": engine.state_dict(),
             "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
             "ledger": {
@@ -239,6 +251,7 @@ class Server:
         self.model.load_state_dict(tensors, strict=True)
         self.metrics = list(state["metrics"])
         self.rng.bit_generator.state = state["rng"]
+        self.stage_peaks = {int(k): v for k, v in state.get("stage_peaks", {}).items()}
         raw = np.frombuffer(base64.b64decode(state["torch_rng"]), dtype=np.uint8).copy()
         torch.set_rng_state(torch.from_numpy(raw))
         ledger = state["ledger"]
@@ -349,7 +362,7 @@ class Server:
             "bytes_down": tally.bytes_down,
             # Measured by the clients on their real training steps (fedmml.accounting).
             "client_flops": tally.flops,
-            "client_peak_mem_bytes": tally.peak_mem,
+            "client_peak_mem_bytes": self.stage_peaks.get(stage.index, 0),
             # The largest frozen-prefix cache a client held (memory or disk, as cache.store says).
             "client_cache_bytes": tally.cache_bytes,
             "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
@@ -391,9 +404,15 @@ class Server:
         """Send one message to each of ``cids``; return the updates that passed validation."""
         # Updates are decoded back to the master weights' dtypes before validation and aggregation.
         dtypes = {k: v.dtype for k, v in expected.items()}
-        sent = {cid: self.message_for(cid, stage, round_no, trainable) for cid in cids}
+        measurer = None if stage.index in self.stage_peaks or not cids else cids[0]
+        sent = {
+            cid: self.message_for(cid, stage, round_no, trainable, measure_memory=cid == measurer)
+            for cid in cids
+        }
         replies = dict(engine.dispatch([(cid, message) for cid, (message, _) in sent.items()]))
         tally.add([m for m, _ in sent.values()], replies, cids)
+        if measurer in replies and replies[measurer].meta.get("peak_mem_bytes"):
+            self.stage_peaks[stage.index] = int(replies[measurer].meta["peak_mem_bytes"])
         accepted = []
         for cid, reply in replies.items():
             # A client that replied processed the message, so it now holds the frozen tensors sent to it.
