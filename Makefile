@@ -39,7 +39,7 @@ $(EMOJI): $(VENV)/.installed
 	$(BIN)/fedmml data prepare emoji --out data/emoji
 
 demo: install data
-	$(BIN)/fedmml compare --preset emoji --out runs/demo
+	$(BIN)/fedmml compare --preset emoji --out runs/demo --overwrite
 
 test: install data
 	$(BIN)/python -m pytest -q

@@ -21,6 +21,7 @@ METHODS = ("e2e", "lw", "prog")
 
 def _run(preset: str, seed: int, out: Path, extra: list[str]) -> float:
     cmd = [sys.executable, "-m", "fedmml.cli", "compare", "--preset", preset, "--quiet", "--out", str(out)]
+    cmd.append("--overwrite")  # a rerun of a seed replaces its earlier runs
     cmd += ["--set", f"run.seed={seed}", *extra]
     start = time.perf_counter()
     subprocess.run(cmd, check=True)

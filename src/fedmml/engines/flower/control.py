@@ -70,9 +70,12 @@ def write_connection(home: Path, name: str, address: str, root_certificates: Pat
 
 def flwr(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     """One ``flwr`` CLI call; raises with its output if it fails."""
-    proc = subprocess.run(
-        [tool("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
+    try:
+        proc = subprocess.run(
+            [tool("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise FlowerError(f"flwr {' '.join(args[:2])} did not answer within {timeout:g} s; {HINT}") from None
     if proc.returncode != 0:
         said = " ".join((proc.stderr or proc.stdout).split())
         raise FlowerError(f"flwr {' '.join(args[:2])} failed ({proc.returncode}): {said}; {HINT}")
