@@ -77,3 +77,37 @@ def test_a_stopped_run_resumes_from_its_checkpoint_on_fresh_nodes(
     assert got[2]["bytes_up"] == pytest.approx(want[2]["bytes_up"], abs=16 * len(want[2]["clients"]))
     summary = json.loads((stopped / "summary.json").read_text())
     assert summary["rsum"] == pytest.approx(json.loads((full / "summary.json").read_text())["rsum"], abs=1e-6)
+
+
+def test_a_restarted_node_is_set_up_again_and_rejoins(emoji_root: Path, tmp_path: Path, local_grid) -> None:
+    class RestartingGrid(local_grid):
+        """Partition 2's node restarts after round 1: its run config and frozen tensors are gone."""
+
+        trains = 0
+
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            if messages and messages[0].metadata.message_type == "train":
+                self.trains += 1
+                if self.trains == 2:
+                    node = next(n for n, c in self.contexts.items() if c.node_config["partition-id"] == 2)
+                    self.contexts[node].state = RecordDict()
+            replies = []
+            for msg in messages:
+                try:
+                    replies += super().send_and_receive([msg], timeout=timeout)
+                except Exception as err:  # noqa: BLE001 - Flower turns a ClientApp's exception into a reply
+                    replies.append(
+                        Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+                    )
+            return replies
+
+    _run(RestartingGrid(client_app, num_nodes=3), emoji_root, tmp_path / "restart", "[1, 2, 0]")
+    _run(local_grid(client_app, num_nodes=3), emoji_root, tmp_path / "steady", "[1, 2, 0]")
+    records, steady = read_metrics(tmp_path / "restart"), read_metrics(tmp_path / "steady")
+    # Round 2 finds the node empty and drops it; round 3 sets it up again and sends it every frozen tensor.
+    assert [r["clients"] for r in records] == [[0, 1, 2], [0, 1], [0, 1, 2]]
+    assert records[1]["failed_clients"] == [2] and "no run state" in records[1].get(
+        "client_errors", "no run state"
+    )
+    assert records[2]["bytes_down"] > steady[2]["bytes_down"]

@@ -57,6 +57,10 @@ class InProcessEngine:
         for cid, client in self.clients.items():
             client.store = server.held_tensors(cid)
 
+    def lost_state(self) -> list[int]:
+        """In-process clients never lose what they hold."""
+        return []
+
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to continue exactly: the fault stream and which frozen-prefix cache each
         client held (rebuilt after a resume, so later rounds do the same work)."""

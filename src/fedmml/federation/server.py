@@ -68,6 +68,10 @@ class Engine(Protocol):
     def take_metrics(self) -> dict[str, Any]:
         """What the engine measured since the last call (one round): client time, its own byte counts."""
 
+    def lost_state(self) -> list[int]:
+        """Clients that lost every tensor they held since the last call (a restarted device), set up again;
+        the server sends them their frozen tensors anew."""
+
 
 @dataclass
 class Ledger:
@@ -404,6 +408,8 @@ class Server:
         """Send one message to each of ``cids``; return the updates that passed validation."""
         # Updates are decoded back to the master weights' dtypes before validation and aggregation.
         dtypes = {k: v.dtype for k, v in expected.items()}
+        for cid in engine.lost_state():
+            self.ledger.held.pop(cid, None)
         measurer = None if stage.index in self.stage_peaks or not cids else cids[0]
         sent = {
             cid: self.message_for(cid, stage, round_no, trainable, measure_memory=cid == measurer)

@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 
 from fedmml.client_data import ClientData, ClientDataError, SharedSplit, open_client_data
 from fedmml.config import Config, config_from_dict
-from fedmml.engines.flower.codec import pack, unpack
+from fedmml.engines.flower.codec import NO_RUN_STATE, pack, unpack
 from fedmml.federation.client import Client, Workspace
 from fedmml.federation.payload import PayloadError, deserialize, serialize
 from fedmml.setup import apply_threads, select_device
@@ -99,7 +99,7 @@ def _handle(msg: Message, context: Context) -> Message:
     """This node's client answers one message (training or evaluation) with the state the node keeps."""
     if STATE not in context.state.config_records:
         # A restarted node has lost its frozen tensors; the server must start over with it.
-        raise PayloadError("this node holds no run state (was it restarted?)")
+        raise PayloadError(f"{NO_RUN_STATE} (was it restarted?)")
     state = context.state.config_records[STATE]
     loaded = _loaded(context.run_id, str(state["config"]))
     pid, _ = _partition(context)

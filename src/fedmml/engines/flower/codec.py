@@ -18,6 +18,7 @@ PAYLOAD = "fedmml"
 ROUND_CONFIG = "config"
 METRICS = "metrics"
 CLIENT_SECONDS = "client-s"  # in a reply's MetricRecord: the node's time in Client.handle
+NO_RUN_STATE = "this node holds no run state"  # a restarted node's error: the server sets it up again
 
 
 def round_config(meta: dict[str, Any]) -> ConfigRecord:

@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedmml.config import Config, config_from_dict, load_config
-from fedmml.engines.flower.codec import CLIENT_SECONDS, METRICS, content_bytes, pack, unpack
+from fedmml.engines.flower.codec import CLIENT_SECONDS, METRICS, NO_RUN_STATE, content_bytes, pack, unpack
 from fedmml.events import ClientDropped, Event, Listener, RoundDone, RoundSkipped, StageStarted
 from fedmml.federation import SetupFailed
 from fedmml.federation.payload import Message as Payload
@@ -85,6 +85,7 @@ class GridEngine:
         ]
         self.listener = listener
         self.node_of: dict[int, int] = {}
+        self.restarted: set[int] = set()  # clients whose node answered that it holds no run state
         self.calls = 0
         self.measured = self._zero()
 
@@ -95,14 +96,23 @@ class GridEngine:
     def setup(self) -> dict[int, dict[str, Any]]:
         """Send every node the config; each opens its own data and reports it (or why it cannot)."""
         n = self.cfg.federation.num_clients
-        nodes = wait_for_nodes(self.grid, n, self.node_wait)
+        reports, unplaced = self._set_up(wait_for_nodes(self.grid, n, self.node_wait))
+        for cid in range(n):
+            failed = f" ({'; '.join(unplaced)})" if unplaced else ""
+            reports.setdefault(cid, {"error": f"no node set up partition {cid}{failed}"})
+        return reports
+
+    def _set_up(self, nodes: list[int]) -> tuple[dict[int, dict[str, Any]], list[str]]:
+        """The set-up query to ``nodes``: reports by client id (mapping each to its node), and the nodes
+        that failed before saying which partition they hold."""
+        n = self.cfg.federation.num_clients
         config = ConfigRecord({"config": self.cfg.to_json()})
         queries = [
             Message(RecordDict({"run": config}), dst_node_id=nid, message_type=MessageType.QUERY)
             for nid in nodes
         ]
         reports: dict[int, dict[str, Any]] = {}
-        unplaced: list[str] = []  # nodes that failed before saying which partition they hold
+        unplaced: list[str] = []
         for i, reply in exchange(self.grid, queries, self.timeouts[0]).items():
             if reply is None or reply.has_error():
                 why = "no answer" if reply is None else reply.error.reason.strip().splitlines()[-1]
@@ -119,10 +129,20 @@ class GridEngine:
                 reports[cid] = {"error": f"node {nodes[i]}: {info['error']}"}
             else:
                 reports[cid] = json.loads(str(info["data"]))
-        for cid in range(n):
-            failed = f" ({'; '.join(unplaced)})" if unplaced else ""
-            reports.setdefault(cid, {"error": f"no node set up partition {cid}{failed}"})
-        return reports
+        return reports, unplaced
+
+    def lost_state(self) -> list[int]:
+        """Clients whose node came back empty (a SuperNode restarted, under its old id or a new one): set up
+        again here, so the next message to them may carry every frozen tensor anew."""
+        known = set(self.node_of.values())
+        fresh = [nid for nid in self.grid.get_node_ids() if nid not in known]
+        nodes = sorted({self.node_of[cid] for cid in self.restarted} | set(fresh))
+        if not nodes:
+            return []
+        reports, _ = self._set_up(nodes)
+        back = sorted(cid for cid, report in reports.items() if "error" not in report)
+        self.restarted -= set(back)
+        return back
 
     def dispatch(self, outgoing: list[tuple[int, Payload]]) -> list[tuple[int, Payload]]:
         """Send one message per client (training, or evaluation when the payload says so) and return the
@@ -146,6 +166,8 @@ class GridEngine:
                 self.listener(ClientDropped(cid, f"no reply within {timeout:g} s"))
                 continue
             if reply.has_error():
+                if NO_RUN_STATE in reply.error.reason:
+                    self.restarted.add(cid)
                 self.listener(ClientDropped(cid, f"node error: {reply.error.reason}"))
                 continue
             self.measured["flower_bytes_up"] += content_bytes(reply.content)
