@@ -102,6 +102,7 @@ def test_federated_evaluation_sums_confusion_matrices_exactly(tuxpaint_root: Pat
     for server, fed in zip(runs["server"], runs["federated"], strict=True):
         assert fed["train_loss"] == server["train_loss"] and fed["bytes_up"] == server["bytes_up"]
         assert fed["eval_clients"] == [0, 1, 2] and fed["eval_bytes_down"] > 0
+        assert (fed["evaluation"], server["evaluation"]) == ("federated", "server")
         assert fed["confusion"] == server["confusion"]
         assert fed["accuracy"] == server["accuracy"] and fed["macro_f1"] == server["macro_f1"]
         assert fed["test_loss"] == pytest.approx(server["test_loss"], rel=1e-5)

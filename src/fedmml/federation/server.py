@@ -390,6 +390,7 @@ class Server:
                 record.update(self._evaluate_on_clients(engine, stage, round_no, trainable, clients))
             elif self.evaluate is not None:
                 record.update(self.evaluate(self.model))
+            record["evaluation"] = self.cfg.eval.where
             record["eval_s"] = time.perf_counter() - evaluating
         record["wall_s"] = time.perf_counter() - start
         self.listener(RoundDone(record, task_for(self.cfg).describe_scores(record)))
