@@ -268,7 +268,11 @@ def _bytes_total(summary: Mapping[str, Any], metrics: Sequence[Record], directio
 
 def _summary_rows(summary: Mapping[str, Any], metrics: Sequence[Record]) -> list[list[str]]:
     """Summary entries, metrics first, with byte totals taken from the records when the summary lacks them."""
-    flat = _flatten(summary)
+    # One row per client does not fit a summary: the sizes become their range.
+    sizes = summary.get("client_samples") or {}
+    flat = _flatten({k: v for k, v in summary.items() if k != "client_samples"})
+    if sizes:
+        flat["samples_per_client"] = f"{min(sizes.values()):,}-{max(sizes.values()):,} ({len(sizes)} clients)"
     for direction in ("up", "down"):
         if _summary_bytes(summary, direction) is None and metrics:
             flat[f"bytes_{direction}_total"] = _bytes_total({}, metrics, direction)
