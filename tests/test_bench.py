@@ -22,6 +22,9 @@ from fedmml.federation.payload import serialize
 from fedmml.methods import plan_stages, trainable_keys
 from fedmml.models.build import build_model
 
+# Measures every method's steps, and one check runs in a fresh process: `make test-fast` skips it.
+pytestmark = pytest.mark.slow
+
 ROUNDS = "schedules.uniform.rounds=[1, 2, 1]"  # stage 2 has a later round that carries no frozen tensors
 
 

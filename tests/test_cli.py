@@ -28,6 +28,7 @@ def compared(emoji_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 @pytest.mark.parametrize("method", ["e2e", "lw", "prog"])
+@pytest.mark.slow  # shares the compare fixture: three training runs
 def test_every_method_runs_end_to_end(compared: Path, method: str) -> None:
     run = compared / method
     for name in ("config.json", "metrics.jsonl", "summary.json", "model.safetensors", "report.md"):
@@ -43,6 +44,7 @@ def test_every_method_runs_end_to_end(compared: Path, method: str) -> None:
     assert summary["bytes_up_total"] == sum(r["bytes_up"] for r in records)
 
 
+@pytest.mark.slow  # shares the compare fixture: three training runs
 def test_comparison_files_and_byte_saving(compared: Path) -> None:
     comparison = json.loads((compared / "comparison.json").read_text())
     assert set(comparison) == {"e2e", "lw", "prog"}
@@ -53,6 +55,7 @@ def test_comparison_files_and_byte_saving(compared: Path) -> None:
     assert (compared / "comparison.md").read_text().count("|") > 10
 
 
+@pytest.mark.slow  # shares the compare fixture: three training runs
 def test_evaluate_reproduces_the_final_scores(compared: Path, emoji_root: Path, capsys) -> None:
     assert main(["evaluate", "--run", str(compared / "lw"), "--data", str(emoji_root)]) == 0
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

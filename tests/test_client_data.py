@@ -17,6 +17,8 @@ from fedmml.data import coco
 from fedmml.experiment import build_setup
 from fedmml.federation import SetupFailed
 
+pytestmark = pytest.mark.slow  # several short training runs and folder copies; `make test-fast` skips it
+
 ROUNDS = "schedules.uniform.rounds=[1, 1, 1]"
 TINY = ["run.threads=1", 'run.method="lw"', ROUNDS]
 

@@ -10,6 +10,8 @@ from fedmml.config import ConfigError, load_config
 from fedmml.experiment import build_setup
 from fedmml.tasks import resolve_classes, task_for
 
+pytestmark = pytest.mark.slow  # training runs on real Tux Paint data; `make test-fast` skips it
+
 
 def _cfg(root: Path, *extra: str):
     return load_config("tiny-av", [f'data.root="{root}"', "run.threads=1", *extra])

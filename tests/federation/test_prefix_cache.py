@@ -11,6 +11,8 @@ from fedmml.federation.prefix_cache import CacheShelf, RowStore, cache_starts
 from fedmml.methods import configure, frozen_modules, plan_stages
 from fedmml.models.build import build_model
 
+pytestmark = pytest.mark.slow  # several short training runs per test; `make test-fast` skips it
+
 # Three stages (1, 2, 2 rounds): stages 2 and 3 train from the cache, stage 2's second round reuses it.
 ROUNDS = "schedules.uniform.rounds=[1, 2, 2]"
 STEPS = 192 // 3 // 16  # per client and round on tiny: 192 images over 3 clients, batch 16
