@@ -38,8 +38,14 @@ console = Console(stderr=True)
 
 # Errors caused by input the user controls (config, paths, data, payloads, clients that cannot start): one
 # line, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, OSError, PayloadError, SetupFailed)
-USER_ERRORS += (FlowerError,)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    DataError,
+    OSError,
+    PayloadError,
+    SetupFailed,
+    FlowerError,
+)
 
 EPILOG = """\
 examples:

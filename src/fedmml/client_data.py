@@ -51,32 +51,38 @@ class ClientData:
 
 
 class SharedSplit:
-    """One shared training split and its partition over clients, from metadata only."""
+    """One shared training split and its partition over clients, from metadata only; the dataset lies under
+    ``root`` (a node's own copy), else under ``data.root``."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, root: str | None = None) -> None:
         self.cfg = cfg
+        self.root = root or cfg.data.root
         task = task_for(cfg)
-        self.source = str(Path(cfg.data.root) / cfg.data.train_split)
+        self.source = str(Path(self.root) / cfg.data.train_split)
         try:
-            self.index = task.read_index(cfg, cfg.data.root, cfg.data.train_split, train=True)
+            self.index = task.read_index(cfg, self.root, cfg.data.train_split, train=True)
         except (OSError, DataError) as err:
             raise ClientDataError(f"shared training split {self.source}: {err}") from None
         self.parts = task.partitions(cfg, self.index)
         self.test_index, self.test_parts = None, []
         if cfg.eval.where == "federated":
             # Every client also holds a share of the test split, cut the same way, to score the model on.
-            self.test_index = task.read_index(cfg, cfg.data.root, cfg.data.test_split, train=False)
+            self.test_index = task.read_index(cfg, self.root, cfg.data.test_split, train=False)
             self.test_parts = task.partitions(cfg, self.test_index)
 
     def client(self, cid: int) -> ClientData:
         """Client ``cid``'s share, decoded (only its own samples)."""
         task = task_for(self.cfg)
         split = self.cfg.data.train_split
-        dataset = task.load_split(self.cfg, split, train=True, positions=self.parts[cid], index=self.index)
+        dataset = task.load_split(
+            self.cfg, split, train=True, root=self.root, positions=self.parts[cid], index=self.index
+        )
         data = ClientData(dataset, self.source, self.index.skipped)
         if self.test_index is not None:
             split, held_out = self.cfg.data.test_split, self.test_parts[cid]
-            data.test = task.load_split(self.cfg, split, False, positions=held_out, index=self.test_index)
+            data.test = task.load_split(
+                self.cfg, split, False, root=self.root, positions=held_out, index=self.test_index
+            )
         return data
 
 
@@ -100,10 +106,10 @@ def local_folder(cfg: Config, cid: int, root: str) -> ClientData:
 
 
 def open_client_data(
-    cfg: Config, cid: int, shared: SharedSplit | None = None, root: str | None = None
+    cfg: Config, cid: int, shared: SharedSplit | None, root: str | None = None
 ) -> ClientData:
     """Client ``cid``'s training data: its own folder (``root``, else ``data.client_roots[cid]``) under
-    ``partition.kind = "local"``, else its share of the shared split (``shared``, built when not given)."""
+    ``partition.kind = "local"``, else its share of ``shared`` (see :func:`source_of`)."""
     if cfg.partition.kind == "local":
         roots = cfg.data.client_roots
         root = root or (roots[cid] if cid < len(roots) else None)
@@ -113,9 +119,12 @@ def open_client_data(
                 "data-root in the node's config"
             )
         return local_folder(cfg, cid, root)
-    return (shared or SharedSplit(cfg)).client(cid)
+    if shared is None:
+        raise ValueError(f"partition.kind = {cfg.partition.kind!r} needs the shared split from source_of")
+    return shared.client(cid)
 
 
-def source_of(cfg: Config) -> SharedSplit | None:
-    """What every client of this process cuts its data from: the shared split, or None for local folders."""
-    return None if cfg.partition.kind == "local" else SharedSplit(cfg)
+def source_of(cfg: Config, root: str | None = None) -> SharedSplit | None:
+    """What the clients of this process cut their data from: the shared split (under ``root`` when a node
+    keeps its copy elsewhere than ``data.root``), or None when each client has a folder of its own."""
+    return None if cfg.partition.kind == "local" else SharedSplit(cfg, root)

@@ -23,7 +23,7 @@ from fedmml.events import Event, Listener, Phase, RoundDone
 from fedmml.federation.checkpoint import latest_checkpoint, load_checkpoint
 from fedmml.models.build import build_model
 from fedmml.models.multimodal import MultimodalModel
-from fedmml.setup import ServerSide, final_depth, select_device, train_data_summary
+from fedmml.setup import ServerSide, final_depth, select_device
 from fedmml.tasks import task_for
 
 CHECKPOINTS = "checkpoints"
@@ -119,6 +119,21 @@ def reopen_run(run_dir: Path, listener: Listener | None = None) -> tuple[Config,
     tensors, state = load_checkpoint(found)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in state["metrics"]))
     return cfg, (tensors, state), MetricsWriter(run_dir / "metrics.jsonl", listener)
+
+
+def train_data_summary(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Training samples and skips over the clients that reported them; a shared source's own malformed
+    entries are counted once, not once per client that cut its share from it."""
+    skipped: dict[str, int] = {}
+    sources: dict[str, dict[str, int]] = {}
+    for client in reports.values():
+        for key, count in client.get("skipped", {}).items():
+            skipped[key] = skipped.get(key, 0) + count
+        sources[client.get("source", "")] = client.get("source_skipped", {})
+    for counts in sources.values():
+        for key, count in counts.items():
+            skipped[key] = skipped.get(key, 0) + count
+    return {"train_images": sum(r["num_samples"] for r in reports.values()), "train_skipped": skipped}
 
 
 def finish_run(

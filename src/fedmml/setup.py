@@ -102,18 +102,3 @@ def open_clients(cfg: Config, workspace: Workspace) -> tuple[dict[int, Client], 
             continue
         clients[cid] = Client(cid, cfg, data, workspace)
     return clients, failures
-
-
-def train_data_summary(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Training samples and skips over the clients that reported them; a shared source's own malformed
-    entries are counted once, not once per client that cut its share from it."""
-    skipped: dict[str, int] = {}
-    sources: dict[str, dict[str, int]] = {}
-    for report in reports.values():
-        for key, count in report.get("skipped", {}).items():
-            skipped[key] = skipped.get(key, 0) + count
-        sources[report.get("source", "")] = report.get("source_skipped", {})
-    for counts in sources.values():
-        for key, count in counts.items():
-            skipped[key] = skipped.get(key, 0) + count
-    return {"train_images": sum(r["num_samples"] for r in reports.values()), "train_skipped": skipped}

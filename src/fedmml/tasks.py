@@ -80,9 +80,9 @@ class Task:
             return partition(
                 labels, n, p.kind, alpha=p.alpha, seed=cfg.run.seed, min_partition_size=p.min_partition_size
             )
-        except ValueError as err:
-            if isinstance(err, ConfigError):
-                raise
+        except ConfigError:
+            raise
+        except ValueError as err:  # the partitioner's own checks (too many clients, too few samples, ...)
             raise ConfigError(f"partition.kind = {p.kind}: {err}") from None
 
     def evaluate(self, model: MultimodalModel, test: Dataset, cfg: Config) -> dict[str, Any]:

@@ -409,21 +409,13 @@ class Server:
         """Send one message to each of ``cids``; return the updates that passed validation."""
         # Updates are decoded back to the master weights' dtypes before validation and aggregation.
         dtypes = {k: v.dtype for k, v in expected.items()}
-        for cid in engine.lost_state():
-            self.ledger.held.pop(cid, None)
         measurer = None if stage.index in self.stage_peaks or not cids else cids[0]
-        sent = {
-            cid: self.message_for(cid, stage, round_no, trainable, measure_memory=cid == measurer)
-            for cid in cids
-        }
-        replies = dict(engine.dispatch([(cid, message) for cid, (message, _) in sent.items()]))
-        tally.add([m for m, _ in sent.values()], replies, cids)
+        sent, replies = self._exchange(engine, cids, stage, round_no, trainable, measurer=measurer)
+        tally.add(sent, replies, cids)
         if measurer in replies and replies[measurer].meta.get("peak_mem_bytes"):
             self.stage_peaks[stage.index] = int(replies[measurer].meta["peak_mem_bytes"])
         accepted = []
         for cid, reply in replies.items():
-            # A client that replied processed the message, so it now holds the frozen tensors sent to it.
-            self.ledger.record(cid, sent[cid][1])
             tensors = unpack(reply.blob, dtypes)
             if reply.meta.get("delta"):
                 tensors = from_delta(tensors, expected)
@@ -435,17 +427,39 @@ class Server:
                 self.listener(ClientDropped(cid, f"update rejected: {reason}"))
         return accepted
 
+    def _exchange(
+        self,
+        engine: Engine,
+        cids: list[int],
+        stage: Stage,
+        round_no: int,
+        trainable: list[str],
+        evaluate: bool = False,
+        measurer: int | None = None,
+    ) -> tuple[list[Message], dict[int, Message]]:
+        """One message to each of ``cids`` (training, or evaluation); returns what was sent and the replies.
+        Clients whose device lost everything since the last exchange are sent their frozen tensors anew."""
+        for cid in engine.lost_state():
+            self.ledger.held.pop(cid, None)
+        sent = {
+            cid: self.message_for(cid, stage, round_no, trainable, evaluate, measure_memory=cid == measurer)
+            for cid in cids
+        }
+        replies = dict(engine.dispatch([(cid, message) for cid, (message, _) in sent.items()]))
+        for cid in replies:
+            # A client that replied processed the message, so it now holds the frozen tensors sent to it.
+            self.ledger.record(cid, sent[cid][1])
+        return [message for message, _ in sent.values()], replies
+
     def _evaluate_on_clients(
         self, engine: Engine, stage: Stage, round_no: int, trainable: list[str], cids: list[int]
     ) -> dict[str, Any]:
         """Federated evaluation: the round's clients score the new global model on their own held-out splits,
         and the task combines what they report. Its bytes are counted apart from training's."""
         self.listener(Phase("evaluating on the clients"))
-        sent = {cid: self.message_for(cid, stage, round_no, trainable, evaluate=True) for cid in cids}
-        replies = dict(engine.dispatch([(cid, message) for cid, (message, _) in sent.items()]))
+        sent, replies = self._exchange(engine, cids, stage, round_no, trainable, evaluate=True)
         parts, skipped = [], {}
         for cid, reply in replies.items():
-            self.ledger.record(cid, sent[cid][1])
             if "scores" in reply.meta:
                 parts.append(reply.meta["scores"])
             else:
@@ -454,7 +468,7 @@ class Server:
             "eval_clients": sorted(int(c) for c, r in replies.items() if "scores" in r.meta),
             "eval_skipped_clients": skipped,
             "eval_failed_clients": sorted(set(cids) - set(replies)),
-            "eval_bytes_down": sum(m.nbytes for m, _ in sent.values()),
+            "eval_bytes_down": sum(m.nbytes for m in sent),
             "eval_bytes_up": sum(r.nbytes for r in replies.values()),
         }
         if parts:

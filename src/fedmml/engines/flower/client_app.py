@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmml.client_data import ClientData, ClientDataError, SharedSplit, open_client_data
+from fedmml.client_data import ClientData, ClientDataError, SharedSplit, open_client_data, source_of
 from fedmml.config import Config, config_from_dict
 from fedmml.engines.flower.codec import NO_RUN_STATE, pack, unpack
 from fedmml.federation.client import Client, Workspace
@@ -36,22 +36,17 @@ class _Loaded:
     key: tuple[int, str]
     cfg: Config
     workspace: Workspace
-    shared: dict[str, SharedSplit] = field(default_factory=dict)
+    sources: dict[str, SharedSplit | None] = field(default_factory=dict)
     data: dict[tuple[int, str], ClientData] = field(default_factory=dict)
 
     def client_data(self, pid: int, root: str) -> ClientData:
         """This node's own data, opened once per process: its folder, or its share of the shared split (at
         ``root`` when the node keeps its copy elsewhere than the server's config says)."""
         if (pid, root) not in self.data:
-            shared = None
-            if self.cfg.partition.kind != "local":
-                where = root or self.cfg.data.root
-                if where not in self.shared:
-                    # The split's metadata only; the node decodes just its own share below.
-                    here = replace(self.cfg, data=replace(self.cfg.data, root=where))
-                    self.shared[where] = SharedSplit(here)
-                shared = self.shared[where]
-            self.data[(pid, root)] = open_client_data(self.cfg, pid, shared, root or None)
+            if root not in self.sources:
+                # A shared split's metadata only; the node decodes just its own share below.
+                self.sources[root] = source_of(self.cfg, root or None)
+            self.data[(pid, root)] = open_client_data(self.cfg, pid, self.sources[root], root or None)
         return self.data[(pid, root)]
 
 
