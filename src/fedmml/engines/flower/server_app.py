@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from fedmml.config import Config, config_from_dict, load_config
@@ -85,7 +86,7 @@ class GridEngine:
         ]
         self.listener = listener
         self.node_of: dict[int, int] = {}
-        self.restarted: set[int] = set()  # clients whose node answered that it holds no run state
+        self.restarted: set[int] = set()  # clients whose node was lost or answered that it holds no run state
         self.calls = 0
         self.measured = self._zero()
 
@@ -166,7 +167,9 @@ class GridEngine:
                 self.listener(ClientDropped(cid, f"no reply within {timeout:g} s"))
                 continue
             if reply.has_error():
-                if NO_RUN_STATE in reply.error.reason:
+                if reply.error.code == ErrorCode.NODE_UNAVAILABLE or NO_RUN_STATE in reply.error.reason:
+                    # A node Flower lost may come back, restarted and empty: set it up again before the
+                    # next message, or that message fails too (it would hold no run state).
                     self.restarted.add(cid)
                 self.listener(ClientDropped(cid, f"node error: {reply.error.reason}"))
                 continue
