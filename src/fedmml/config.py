@@ -116,8 +116,11 @@ class DataConfig:
     train_split: str = "train"
     test_split: str = "test"
     augment: bool = False
+    # A limit > 0 keeps a seeded subset of that many samples, each class (image-audio) or category
+    # (image-text) keeping its share, so a small slice is not one class; the same subset for every run seed.
     limit_train: int = 0  # 0: all images
     limit_test: int = 0
+    limit_seed: int = 0
     audio_frames: int = 1024  # image-audio: feature frames per clip, padded or cut
     # image-audio: the audio encoder's input; ast-fbank: AST's Kaldi fbank, 16 kHz, 128 bins, 10 ms frames;
     # aisfx-mel: aisfx's log-mel, 44.1 kHz, 96 bins, 23.2 ms frames (see fedmml.data.audio)

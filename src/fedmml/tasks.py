@@ -124,7 +124,8 @@ class ImageText(Task):
 
     def read_index(self, cfg: Config, root: str, split: str, train: bool) -> CaptionIndex:
         d = cfg.data
-        return read_caption_index(root, split, d.images_dir, d.limit_train if train else d.limit_test)
+        limit = d.limit_train if train else d.limit_test
+        return read_caption_index(root, split, d.images_dir, limit, limit_seed=d.limit_seed)
 
     def load_split(
         self,
@@ -145,6 +146,7 @@ class ImageText(Task):
             augment=d.augment and train,
             seed=cfg.run.seed,
             limit=d.limit_train if train else d.limit_test,
+            limit_seed=d.limit_seed,
             positions=positions,
             index=index,
         )
@@ -206,6 +208,7 @@ class ImageAudio(Task):
             split,
             classes=d.classes or None,
             limit=d.limit_train if train else d.limit_test,
+            limit_seed=d.limit_seed,
             group_key=cfg.partition.group,
         )
 
@@ -229,6 +232,7 @@ class ImageAudio(Task):
             augment=d.augment and train,
             seed=cfg.run.seed,
             limit=d.limit_train if train else d.limit_test,
+            limit_seed=d.limit_seed,
             group_key=cfg.partition.group,
             positions=positions,
             index=index,

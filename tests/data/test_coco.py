@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from fedmml.data.coco import CaptionDataset, DatasetNotFound, collate_train
+from fedmml.data.coco import CaptionDataset, DatasetNotFound, collate_train, read_caption_index
 
 
 def make_coco(root: Path) -> Path:
@@ -86,8 +86,15 @@ def test_eval_returns_all_captions(coco: Path) -> None:
 
 
 def test_limit_and_collate_with_subset(coco: Path) -> None:
-    ds = CaptionDataset(coco, "train", image_size=16, limit=2)
-    assert ds.image_ids == [1, 2]
+    # A limit is a seeded subset in which each category keeps its share: image 3, the one "blue" of four
+    # captioned images, is in every 3-image subset (3/4 rounds up), and the subset repeats.
+    index = read_caption_index(coco, "train", limit=3)
+    assert len(index) == 3 and 3 in index.image_ids and index.image_ids == sorted(index.image_ids)
+    assert read_caption_index(coco, "train", limit=3).image_ids == index.image_ids
+    limited = CaptionDataset(coco, "train", image_size=16, limit=3)
+    assert limited.image_ids == [i for i in index.image_ids if i != 4]  # 4 is truncated: skipped
+    ds = CaptionDataset(coco, "train", image_size=16)
+    assert ds.image_ids == [1, 2, 3]
     loader = DataLoader(Subset(ds, [1, 0]), batch_size=2, collate_fn=collate_train)
     batch = next(iter(loader))
     pixels, captions = batch["image"], batch["text"]

@@ -1,10 +1,11 @@
-"""Client partitions via flwr-datasets."""
+"""Client partitions via flwr-datasets, and the seeded stratified subsets that data limits take."""
 
 import random
+from collections import Counter
 
 import pytest
 
-from fedmml.data.partition import describe, partition
+from fedmml.data.partition import describe, partition, stratified_subset
 
 LABELS = random.Random(0).choices("abcdefgh", k=1200)
 
@@ -45,3 +46,33 @@ def test_dirichlet_errors() -> None:
         partition(LABELS[:30], 10, "dirichlet", alpha=0.01, min_partition_size=3)
     with pytest.raises(ValueError, match="cannot split"):
         partition(3, 5, "iid")
+
+
+def test_a_limited_subset_keeps_every_label_share_and_its_seed() -> None:
+    labels = ["b"] * 30 + ["a"] * 50 + [None] * 20
+    subset = stratified_subset(labels, 10, seed=0)
+    assert subset == sorted(subset) and len(set(subset)) == 10
+    assert Counter(labels[i] for i in subset) == {"a": 5, "b": 3, None: 2}
+    assert stratified_subset(labels, 10, seed=0) == subset
+    assert stratified_subset(labels, 10, seed=1) != subset
+    # Shares that do not divide evenly: the largest remainders get the rest, the total is exact.
+    assert Counter(labels[i] for i in stratified_subset(labels, 7, seed=0)) == {"a": 4, "b": 2, None: 1}
+    assert stratified_subset(labels, 0) == stratified_subset(labels, 500) == list(range(100))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-av"])
+def test_no_preset_evaluates_on_a_single_class(preset: str, request: pytest.FixtureRequest) -> None:
+    from fedmml.config import load_config
+    from fedmml.tasks import task_for
+
+    root = request.getfixturevalue("emoji_root" if preset == "tiny" else "tuxpaint_root")
+    cfg = load_config(preset, [f'data.root="{root}"'])
+    whole_cfg = load_config(preset, [f'data.root="{root}"', "data.limit_train=0", "data.limit_test=0"])
+    task = task_for(cfg)
+    for split, train, limit in (("test", False, cfg.data.limit_test), ("train", True, cfg.data.limit_train)):
+        got = Counter(task.labels(task.read_index(cfg, str(root), split, train)))
+        whole = Counter(task.labels(task.read_index(whole_cfg, str(root), split, train)))
+        n = min(limit, whole.total())
+        assert got.total() == n and len(got) > 1, (split, got)
+        for label, count in whole.items():  # each label's share of the slice, rounded down or up
+            assert abs(got[label] - n * count / whole.total()) < 1, (split, label)

@@ -18,6 +18,7 @@ from fedmml.data import DataError
 from fedmml.data.audio import DEFAULT_FBANK, FeatureSettings, UnreadableAudio, load_fbank, pad_frames
 from fedmml.data.coco import DatasetNotFound, sample_seed
 from fedmml.data.images import UnreadableImage, fit_for_storage, load_image, random_resized_crop, to_tensor
+from fedmml.data.partition import stratified_subset
 
 PREPARE_HINT = (
     "run `fedmml data prepare tuxpaint --out <root>` (or point data.root at an ADVANCE-layout folder)"
@@ -149,8 +150,10 @@ def read_advance_index(
     classes: Sequence[str] | None = None,
     limit: int = 0,
     group_key: str = "language",
+    limit_seed: int = 0,
 ) -> AdvanceIndex:
-    """The index of ``split`` under ``root``; classes default to the train split's class folders."""
+    """The index of ``split`` under ``root``; classes default to the train split's class folders. With
+    ``limit`` > 0 a subset of that many pairs drawn with ``limit_seed``, each class keeping its share."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetNotFound(f"dataset root not found: {root}; {PREPARE_HINT}")
@@ -174,8 +177,7 @@ def read_advance_index(
         skipped["missing_sound"] += len(images.keys() - sounds.keys())
         skipped["missing_image"] += len(sounds.keys() - images.keys())
         pairs += [(name, i, images[i], sounds[i]) for i in sorted(images.keys() & sounds.keys())]
-    if limit > 0:
-        pairs = pairs[:limit]
+    pairs = [pairs[i] for i in stratified_subset([name for name, _, _, _ in pairs], limit, limit_seed)]
     if not pairs:
         raise DataError(f"no usable image-sound pairs in {split_dir} (skipped: {dict(skipped)})")
     meta = _read_meta(split_dir / "meta.json")
@@ -209,6 +211,7 @@ class AdvanceDataset(Dataset):
         cache_dir: str | Path | None = None,
         cache: bool = True,
         group_key: str = "language",
+        limit_seed: int = 0,
         progress: Progress | None = None,
         positions: Sequence[int] | None = None,
         index: AdvanceIndex | None = None,
@@ -222,7 +225,7 @@ class AdvanceDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         if index is None:
-            index = read_advance_index(root, split, classes, limit, group_key)
+            index = read_advance_index(root, split, classes, limit, group_key, limit_seed)
         self.classes: list[str] = list(index.classes)
         label_of = {name: i for i, name in enumerate(self.classes)}
         self.cache = FbankCache(

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from fedmml.data import DataError
 from fedmml.data.images import UnreadableImage, fit_for_storage, load_image, random_resized_crop, to_tensor
+from fedmml.data.partition import stratified_subset
 
 PREPARE_HINT = "run `fedmml data prepare emoji` (or point data.root at a COCO-format folder)"
 
@@ -70,9 +71,15 @@ class CaptionIndex:
 
 
 def read_caption_index(
-    root: str | Path, split: str, images_dir: str = "images", limit: int = 0, captions_file: str | None = None
+    root: str | Path,
+    split: str,
+    images_dir: str = "images",
+    limit: int = 0,
+    captions_file: str | None = None,
+    limit_seed: int = 0,
 ) -> CaptionIndex:
-    """The index of ``split`` under ``root`` (the first ``limit`` captioned images in id order if > 0)."""
+    """The index of ``split`` under ``root``; with ``limit`` > 0 a subset of that many captioned images drawn
+    with ``limit_seed``, each category keeping its share (see :func:`stratified_subset`)."""
     root = Path(root)
     if not root.is_dir():
         raise _missing("dataset root", root)
@@ -85,8 +92,6 @@ def read_caption_index(
     records, captions, skipped = _parse_captions(captions_path)
     index = CaptionIndex(captions_path, images_path, [], [], [], [], {})
     for image_id in sorted(records, key=_sort_key):
-        if limit > 0 and len(index) >= limit:
-            break
         if not captions.get(image_id):
             skipped["image_without_caption"] += 1
             continue
@@ -97,6 +102,10 @@ def read_caption_index(
         category = record.get("category")
         index.labels.append(category if isinstance(category, str) else None)
     index.skipped = dict(skipped)
+    keep = stratified_subset(index.labels, limit, limit_seed)
+    if len(keep) < len(index):
+        for column in (index.image_ids, index.file_names, index.captions, index.labels):
+            column[:] = [column[i] for i in keep]
     if not index.image_ids:
         raise DataError(f"no usable image-caption pairs in {captions_path} (skipped: {index.skipped})")
     return index
@@ -121,6 +130,7 @@ class CaptionDataset(Dataset):
         seed: int = 0,
         limit: int = 0,
         captions_file: str | None = None,
+        limit_seed: int = 0,
         positions: Sequence[int] | None = None,
         index: CaptionIndex | None = None,
     ) -> None:
@@ -131,7 +141,7 @@ class CaptionDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         if index is None:
-            index = read_caption_index(root, split, images_dir, limit, captions_file)
+            index = read_caption_index(root, split, images_dir, limit, captions_file, limit_seed)
         self.captions_path = index.captions_path
         self.images_path = index.images_path
         whole = positions is None

@@ -12,6 +12,27 @@ from typing import Literal
 PartitionKind = Literal["iid", "dirichlet"]
 
 
+def stratified_subset(labels: Sequence[str | None], limit: int, seed: int = 0) -> list[int]:
+    """Positions of ``limit`` samples drawn with ``seed``, every label keeping its share of the whole
+    (largest remainder; samples without a label form one stratum), in their original order. All positions
+    when ``limit`` is 0 or not below the number of samples. Seeded by strings: the same on every machine."""
+    n = len(labels)
+    if limit <= 0 or limit >= n:
+        return list(range(n))
+    strata: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        strata.setdefault("" if label is None else str(label), []).append(i)
+    exact = {name: limit * len(members) / n for name, members in strata.items()}
+    quota = {name: math.floor(share) for name, share in exact.items()}
+    by_remainder = sorted(strata, key=lambda name: (quota[name] - exact[name], name))
+    for name in by_remainder[: limit - sum(quota.values())]:
+        quota[name] += 1
+    chosen = []
+    for name in sorted(strata):
+        chosen += random.Random(f"{seed}:{name}").sample(strata[name], quota[name])
+    return sorted(chosen)
+
+
 def partition(
     labels: Sequence[str | None] | int,
     num_clients: int,
