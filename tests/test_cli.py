@@ -48,11 +48,32 @@ def test_every_method_runs_end_to_end(compared: Path, method: str) -> None:
 def test_comparison_files_and_byte_saving(compared: Path) -> None:
     comparison = json.loads((compared / "comparison.json").read_text())
     assert set(comparison) == {"e2e", "lw", "prog"}
-    for method, summary in comparison.items():
-        assert summary == json.loads((compared / method / "summary.json").read_text())
-    assert comparison["lw"]["bytes_up_total"] * 2 <= comparison["e2e"]["bytes_up_total"]
-    assert comparison["lw"]["bytes_up_total"] < comparison["prog"]["bytes_up_total"]
+    for method, entry in comparison.items():
+        assert entry["seeds"] == {"0": json.loads((compared / method / "summary.json").read_text())}
+    up = {method: entry["mean"]["bytes_up_total"] for method, entry in comparison.items()}
+    assert up["lw"] * 2 <= up["e2e"] and up["lw"] < up["prog"]
+    assert comparison["lw"]["vs_e2e"]["bytes_up_total"]["mean"] == up["lw"] / up["e2e"]
     assert (compared / "comparison.md").read_text().count("|") > 10
+
+
+@pytest.mark.slow  # four short training runs
+def test_compare_over_seeds(emoji_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "seeds"
+    args = ["compare", "--preset", "tiny", *_data(emoji_root), "--out", str(out), "--quiet"]
+    args += ["--methods", "e2e", "lw", "--seeds", "0", "1", "--set", "schedules.uniform.rounds=[1, 1, 0]"]
+    assert main(args) == 0
+    comparison = json.loads((out / "comparison.json").read_text())
+    for method in ("e2e", "lw"):
+        for seed in (0, 1):
+            summary = json.loads((out / f"seed-{seed}" / method / "summary.json").read_text())
+            assert summary["seed"] == seed and comparison[method]["seeds"][str(seed)] == summary
+    # Within a seed both methods trained the same clients; across seeds the partitions differ.
+    e2e = comparison["e2e"]["seeds"]
+    assert e2e["0"]["client_samples"] == comparison["lw"]["seeds"]["0"]["client_samples"]
+    assert e2e["0"]["rsum"] != e2e["1"]["rsum"]
+    ratio = comparison["lw"]["vs_e2e"]["rsum"]
+    assert ratio["n"] == 2 and ratio["low"] < ratio["mean"] < ratio["high"]
+    assert "mean ± sd over seeds 0, 1" in (out / "comparison.md").read_text()
 
 
 @pytest.mark.slow  # shares the compare fixture: three training runs

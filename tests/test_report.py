@@ -1,9 +1,13 @@
 """Run reports and method comparisons written from synthetic metrics."""
 
 import json
+import statistics
 
+import pytest
 from PIL import Image
+from scipy import stats
 
+from fedmml.comparison import combine
 from fedmml.report import plot_comparison, plot_run, write_comparison, write_run_report
 
 
@@ -74,7 +78,7 @@ def test_run_report_has_summary_stages_and_plots(tmp_path):
     text = path.read_text()
     assert path == tmp_path / "report.md"
     assert text.startswith("# lw on emoji")
-    for expected in ("12.35", "9.88", "123.46", "0.43", "285.71×", "2 min 05 s", "3.20 TFLOPs", "734.0 MB"):
+    for expected in ("12.35", "9.88", "123.46", "0.43", "285.71×", "2 min 05 s", "3.20 TFLOPs", "700.0 MiB"):
         assert expected in text
     # Byte totals come from the records when the summary has none: (4 x 1.5 + 4 x 3.0) MB up, 8 x 3 MB down.
     assert "18.0 MB" in text and "24.0 MB" in text
@@ -86,48 +90,56 @@ def test_run_report_has_summary_stages_and_plots(tmp_path):
         assert (tmp_path / "plots" / f"{name}.png").is_file()
 
 
-def test_comparison_writes_table_plots_and_json(tmp_path):
-    runs = {
-        "e2e": retrieval_metrics("e2e", 4_000_000),
-        "lw": retrieval_metrics("lw", 1_000_000),
-        "prog": retrieval_metrics("prog", 2_000_000),
+def _summary(rsum: float, mem_mib: float, flops: float, up: float, wall: float) -> dict:
+    return {
+        "rsum": rsum,
+        "i2t_r1": rsum / 10,
+        "t2i_r1": rsum / 12,
+        "client_peak_mem_bytes": mem_mib * 2**20,
+        "client_flops_total": flops,
+        "bytes_up_total": up,
+        "bytes_down_total": 2 * up,
+        "wall_s": wall,
     }
-    summaries = {
-        "e2e": {
-            "rsum": 150.0,
-            "i2t_r1": 20.0,
-            "t2i_r1": 15.0,
-            "bytes_up_total": 48_000_000,
-            "wall_time_s": 90,
-        },
-        "lw": {
-            "rsum": 120.0,
-            "i2t_r1": 16.0,
-            "t2i_r1": 12.0,
-            "bytes_up_total": 12_000_000,
-            "wall_time_s": 40,
-        },
-        "prog": {"rsum": 155.5, "i2t_r1": 21.0, "t2i_r1": 16.0, "wall_time_s": 3725},
+
+
+def test_comparison_over_seeds_gives_spreads_and_paired_ratios(tmp_path):
+    per_seed = {
+        "e2e": {0: _summary(150.0, 200, 4e12, 48e6, 90), 1: _summary(160.0, 200, 4e12, 48e6, 100)},
+        "lw": {0: _summary(120.0, 100, 1e12, 12e6, 40), 1: _summary(152.0, 100, 1e12, 12e6, 50)},
     }
-    path = write_comparison(tmp_path, summaries, runs, preset="emoji")
-    text = path.read_text()
-    assert text.startswith("# Comparison on emoji")
-    assert "| e2e | 150.00 | 20.00 | 15.00 | 48.0 MB | 64.0 MB | 1.00× | 1 min 30 s |" in text
-    assert "| lw | 120.00 | 16.00 | 12.00 | 12.0 MB | 16.0 MB | 0.25× | 40.0 s |" in text
-    # prog has no byte total in its summary, so it is summed from its records: 4 x 2 + 4 x 4 MB.
-    assert "| prog | 155.50 | 21.00 | 16.00 | 24.0 MB | 32.0 MB | 0.50× | 1 h 02 min 05 s |" in text
-    assert json.loads((tmp_path / "comparison.json").read_text()) == summaries
+    combined = combine(per_seed, ("rsum", "i2t_r1", "t2i_r1"))
+    runs = {"e2e": retrieval_metrics("e2e", 4_000_000), "lw": retrieval_metrics("lw", 1_000_000)}
+    text = write_comparison(tmp_path, combined, runs, preset="emoji").read_text()
+    lw = json.loads((tmp_path / "comparison.json").read_text())["lw"]
+    assert lw["seeds"]["1"]["rsum"] == 152.0
+    assert lw["mean"]["rsum"] == 136.0 and lw["sd"]["rsum"] == pytest.approx(22.627, abs=1e-3)
+    # Paired per seed: 120/150 and 152/160; Student's t with one degree of freedom.
+    ratio = lw["vs_e2e"]["rsum"]
+    assert ratio["per_seed"] == {"0": 0.8, "1": 0.95}
+    half = stats.t.ppf(0.975, 1) * statistics.stdev([0.8, 0.95]) / 2**0.5
+    assert ratio["mean"] == pytest.approx(0.875) and ratio["high"] == pytest.approx(0.875 + half)
+    assert lw["vs_e2e"]["client_peak_mem_bytes"]["mean"] == 0.5
+    assert "mean ± sd over seeds 0, 1" in text
+    row = next(line for line in text.splitlines() if line.startswith("| lw |"))
+    assert "136.00 ± 22.63" in row and f"0.88× [{0.875 - half:.2f}, {0.875 + half:.2f}]" in row
+    assert "| 100.0 MiB ± 0.0 MiB | 0.50× | 1.00 TFLOPs ± 0 FLOPs | 0.25× | 12.0 MB ± 0.0 MB | 0.25× |" in row
     for name in ("comparison_rsum", "comparison_rsum_vs_bytes", "comparison_bytes"):
         assert f"({name}.png)" in text
     assert_pngs(plot_comparison(runs, tmp_path / "again"))
 
 
-def test_comparison_of_classification_runs_uses_accuracy(tmp_path):
+def test_comparison_of_one_seed_and_classification_runs(tmp_path):
     runs = {"e2e": classification_metrics(), "lw": classification_metrics()}
-    summaries = {"e2e": {"accuracy": 47.0, "macro_f1": 0.36}, "lw": {"accuracy": 45.25, "macro_f1": 0.34}}
-    text = write_comparison(tmp_path, summaries, runs, preset="fashion").read_text()
-    assert "accuracy (%)" in text and "rsum" not in text
-    assert "| lw | 45.25 | 0.34 |" in text
+    per_seed = {
+        "e2e": {3: {"accuracy": 47.0, "macro_f1": 0.36, "bytes_up_total": 1000}},
+        "lw": {3: {"accuracy": 45.25, "macro_f1": 0.34, "bytes_up_total": 250}},
+    }
+    text = write_comparison(
+        tmp_path, combine(per_seed, ("accuracy", "macro_f1")), runs, "fashion"
+    ).read_text()
+    assert "accuracy (%)" in text and "rsum" not in text and "seed 3;" in text
+    assert "| lw | 45.25 | 0.34 | 0.96× |" in text  # one seed: no spread, no interval
     assert (tmp_path / "comparison_accuracy.png").is_file()
 
 

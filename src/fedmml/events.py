@@ -20,9 +20,10 @@ class Phase:
 
 @dataclass(frozen=True)
 class MethodStarted:
-    """A comparison moves on to the next method."""
+    """A comparison moves on to the next method (and, over several seeds, names the seed)."""
 
     method: str
+    seed: int | None = None
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from fedmml import report
+from fedmml.comparison import combine
 from fedmml.config import Config, config_from_dict
 from fedmml.engines.inprocess import InProcessEngine
 from fedmml.events import Listener, MethodStarted, Phase, ignore
 from fedmml.federation.client import Client, Workspace
 from fedmml.runs import CHECKPOINTS, claim_run_dir, finish_run, read_metrics, reopen_run, start_run
 from fedmml.setup import ServerSide, build_server, open_clients, select_device
-from fedmml.tasks import resolve_classes
+from fedmml.tasks import resolve_classes, task_for
 
 
 @dataclass
@@ -98,14 +99,24 @@ def compare(
     methods: tuple[str, ...] = ("e2e", "lw", "prog"),
     listener: Listener | None = None,
     overwrite: bool = False,
+    seeds: tuple[int, ...] = (),
 ) -> dict[str, dict[str, Any]]:
-    """Run several methods with the same seed and round budget; write comparison.md/.json and plots."""
-    summaries, runs = {}, {}
-    for method in methods:
-        method_cfg = config_from_dict({**cfg.to_dict(), "run": {**cfg.to_dict()["run"], "method": method}})
-        if listener is not None:
-            listener(MethodStarted(method))
-        summaries[method] = run_experiment(method_cfg, out_dir / method, listener, overwrite)
-        runs[method] = read_metrics(out_dir / method)
-    report.write_comparison(out_dir, summaries, runs, cfg.preset)
-    return summaries
+    """Run every method on every seed (default: the config's) with the same round budget; within a seed all
+    methods share partitions and client samples. Runs go to ``out_dir/<method>`` for one seed, else
+    ``out_dir/seed-<s>/<method>``. Writes comparison.md/.json and plots; returns the combined figures
+    (see :func:`fedmml.comparison.combine`)."""
+    seeds = seeds or (cfg.run.seed,)
+    per_seed: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in methods}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for seed in seeds:
+        for method in methods:
+            run_dir = out_dir / method if len(seeds) == 1 else out_dir / f"seed-{seed}" / method
+            raw = cfg.to_dict()
+            method_cfg = config_from_dict({**raw, "run": {**raw["run"], "method": method, "seed": seed}})
+            if listener is not None:
+                listener(MethodStarted(method, seed if len(seeds) > 1 else None))
+            per_seed[method][seed] = run_experiment(method_cfg, run_dir, listener, overwrite)
+            runs.setdefault(method, read_metrics(run_dir))
+    combined = combine(per_seed, task_for(cfg).summary_keys)
+    report.write_comparison(out_dir, combined, runs, cfg.preset)
+    return combined

@@ -19,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")  # headless: reports are written by servers and CI with no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fedmml.comparison import COSTS  # noqa: E402
+
 Record = Mapping[str, Any]
 Line = tuple[str, Sequence[float], Sequence[float]]
 
@@ -126,35 +128,74 @@ def plot_comparison(runs: Mapping[str, Sequence[Record]], out_dir: Path) -> list
 
 def write_comparison(
     out_dir: Path,
-    summaries: Mapping[str, Mapping[str, Any]],
+    combined: Mapping[str, Mapping[str, Any]],
     runs: Mapping[str, Sequence[Record]],
     preset: str,
 ) -> Path:
-    """Write ``comparison.md`` (table and plots) and ``comparison.json`` (the summaries, keyed by method)."""
+    """Write ``comparison.md`` and ``comparison.json`` from :func:`fedmml.comparison.combine`'s result.
+
+    The table gives every score as mean ± sd over the seeds, the headline score's ratio to e2e with its 95 %
+    interval, and the client's peak memory, FLOPs and bytes each way with their ratios to e2e. ``runs``
+    holds one seed's metrics records per method, for the plots.
+    """
     out_dir = Path(out_dir)
     plots = plot_comparison(runs, out_dir)
-    keys = _eval_keys(list(summaries.values())) or _eval_keys([r for rs in runs.values() for r in rs])
-    totals = {
-        m: {d: _bytes_total(s, runs.get(m, ()), d) for d in ("up", "down")} for m, s in summaries.items()
-    }
-    baseline = totals.get("e2e", {}).get("up")
-    headers = ["method", *map(_label, keys), "bytes up", "bytes down", "up vs e2e", "wall time"]
-    rows = [
-        [
-            method,
-            *(_fmt(k, _final(summary, runs.get(method, ()), k)) for k in keys),
-            _fmt("bytes", totals[method]["up"]),
-            _fmt("bytes", totals[method]["down"]),
-            _ratio(totals[method]["up"], baseline),
-            _fmt("wall", _pick(summary, lambda leaf: leaf.startswith("wall"))),
-        ]
-        for method, summary in summaries.items()
-    ]
-    text = f"# Comparison on {preset}\n\n{_table(headers, rows)}\n\n## Plots\n\n{_images(plots, out_dir)}\n"
-    (out_dir / "comparison.json").write_text(json.dumps(summaries, indent=2, default=str) + "\n")
+    means = [entry["mean"] for entry in combined.values()]
+    keys = _eval_keys(means)
+    seeds = sorted({seed for entry in combined.values() for seed in entry["seeds"]}, key=int)
+    headline = keys[0] if keys else None
+    headers = ["method", *map(_label, keys)]
+    if headline:
+        headers.append(f"{_label(headline)} ÷ e2e (95 % CI)")
+    for key in COSTS:
+        headers += [_COST_LABELS[key], "÷ e2e"]
+    headers.append("wall time")
+    rows = []
+    for method, entry in combined.items():
+        ratios = entry.get("vs_e2e", {})
+        row = [method, *(_spread(k, entry) for k in keys)]
+        if headline:
+            row.append(_interval(ratios.get(headline)))
+        for key in COSTS:
+            row += [_spread(key, entry), _interval(ratios.get(key), with_ci=False)]
+        row.append(_fmt("wall_s", entry["mean"].get("wall_s")))
+        rows.append(row)
+    where = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean ± sd over seeds {', '.join(seeds)}"
+    text = (
+        f"# Comparison on {preset}\n\n{where}; every ratio is the method's figure ÷ e2e's on the same seed. "
+        f"Client peak memory is the most any client needed in one round; FLOPs and bytes are run totals.\n\n"
+        f"{_table(headers, rows)}\n\n## Plots ({'seed ' + seeds[0]})\n\n{_images(plots, out_dir)}\n"
+    )
+    (out_dir / "comparison.json").write_text(json.dumps(combined, indent=2, default=str) + "\n")
     path = out_dir / "comparison.md"
     path.write_text(text)
     return path
+
+
+_COST_LABELS = {
+    "client_peak_mem_bytes": "client peak memory",
+    "client_flops_total": "client FLOPs",
+    "bytes_up_total": "bytes up",
+    "bytes_down_total": "bytes down",
+}
+
+
+def _spread(key: str, entry: Mapping[str, Any]) -> str:
+    """A figure's mean over the seeds, with ``± sd`` when there are several."""
+    mean = entry["mean"].get(key)
+    if mean is None or len(entry["seeds"]) < 2:
+        return _fmt(key, mean)
+    return f"{_fmt(key, mean)} ± {_fmt(key, entry['sd'][key])}"
+
+
+def _interval(ratio: Mapping[str, Any] | None, with_ci: bool = True) -> str:
+    """``0.95×`` and, from two seeds on, its 95 % interval ``[0.90, 1.00]``."""
+    if not ratio:
+        return "—"
+    text = f"{ratio['mean']:.2f}×"
+    if with_ci and ratio.get("low") is not None:
+        text += f" [{ratio['low']:.2f}, {ratio['high']:.2f}]"
+    return text
 
 
 # --- data helpers -------------------------------------------------------------------------------------------
@@ -362,8 +403,8 @@ def _fmt(key: str, value: Any) -> str:
         return "—"
     if isinstance(value, bool) or not isinstance(value, int | float):
         return json.dumps(value) if isinstance(value, list | tuple) else str(value)
-    if "bytes" in leaf:
-        return f"{value / MB:,.1f} MB"
+    if "bytes" in leaf:  # memory in MiB, as allocators count; traffic in decimal MB, as networks do
+        return f"{value / 2**20:,.1f} MiB" if "mem" in leaf else f"{value / MB:,.1f} MB"
     if "flops" in leaf:
         return _si(value, "FLOPs")
     if _is_percent(leaf):

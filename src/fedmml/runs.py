@@ -155,6 +155,7 @@ def finish_run(
         "task": task.name,
         "method": cfg.run.method,
         "preset": cfg.preset,
+        "seed": cfg.run.seed,
         "schedule": cfg.schedule,
         "rounds": len(metrics),
         "stages": len(server.stages),
