@@ -14,8 +14,6 @@ import statistics
 from collections.abc import Mapping
 from typing import Any
 
-from scipy import stats
-
 BASELINE = "e2e"
 # The client's costs beside the score (each is in every run's summary.json).
 COSTS = ("client_peak_mem_bytes", "client_flops_total", "bytes_up_total", "bytes_down_total")
@@ -32,6 +30,8 @@ def interval(values: list[float]) -> dict[str, Any]:
     mean = statistics.fmean(values)
     if len(values) < 2:
         return {"mean": mean, "low": None, "high": None, "n": len(values)}
+    from scipy import stats  # deferred: scipy.stats takes a second to import, and only comparisons need it
+
     half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(values)}
 
