@@ -1,6 +1,7 @@
 """Stage planning and the trainable/frozen split of each method."""
 
 import pytest
+import torch
 
 from fedmml.config import ConfigError, Schedule, load_config
 from fedmml.methods import configure, frozen_modules, plan_stages, set_train_mode, trainable_keys
@@ -79,3 +80,64 @@ def test_prog_and_e2e_train_everything_present(tiny_model) -> None:
     model = _grown(tiny_model, stage)
     assert set(configure(model, "prog", stage)) == set(model.state_dict())
     assert not frozen_modules(model, "prog", stage)
+
+
+def test_frozen_trains_only_necks_and_heads_on_the_full_depth(tiny_model) -> None:
+    (stage,) = plan_stages(SCHEDULE, "frozen", TOTALS)
+    assert stage == plan_stages(SCHEDULE, "e2e", TOTALS)[0]
+    model = _grown(tiny_model, stage)
+    keys = configure(model, "frozen", stage)
+    assert keys and not any(k.startswith("encoders.") and ".neck." not in k for k in keys)
+    assert any(k.startswith("heads.") for k in keys)
+    set_train_mode(model, "frozen", stage)
+    assert all(not e.norm.training and not e.stem.training for e in model.encoders.values())
+    assert model.heads.training
+
+
+def _run(emoji_root, tmp_path, method: str, *extra: str) -> tuple[dict, list[dict]]:
+    from fedmml.experiment import run_experiment
+    from fedmml.runs import read_metrics
+
+    overrides = [f'data.root="{emoji_root}"', f'run.method="{method}"', "run.threads=1", *extra]
+    summary = run_experiment(load_config("tiny", overrides), tmp_path / method)
+    return summary, read_metrics(tmp_path / method)
+
+
+@pytest.mark.slow
+def test_frozen_run_leaves_the_encoders_as_they_were_and_sends_them_once(emoji_root, tmp_path) -> None:
+    from fedmml.runs import load_run_model
+    from fedmml.setup import final_depth, global_model
+
+    summary, records = _run(emoji_root, tmp_path, "frozen")
+    cfg = load_config("tiny", [f'data.root="{emoji_root}"'])
+    model = global_model(cfg, torch.device("cpu"))
+    for modality, depth in final_depth(cfg).items():
+        model.encoders[modality].grow_to(depth)
+    start, trained = model.state_dict(), load_run_model(tmp_path / "frozen")[1].state_dict()
+    assert set(start) == set(trained)
+    for key, value in start.items():
+        if key.startswith("encoders.") and ".neck." not in key:
+            assert (trained[key] == value).all(), key
+    assert any((trained[k] != v).any() for k, v in start.items() if k.startswith("heads."))
+    # The encoders travel down once (round 1); after that only the heads go both ways.
+    assert records[1]["bytes_down"] < records[0]["bytes_down"] / 10
+    assert all(r["bytes_up"] == pytest.approx(records[1]["bytes_down"], rel=0.01) for r in records[1:])
+    assert all(r["upload_parts"]["encoder_blocks"] == r["upload_parts"]["stems"] == 0 for r in records)
+    # The cached run (every block's output kept) trains exactly as the uncached one.
+    uncached, _ = _run(emoji_root, tmp_path / "nocache", "frozen", "cache.frozen_prefix=false")
+    assert uncached["rsum"] == pytest.approx(summary["rsum"], abs=1e-6)
+    assert summary["client_flops_total"] < uncached["client_flops_total"] / 2
+
+
+@pytest.mark.slow
+def test_centralized_is_one_client_with_every_training_sample(emoji_root, tmp_path) -> None:
+    summary, records = _run(emoji_root, tmp_path, "centralized", 'partition.kind="dirichlet"')
+    e2e, _ = _run(emoji_root, tmp_path, "e2e")
+    assert summary["clients"] == 1 and summary["client_samples"] == {"0": e2e["train_images"]}
+    assert [r["clients"] for r in records] == [[0]] * e2e["rounds"]
+    # The same passes over the same samples as the federation: the same client FLOPs to within the batch
+    # remainders (the federation's three clients each drop a short last batch or not).
+    assert summary["client_flops_total"] == pytest.approx(e2e["client_flops_total"], rel=0.02)
+    with pytest.raises(ConfigError, match="centralized needs one shared dataset"):
+        roots = 'data.client_roots=["a", "b", "c"]'
+        _run(emoji_root, tmp_path / "local", "centralized", 'partition.kind="local"', roots)

@@ -66,7 +66,9 @@ examples:
   fedmml bench resources --preset paper-coco --schedule late-heavy --json cost.json
                                             measured client memory, FLOPs and bytes of e2e, lw, prog
 
-methods: e2e (FedMML, end to end), lw (LW-FedMML, layer-wise), prog (Prog-FedMML, progressive)
+methods: e2e (FedMML, end to end), lw (LW-FedMML, layer-wise), prog (Prog-FedMML, progressive);
+  reference rows: frozen (pretrained encoders untouched, only necks and heads train),
+  centralized (e2e on one client holding all the training data)
 """
 
 

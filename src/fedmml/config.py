@@ -19,7 +19,7 @@ from typing import Any
 
 from fedmml.data.audio import FEATURES as AUDIO_FEATURES
 
-METHODS = ("e2e", "lw", "prog")
+METHODS = ("e2e", "lw", "prog", "frozen", "centralized")  # see fedmml.methods
 ENGINES = ("inprocess", "flower-sim", "flower")  # flower-sim: Flower simulation; flower: deployment
 # group: whole groups (e.g. spoken languages) per client; local: each client reads a whole folder of its own
 PARTITIONS = ("iid", "dirichlet", "group", "local")

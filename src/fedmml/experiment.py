@@ -17,6 +17,7 @@ from fedmml.config import Config, config_from_dict
 from fedmml.engines.inprocess import InProcessEngine
 from fedmml.events import Listener, MethodStarted, Phase, ignore
 from fedmml.federation.client import Client, Workspace
+from fedmml.methods import centralize
 from fedmml.runs import CHECKPOINTS, claim_run_dir, finish_run, read_metrics, reopen_run, start_run
 from fedmml.setup import ServerSide, build_server, open_clients, select_device
 from fedmml.tasks import resolve_classes, task_for
@@ -70,7 +71,7 @@ def run_experiment(
 
     A directory that already holds a run is refused unless ``overwrite``.
     """
-    cfg = resolve_classes(cfg)
+    cfg = centralize(resolve_classes(cfg))
     claim_run_dir(out_dir, overwrite)
     if cfg.run.engine != "inprocess":
         return _run_elsewhere(cfg, out_dir, listener, resume=False)

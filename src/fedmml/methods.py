@@ -4,6 +4,11 @@
 - ``lw`` (LW-FedMML): each stage appends blocks and freezes everything earlier. Trainable: the new blocks,
   every encoder's final norm and neck, the heads, and the stems in the first stage only.
 - ``prog`` (Prog-FedMML): the same growth, nothing frozen.
+- ``frozen`` (reference row): e2e's single full-depth stage with the encoders exactly as pretrained (stems,
+  blocks and final norms frozen); only the necks and the heads train and travel. What the encoders give
+  untouched.
+- ``centralized`` (reference row): e2e on one client holding all the training data (see
+  :func:`centralize`), the upper bound that federation is measured against.
 
 Both the server and the clients derive the trainable set from this module, so they can never disagree on
 what is sent.
@@ -15,9 +20,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from fedmml.config import METHODS, ConfigError, Schedule
+from fedmml.config import METHODS, Config, ConfigError, Schedule, config_from_dict
 
 ENCODER_PREFIX = "encoders."
+# Methods that train the final architecture from round 1 in one stage.
+FULL_DEPTH = ("e2e", "frozen", "centralized")
 
 
 @dataclass(frozen=True)
@@ -45,7 +52,7 @@ def plan_stages(schedule: Schedule, method: str, total_blocks: dict[str, int]) -
         if wanted == 0:
             raise ConfigError(f"the schedule adds no {modality} blocks")
     final_depth = {m: sum(b) for m, b in schedule.blocks.items()}
-    if method == "e2e":
+    if method in FULL_DEPTH:
         # The baseline trains the final architecture from round 1 at the last stage's learning rates.
         lr = {group: rates[-1] for group, rates in schedule.lr.items()}
         new = {m: tuple(range(d)) for m, d in final_depth.items()}
@@ -65,6 +72,9 @@ def trainable_prefixes(model: nn.Module, method: str, stage: Stage) -> list[str]
     prefixes = []
     for modality, encoder in model.encoders.items():
         root = f"{ENCODER_PREFIX}{modality}."
+        if method == "frozen":
+            prefixes.append(root + "neck.")
+            continue
         prefixes += [root + "norm.", root + "neck."]
         if method != "lw" or stage.index == 0:
             prefixes.append(root + "stem.")
@@ -112,6 +122,22 @@ def set_train_mode(model: nn.Module, method: str, stage: Stage) -> None:
     model.train()
     for module in frozen_modules(model, method, stage):
         module.eval()
+    if method == "frozen":
+        for encoder in model.encoders.values():
+            encoder.norm.eval()
+
+
+def centralize(cfg: Config) -> Config:
+    """``centralized``'s federation: one client, sampled every round, holding the whole training split of a
+    shared dataset; the schedule (rounds x local epochs) and everything else as configured."""
+    if cfg.run.method != "centralized":
+        return cfg
+    if cfg.partition.kind == "local":
+        raise ConfigError("run.method centralized needs one shared dataset, not partition.kind local")
+    raw = cfg.to_dict()
+    federation = {**raw["federation"], "num_clients": 1, "clients_per_round": 0, "min_clients": 1}
+    partition = {**raw["partition"], "kind": "iid"}
+    return config_from_dict({**raw, "federation": federation, "partition": partition})
 
 
 def param_group(name: str) -> str:

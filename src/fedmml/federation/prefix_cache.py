@@ -48,8 +48,11 @@ class CacheTooLarge(RuntimeError):
 def cache_starts(model: MultimodalModel, method: str, stage: Stage) -> dict[str, int] | None:
     """Blocks per modality whose output is cached in ``stage`` (after the frozen stem), or None: no cache.
 
-    Only ``lw`` freezes a prefix, and only from its second stage on (the stems train in the first).
+    ``lw`` freezes a prefix from its second stage on (the stems train in the first); ``frozen`` freezes every
+    block from the start.
     """
+    if method == "frozen":
+        return dict(stage.depth)
     if method != "lw" or stage.index == 0:
         return None
     return {m: (new[0] if (new := stage.new_blocks[m]) else stage.depth[m]) for m in model.encoders}
