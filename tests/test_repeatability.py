@@ -23,18 +23,14 @@ def _figures(run: Path) -> tuple[dict, list[dict]]:
     return {k: v for k, v in summary.items() if k not in TIMES}, records
 
 
-@pytest.mark.parametrize("method", ["lw", "e2e"])
-def test_the_same_seeded_run_twice_gives_identical_figures(
-    method: str, emoji_root: Path, tmp_path: Path
-) -> None:
-    overrides = [f'data.root="{emoji_root}"', f'run.method="{method}"', "run.threads=1", "data.augment=true"]
-    overrides += ["schedules.uniform.rounds=[1, 1, 1]"]
-    first, second = (run_experiment(load_config("tiny", overrides), tmp_path / name) for name in ("a", "b"))
+def test_the_same_seeded_run_twice_gives_identical_figures(emoji_root: Path, tmp_path: Path) -> None:
+    # LW with augmentation: seeded sampling, caption draws, crops, the frozen-prefix cache and its views.
+    overrides = [f'data.root="{emoji_root}"', 'run.method="lw"', "run.threads=1", "data.augment=true"]
+    overrides += ["schedules.uniform.rounds=[1, 1, 0]"]
+    first = run_experiment(load_config("tiny", overrides), tmp_path / "a")
+    run_experiment(load_config("tiny", overrides), tmp_path / "b")
     assert first["rsum"] > 0
     want, got = _figures(tmp_path / "a"), _figures(tmp_path / "b")
     assert got[1] == want[1]  # every round: losses, scores, bytes, FLOPs, peak memory
     assert got[0] == want[0]
-    # A different seed is a different run (the comparison above can fail).
-    overrides.append("run.seed=1")
-    run_experiment(load_config("tiny", overrides), tmp_path / "c")
-    assert _figures(tmp_path / "c")[1][0]["train_loss"] != want[1][0]["train_loss"]
+    # That another seed gives other figures (so this comparison can fail) is in test_cli's compare over seeds.
