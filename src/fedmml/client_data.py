@@ -60,14 +60,15 @@ class SharedSplit:
         task = task_for(cfg)
         self.source = str(Path(self.root) / cfg.data.train_split)
         try:
-            self.index = task.read_index(cfg, self.root, cfg.data.train_split, train=True)
+            self.index = task.train_index(cfg, self.root)
         except (OSError, DataError) as err:
             raise ClientDataError(f"shared training split {self.source}: {err}") from None
         self.parts = task.partitions(cfg, self.index)
-        self.test_index, self.test_parts = None, []
+        self.test_split, self.test_index, self.test_parts = "", None, []
         if cfg.eval.where == "federated":
-            # Every client also holds a share of the test split, cut the same way, to score the model on.
-            self.test_index = task.read_index(cfg, self.root, cfg.data.test_split, train=False)
+            # Every client also holds a share of the held-out split (eval.split), cut the same way, to score
+            # the model on.
+            self.test_split, self.test_index = task.held_out(cfg, self.root)
             self.test_parts = task.partitions(cfg, self.test_index)
 
     def client(self, cid: int) -> ClientData:
@@ -79,9 +80,9 @@ class SharedSplit:
         )
         data = ClientData(dataset, self.source, self.index.skipped)
         if self.test_index is not None:
-            split, held_out = self.cfg.data.test_split, self.test_parts[cid]
+            held_out = self.test_parts[cid]
             data.test = task.load_split(
-                self.cfg, split, False, root=self.root, positions=held_out, index=self.test_index
+                self.cfg, self.test_split, False, root=self.root, positions=held_out, index=self.test_index
             )
         return data
 
@@ -91,17 +92,17 @@ def local_folder(cfg: Config, cid: int, root: str) -> ClientData:
     task = task_for(cfg)
     split = cfg.data.train_split
     try:
-        index = task.read_index(cfg, root, split, train=True)
+        index = task.train_index(cfg, root)
         dataset = task.load_split(cfg, split, train=True, root=root, positions=range(len(index)), index=index)
     except (OSError, DataError) as err:
         raise ClientDataError(f"client {cid} cannot use its data folder {root}: {err}") from None
     data = ClientData(dataset, str(Path(root).resolve()), index.skipped)
     if cfg.eval.where == "federated":
-        # A folder without a test split still trains; it is left out of evaluation, and counted.
+        # A folder without a held-out split still trains; it is left out of evaluation, and counted.
         try:
-            data.test = task.load_split(cfg, cfg.data.test_split, train=False, root=root)
-        except (OSError, DataError) as err:
-            data.test_missing = f"client {cid} has no usable test split in {root}: {err}"
+            data.test = task.load_held_out(cfg, root)
+        except (OSError, DataError, ConfigError) as err:
+            data.test_missing = f"client {cid} has no usable {cfg.eval.split} split in {root}: {err}"
     return data
 
 

@@ -121,6 +121,13 @@ class DataConfig:
     limit_train: int = 0  # 0: all images
     limit_test: int = 0
     limit_seed: int = 0
+    # Validation (eval.split = "val"): the folder's own val split (captions_val.json, or a val/ tree), else
+    # val_fraction of the training identities carved out of train. An identity is the image record's (or
+    # the sample's meta.json) identity_key field, e.g. an emoji in every vendor style or a Tux Paint stamp in
+    # every language, so one never sits on both sides; samples without it are identities of their own.
+    val_split: str = "val"
+    val_fraction: float = 0.1
+    identity_key: str = ""
     audio_frames: int = 1024  # image-audio: feature frames per clip, padded or cut
     # image-audio: the audio encoder's input; ast-fbank: AST's Kaldi fbank, 16 kHz, 128 bins, 10 ms frames;
     # aisfx-mel: aisfx's log-mel, 44.1 kHz, 96 bins, 23.2 ms frames (see fedmml.data.audio)
@@ -203,6 +210,9 @@ class EvalConfig:
     # server: on the test split under data.root (the server's own); federated: each client of the round
     # scores the global model on its own held-out split and the server combines what they report
     where: str = "server"
+    # test: score on the test split; val: on the validation split (model selection, `fedmml tune`), so the
+    # test split is never read
+    split: str = "test"
     batch_size: int = 128
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     zeroshot: bool = True  # Fashion-MNIST zero-shot, when the Debian package is installed
@@ -476,5 +486,8 @@ def validate(cfg: Config) -> None:
         if not 0 <= getattr(cfg.faults, name) <= 1:
             raise ConfigError(f"faults.{name} must be a probability between 0 and 1")
     _choice(cfg.eval.where, ("server", "federated"), "eval.where")
+    _choice(cfg.eval.split, ("test", "val"), "eval.split")
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     if cfg.eval.every < 0:
         raise ConfigError("eval.every must be >= 0")

@@ -176,6 +176,7 @@ def finish_run(
         # server: whole-split scores on the server's test split; federated: combined from the clients' own
         # held-out splits (retrieval then is local-gallery recall, see tasks.ImageText.combine_scores)
         "evaluation": cfg.eval.where,
+        "eval_split": cfg.eval.split,
     }
     summary.update(task.summarize(server.model, test, cfg, out_dir, final))
     summary["wall_s"] = time.perf_counter() - started

@@ -78,8 +78,8 @@ def build_server(
     if cfg.eval.where == "federated":
         # The clients score the model on their own held-out data; the server holds no data at all.
         return ServerSide(None, Server(cfg, model, stages, None, emit, checkpoint_dir))
-    emit(Phase("loading the test split"))
-    test = task_for(cfg).load_split(cfg, cfg.data.test_split, train=False)
+    emit(Phase(f"loading the {cfg.eval.split} split"))
+    test = task_for(cfg).load_held_out(cfg)
 
     def evaluate(m: MultimodalModel) -> dict[str, Any]:
         emit(Phase("evaluating"))

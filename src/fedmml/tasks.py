@@ -22,7 +22,7 @@ from fedmml.data import fashion_mnist
 from fedmml.data.advance import AdvanceDataset, AdvanceIndex, read_advance_index, read_classes
 from fedmml.data.audio import feature_settings
 from fedmml.data.coco import CaptionDataset, CaptionIndex, read_caption_index
-from fedmml.data.partition import partition, partition_by_group
+from fedmml.data.partition import carve, partition, partition_by_group
 from fedmml.evaluation.classification import (
     accuracy,
     evaluate_classifier,
@@ -64,6 +64,62 @@ class Task:
     def labels(self, index: Any) -> list[str | None]:
         """The label of every indexed sample that a Dirichlet split is over."""
         raise NotImplementedError
+
+    def has_split(self, root: str, split: str) -> bool:
+        """Whether the folder ``root`` holds ``split`` in the task's layout."""
+        raise NotImplementedError
+
+    def _carves_val(self, cfg: Config, root: str) -> bool:
+        return cfg.eval.split == "val" and not self.has_split(root, cfg.data.val_split)
+
+    def train_index(self, cfg: Config, root: str) -> Any:
+        """The training split's metadata under ``root``, less the identities carved out for validation when
+        ``eval.split = "val"`` and the folder has no validation split of its own."""
+        index = self.read_index(cfg, root, cfg.data.train_split, train=True)
+        if not self._carves_val(cfg, root):
+            return index
+        val = set(carve(index.identities, cfg.data.val_fraction))
+        return index.subset([i for i in range(len(index)) if i not in val])
+
+    def held_out(self, cfg: Config, root: str) -> tuple[str, Any]:
+        """(split, metadata) of what a run scores on (``eval.split``): the test split, or the validation split
+        — the folder's own, else the identities carved out of its training split. The test split is never
+        read for validation."""
+        d = cfg.data
+        if cfg.eval.split == "test":
+            return d.test_split, self.read_index(cfg, root, d.test_split, train=False)
+        if not self._carves_val(cfg, root):
+            index = self.read_index(cfg, root, d.val_split, train=False)
+            self._check_disjoint(cfg, root, index)
+            return d.val_split, index
+        whole = self.read_index(cfg, root, d.train_split, train=True)
+        index = whole.subset(carve(whole.identities, d.val_fraction))
+        if not len(index):
+            raise ConfigError(
+                f"the validation split is empty: data.val_fraction = {d.val_fraction} of the "
+                f"{len(set(whole.identities))} identities of {Path(root) / d.train_split} carved none"
+            )
+        return d.train_split, index
+
+    def _check_disjoint(self, cfg: Config, root: str, val: Any) -> None:
+        """A validation split of the folder's own shares no identity with its training or test split."""
+        for split in (cfg.data.train_split, cfg.data.test_split):
+            if self.has_split(root, split):
+                other = self.read_index(cfg, root, split, train=split == cfg.data.train_split)
+                if both := sorted(set(val.identities) & set(other.identities)):
+                    shown = ", ".join(both[:5]) + (", ..." if len(both) > 5 else "")
+                    raise ConfigError(
+                        f"the {cfg.data.val_split} split shares {len(both)} identities with {split}: {shown}"
+                    )
+
+    def load_held_out(
+        self, cfg: Config, root: str | None = None, positions: list[int] | None = None
+    ) -> Dataset:
+        """What a run scores on (see :meth:`held_out`), loaded; only ``positions`` of it when given."""
+        root = root or cfg.data.root
+        split, index = self.held_out(cfg, root)
+        chosen = range(len(index)) if positions is None else positions
+        return self.load_split(cfg, split, train=False, root=root, positions=chosen, index=index)
 
     def groups(self, index: Any) -> list[str | None]:
         """The group of every indexed sample that a group split is over."""
@@ -125,7 +181,9 @@ class ImageText(Task):
     def read_index(self, cfg: Config, root: str, split: str, train: bool) -> CaptionIndex:
         d = cfg.data
         limit = d.limit_train if train else d.limit_test
-        return read_caption_index(root, split, d.images_dir, limit, limit_seed=d.limit_seed)
+        return read_caption_index(
+            root, split, d.images_dir, limit, limit_seed=d.limit_seed, identity_key=d.identity_key
+        )
 
     def load_split(
         self,
@@ -153,6 +211,9 @@ class ImageText(Task):
 
     def labels(self, index: CaptionIndex) -> list[str | None]:
         return index.labels
+
+    def has_split(self, root: str, split: str) -> bool:
+        return (Path(root) / f"captions_{split}.json").is_file()
 
     def evaluate(self, model: MultimodalModel, test: CaptionDataset, cfg: Config) -> dict[str, float]:
         pixels = [test[i][0] for i in range(len(test))]
@@ -210,6 +271,7 @@ class ImageAudio(Task):
             limit=d.limit_train if train else d.limit_test,
             limit_seed=d.limit_seed,
             group_key=cfg.partition.group,
+            identity_key=d.identity_key,
         )
 
     def load_split(
@@ -240,6 +302,9 @@ class ImageAudio(Task):
 
     def labels(self, index: AdvanceIndex) -> list[str | None]:
         return list(index.label_names)
+
+    def has_split(self, root: str, split: str) -> bool:
+        return any((Path(root) / split / kind).is_dir() for kind in ("vision", "sound"))
 
     def groups(self, index: AdvanceIndex) -> list[str | None]:
         return index.groups

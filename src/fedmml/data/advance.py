@@ -7,7 +7,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -134,9 +134,17 @@ class AdvanceIndex:
     pairs: list[tuple[str, str, Path, Path]]
     groups: list[str | None]
     skipped: dict[str, int]
+    identities: list[str] = field(default_factory=list)  # see read_advance_index's identity_key
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def subset(self, positions: Sequence[int]) -> AdvanceIndex:
+        """The same split restricted to ``positions`` (in the order given); skip counts unchanged."""
+        pick = [self.pairs[i] for i in positions], [self.groups[i] for i in positions]
+        return AdvanceIndex(
+            self.split_dir, self.classes, *pick, dict(self.skipped), [self.identities[i] for i in positions]
+        )
 
     @property
     def label_names(self) -> list[str]:
@@ -151,9 +159,11 @@ def read_advance_index(
     limit: int = 0,
     group_key: str = "language",
     limit_seed: int = 0,
+    identity_key: str = "",
 ) -> AdvanceIndex:
     """The index of ``split`` under ``root``; classes default to the train split's class folders. With
-    ``limit`` > 0 a subset of that many pairs drawn with ``limit_seed``, each class keeping its share."""
+    ``limit`` > 0 a subset of that many pairs drawn with ``limit_seed``, each class keeping its share. A
+    sample's identity is its ``meta.json`` entry's ``identity_key`` field when it has one, else its id."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetNotFound(f"dataset root not found: {root}; {PREPARE_HINT}")
@@ -181,12 +191,14 @@ def read_advance_index(
     if not pairs:
         raise DataError(f"no usable image-sound pairs in {split_dir} (skipped: {dict(skipped)})")
     meta = _read_meta(split_dir / "meta.json")
-    groups = []
+    groups, identities = [], []
     for _, sample_id, _, _ in pairs:
-        entry = meta.get(sample_id)
-        group = entry.get(group_key) if isinstance(entry, dict) else None
+        entry = meta.get(sample_id) if isinstance(meta.get(sample_id), dict) else {}
+        group = entry.get(group_key)
         groups.append(group if isinstance(group, str) else None)
-    return AdvanceIndex(split_dir, names, pairs, groups, dict(skipped))
+        identity = entry.get(identity_key) if identity_key else None
+        identities.append(f"{identity_key}={identity}" if identity is not None else f"id={sample_id}")
+    return AdvanceIndex(split_dir, names, pairs, groups, dict(skipped), identities)
 
 
 class AdvanceDataset(Dataset):

@@ -6,7 +6,7 @@ import json
 import zlib
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +65,17 @@ class CaptionIndex:
     captions: list[list[str]]
     labels: list[str | None]
     skipped: dict[str, int]
+    identities: list[str] = field(default_factory=list)  # see read_caption_index's identity_key
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def subset(self, positions: Sequence[int]) -> CaptionIndex:
+        """The same split restricted to ``positions`` (in the order given); skip counts unchanged."""
+        columns = (self.image_ids, self.file_names, self.captions, self.labels)
+        picked = ([column[i] for i in positions] for column in columns)
+        identities = [self.identities[i] for i in positions]
+        return CaptionIndex(self.captions_path, self.images_path, *picked, dict(self.skipped), identities)
 
 
 def read_caption_index(
@@ -77,9 +85,11 @@ def read_caption_index(
     limit: int = 0,
     captions_file: str | None = None,
     limit_seed: int = 0,
+    identity_key: str = "",
 ) -> CaptionIndex:
     """The index of ``split`` under ``root``; with ``limit`` > 0 a subset of that many captioned images drawn
-    with ``limit_seed``, each category keeping its share (see :func:`stratified_subset`)."""
+    with ``limit_seed``, each category keeping its share (see :func:`stratified_subset`). An image's identity
+    is its record's ``identity_key`` field when it has one, else its own id."""
     root = Path(root)
     if not root.is_dir():
         raise _missing("dataset root", root)
@@ -101,11 +111,12 @@ def read_caption_index(
         index.captions.append(captions[image_id])
         category = record.get("category")
         index.labels.append(category if isinstance(category, str) else None)
+        identity = record.get(identity_key) if identity_key else None
+        index.identities.append(f"{identity_key}={identity}" if identity is not None else f"id={image_id}")
     index.skipped = dict(skipped)
     keep = stratified_subset(index.labels, limit, limit_seed)
     if len(keep) < len(index):
-        for column in (index.image_ids, index.file_names, index.captions, index.labels):
-            column[:] = [column[i] for i in keep]
+        index = index.subset(keep)
     if not index.image_ids:
         raise DataError(f"no usable image-caption pairs in {captions_path} (skipped: {index.skipped})")
     return index

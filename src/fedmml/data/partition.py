@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import warnings
@@ -31,6 +32,17 @@ def stratified_subset(labels: Sequence[str | None], limit: int, seed: int = 0) -
     for name in sorted(strata):
         chosen += random.Random(f"{seed}:{name}").sample(strata[name], quota[name])
     return sorted(chosen)
+
+
+def carve(identities: Sequence[str], fraction: float, salt: str = "val") -> list[int]:
+    """Positions of the samples whose identity falls in the carved ``fraction``, by a hash of the identity:
+    all samples of one identity land on the same side, on every machine and whatever subset is read."""
+    cut = round(fraction * 10_000)
+    buckets = {
+        ident: int(hashlib.sha256(f"{salt}:{ident}".encode()).hexdigest(), 16) % 10_000
+        for ident in set(identities)
+    }
+    return [i for i, ident in enumerate(identities) if buckets[ident] < cut]
 
 
 def partition(
