@@ -53,6 +53,10 @@ examples:
   fedmml run --method lw                    LW-FedMML on the default preset (emoji)
   fedmml run --method e2e --set federation.num_clients=5 --set schedules.uniform.rounds=[1,1,1,1,1,1]
   fedmml compare --preset tiny              e2e, lw and prog side by side
+  fedmml tune --preset emoji --proxy data.limit_train=1000 --out runs/tuned
+                                            learning rates and schedule per method, chosen on validation
+  fedmml compare --tuned runs/tuned --seeds 0 1 2
+                                            the tuned methods side by side
   fedmml compare --preset tiny --seeds 0 1 2 --methods e2e lw
                                             every method on every seed: mean ± sd, ratios to e2e with 95 % CI
   fedmml data prepare tuxpaint              build the image + sound set (needs tuxpaint-stamps-default)
@@ -149,10 +153,50 @@ def _build_parser() -> argparse.ArgumentParser:
         default=[],
         help="run every method on each seed (default: the config's run.seed); the table gives mean ± sd",
     )
+    cmp_.add_argument(
+        "--tuned",
+        type=Path,
+        metavar="DIR",
+        help="each method from its preset DIR/<method>.toml (written by fedmml tune) instead of --preset",
+    )
     cmp_.add_argument("--out", type=Path, help="output directory (default runs/compare-<preset>-<time>)")
     cmp_.add_argument("--overwrite", action="store_true", help="replace runs already in --out")
     cmp_.add_argument("--quiet", action="store_true", help="no progress display")
     cmp_.add_argument("--engine", choices=ENGINES, help="inprocess (default), flower-sim or flower")
+
+    tune = sub.add_parser(
+        "tune",
+        help="choose each method's learning rates and schedule on the validation split",
+        description="Train a grid per method on the validation split (eval.split = val: the test split is "
+        "never read) and write each method's best point as DIR/<method>.toml, for `fedmml run --preset` and "
+        "`fedmml compare --tuned DIR`, with every point in DIR/grid.md.",
+    )
+    _config_args(tune)
+    tune.add_argument("--methods", nargs="+", default=["e2e", "lw", "prog"], help="methods to tune")
+    tune.add_argument(
+        "--encoder-scales",
+        nargs="+",
+        type=float,
+        default=[0.5, 1.0, 2.0],
+        help="factors on the encoders' rates",
+    )
+    tune.add_argument(
+        "--head-scales", nargs="+", type=float, default=[1.0], help="factors on the heads' rates"
+    )
+    tune.add_argument(
+        "--schedules", nargs="+", help="named schedules to try (default: every one of the preset)"
+    )
+    tune.add_argument(
+        "--proxy",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting for the grid's runs only (e.g. data.limit_train=1000), not for the presets written",
+    )
+    tune.add_argument("--max-runs", type=int, default=24, help="refuse a grid that needs more runs than this")
+    tune.add_argument("--out", type=Path, help="output directory (default runs/tune-<preset>-<time>)")
+    tune.add_argument("--overwrite", action="store_true", help="replace runs already in --out")
+    tune.add_argument("--quiet", action="store_true", help="no progress display")
 
     dep = sub.add_parser(
         "deploy", help="train on a loopback Flower deployment: SuperLink + one SuperNode per client"
@@ -204,7 +248,8 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve(args: argparse.Namespace) -> Any:
+def _extra_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` items plus what the command's own options (method, schedule, engine) stand for."""
     overrides = list(args.overrides)
     if getattr(args, "method", None):
         overrides.append(f'run.method="{args.method}"')
@@ -212,7 +257,11 @@ def _resolve(args: argparse.Namespace) -> Any:
         overrides.append(f'schedule="{args.schedule}"')
     if getattr(args, "engine", None):
         overrides.append(f'run.engine="{args.engine}"')
-    return load_config(args.preset, overrides)
+    return overrides
+
+
+def _resolve(args: argparse.Namespace) -> Any:
+    return load_config(args.preset, _extra_overrides(args))
 
 
 class _Display:
@@ -326,14 +375,48 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     for m in methods:
         if m not in METHODS:
             raise ConfigError(f"unknown method {m!r}; valid choices: {', '.join(METHODS)}")
+    tuned = {}
+    if args.tuned:
+        for m in methods:
+            path = args.tuned / f"{m}.toml"
+            if not path.is_file():
+                raise ConfigError(
+                    f"no tuned preset for {m} in {args.tuned} (run `fedmml tune --methods {m}`)"
+                )
+            tuned[m] = load_config(str(path), _extra_overrides(args))
     out = args.out or Path("runs") / f"compare-{cfg.preset}-{_stamp()}"
     display = _Display(args.quiet)
     with display.live():
-        combined = compare(cfg, out, methods, display, args.overwrite, tuple(args.seeds))
+        combined = compare(cfg, out, methods, display, args.overwrite, tuple(args.seeds), tuned)
     for entry in combined.values():
         for summary in entry["seeds"].values():
             _print_summary(summary)
     console.print(f"comparison written to {out / 'comparison.md'}")
+
+
+def _cmd_tune(args: argparse.Namespace) -> None:
+    from fedmml.tune import grid, tune
+
+    cfg = _resolve(args)
+    overrides = _extra_overrides(args)
+    schedules = tuple(args.schedules or cfg.schedules)
+    points = grid(
+        cfg,
+        tuple(args.methods),
+        tuple(args.encoder_scales),
+        tuple(args.head_scales),
+        schedules,
+        args.max_runs,
+    )
+    out = args.out or Path("runs") / f"tune-{cfg.preset}-{_stamp()}"
+    display = _Display(args.quiet)
+    with display.live():
+        result = tune(args.preset, overrides, args.proxy, points, out, display, args.overwrite)
+    for method, row in result["best"].items():
+        console.print(
+            f"{method}: {row['run']} ({result['score']} {row[result['score']]:.2f}) -> {out / method}.toml"
+        )
+    console.print(f"grid written to {out / 'grid.md'}")
 
 
 def _cmd_deploy(args: argparse.Namespace) -> None:
@@ -418,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "run": _cmd_run,
         "compare": _cmd_compare,
+        "tune": _cmd_tune,
         "evaluate": _cmd_evaluate,
         "data": _cmd_data,
         "bench": _cmd_bench,

@@ -101,18 +101,20 @@ def compare(
     listener: Listener | None = None,
     overwrite: bool = False,
     seeds: tuple[int, ...] = (),
+    tuned: dict[str, Config] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run every method on every seed (default: the config's) with the same round budget; within a seed all
     methods share partitions and client samples. Runs go to ``out_dir/<method>`` for one seed, else
-    ``out_dir/seed-<s>/<method>``. Writes comparison.md/.json and plots; returns the combined figures
-    (see :func:`fedmml.comparison.combine`)."""
+    ``out_dir/seed-<s>/<method>``. A method in ``tuned`` runs from its own config (its tuned rates and
+    schedule) instead of ``cfg``. Writes comparison.md/.json and plots; returns the combined figures (see
+    :func:`fedmml.comparison.combine`)."""
     seeds = seeds or (cfg.run.seed,)
     per_seed: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in methods}
     runs: dict[str, list[dict[str, Any]]] = {}
     for seed in seeds:
         for method in methods:
             run_dir = out_dir / method if len(seeds) == 1 else out_dir / f"seed-{seed}" / method
-            raw = cfg.to_dict()
+            raw = (tuned or {}).get(method, cfg).to_dict()
             method_cfg = config_from_dict({**raw, "run": {**raw["run"], "method": method, "seed": seed}})
             if listener is not None:
                 listener(MethodStarted(method, seed if len(seeds) > 1 else None))

@@ -172,6 +172,40 @@ def write_comparison(
     return path
 
 
+def write_grid(out_dir: Path, result: Mapping[str, Any]) -> Path:
+    """``grid.md``: every tuning point with its validation score and costs, each method's choice marked."""
+    score = result["score"]
+    headers = [
+        "method",
+        "schedule",
+        "encoder lr ×",
+        "heads lr ×",
+        _label(score.removeprefix("val_")) + " (val)",
+    ]
+    headers += ["client peak memory", "client FLOPs", "bytes up", "wall time", "chosen"]
+    rows = [
+        [
+            p["method"],
+            p["schedule"],
+            f"{p['encoder_scale']:g}",
+            f"{p['head_scale']:g}",
+            _fmt(score.removeprefix("val_"), p[score]),
+            *(_fmt(k, p[k]) for k in ("client_peak_mem_bytes", "client_flops_total", "bytes_up_total")),
+            _fmt("wall_s", p["wall_s"]),
+            "✓" if result["best"][p["method"]]["run"] == p["run"] else "",
+        ]
+        for p in result["points"]
+    ]
+    proxy = ", ".join(f"`{item}`" for item in result["proxy"]) or "none"
+    text = (
+        f"# Tuning grid\n\nScored on the validation split; proxy settings for the grid runs: {proxy}. "
+        f"Each method's chosen point is its preset file `<method>.toml` here.\n\n{_table(headers, rows)}\n"
+    )
+    path = Path(out_dir) / "grid.md"
+    path.write_text(text)
+    return path
+
+
 _COST_LABELS = {
     "client_peak_mem_bytes": "client peak memory",
     "client_flops_total": "client FLOPs",

@@ -1,0 +1,138 @@
+"""``fedmml tune``: each method's learning rates and schedule, chosen on the validation split.
+
+For every method a grid — a scale on the encoders' learning rates, a scale on the heads', and the named
+schedules — is trained with ``eval.split = "val"`` (the test split is never read) and scored by the task's
+headline score. Each method's best point is written as a preset file, ``<out>/<method>.toml``, that
+``fedmml run --preset`` and ``fedmml compare --tuned <out>`` take, next to a table of every point
+(``grid.md``, ``grid.json``). Proxy settings (``--proxy key=value``, e.g. a smaller ``data.limit_train``)
+apply to the grid's runs only, so a grid can fit a time budget; the presets keep the full setting.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fedmml import report
+from fedmml.config import METHODS, Config, ConfigError, load_config, parse_override
+from fedmml.events import Listener, MethodStarted
+from fedmml.experiment import run_experiment
+from fedmml.tasks import task_for
+
+
+@dataclass(frozen=True)
+class Point:
+    """One grid point: a method on a named schedule with its learning rates scaled."""
+
+    method: str
+    schedule: str
+    encoder_scale: float
+    head_scale: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-{self.schedule}-enc{self.encoder_scale:g}-heads{self.head_scale:g}"
+
+    def settings(self, cfg: Config) -> dict[str, Any]:
+        """Dotted key -> value: this point's method, schedule and that schedule's scaled rates."""
+        rates = cfg.schedules[self.schedule].lr
+        lr = {
+            group: [r * (self.head_scale if group == "heads" else self.encoder_scale) for r in values]
+            for group, values in rates.items()
+        }
+        return {"run.method": self.method, "schedule": self.schedule, f"schedules.{self.schedule}.lr": lr}
+
+
+def grid(
+    cfg: Config,
+    methods: tuple[str, ...],
+    encoder_scales: tuple[float, ...],
+    head_scales: tuple[float, ...],
+    schedules: tuple[str, ...],
+    max_runs: int,
+) -> list[Point]:
+    """Every point, method by method; refused before any training if it needs more than ``max_runs``."""
+    if bad := [m for m in methods if m not in METHODS]:
+        raise ConfigError(f"unknown method {bad[0]!r}; valid choices: {', '.join(METHODS)}")
+    unknown = [s for s in schedules if s not in cfg.schedules]
+    if unknown:
+        raise ConfigError(f"unknown schedule {unknown[0]!r}; the preset has: {', '.join(cfg.schedules)}")
+    points = [Point(*combo) for combo in itertools.product(methods, schedules, encoder_scales, head_scales)]
+    if len(points) > max_runs:
+        raise ConfigError(
+            f"the grid needs {len(points)} runs ({len(methods)} methods x {len(schedules)} schedules x "
+            f"{len(encoder_scales)} encoder scales x {len(head_scales)} head scales), more than --max-runs "
+            f"{max_runs}"
+        )
+    return points
+
+
+def _toml(value: Any) -> str:
+    """A TOML literal for a config value (strings, numbers, booleans, lists, tables of those)."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value)  # a TOML basic string or number
+
+
+def write_preset(path: Path, base: str, settings: dict[str, Any], comment: str) -> None:
+    """A preset file: ``base`` plus dotted-key ``settings`` (loadable with ``--preset path``)."""
+    base = str(Path(base).resolve()) if Path(base).suffix == ".toml" else base
+    lines = [f"# {comment}", f"base = {_toml(base)}"]
+    lines += [f"{key} = {_toml(value)}" for key, value in settings.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def tune(
+    preset: str,
+    overrides: list[str],
+    proxy: list[str],
+    points: list[Point],
+    out_dir: Path,
+    listener: Listener | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Train every point on the validation split, write the grid table and one preset per method (its best
+    point); returns ``{"points": [...], "best": {method: point}}``."""
+    cfg = load_config(preset, overrides)
+    score_key = task_for(cfg).score_key
+    rows = []
+    for point in points:
+        settings = point.settings(cfg)
+        run_overrides = [*overrides, *proxy, *(f"{k}={_toml(v)}" for k, v in settings.items())]
+        run_cfg = load_config(preset, [*run_overrides, 'eval.split="val"'])
+        if listener is not None:
+            listener(MethodStarted(point.name))
+        summary = run_experiment(run_cfg, out_dir / "runs" / point.name, listener, overwrite)
+        rows.append(
+            {
+                **asdict(point),
+                "run": point.name,
+                f"val_{score_key}": summary[score_key],
+                **{k: summary[k] for k in ("client_peak_mem_bytes", "client_flops_total", "bytes_up_total")},
+                "wall_s": summary["wall_s"],
+            }
+        )
+    best: dict[str, dict[str, Any]] = {}
+    for row in rows:  # of equal scores, the earlier point wins
+        if row["method"] not in best or row[f"val_{score_key}"] > best[row["method"]][f"val_{score_key}"]:
+            best[row["method"]] = row
+    for method, row in best.items():
+        point = Point(method, row["schedule"], row["encoder_scale"], row["head_scale"])
+        chosen = point.settings(cfg)
+        # The user's own settings (data root, clients, ...) stay; the point's replace any they overlap.
+        kept = {".".join(path): value for path, value in map(parse_override, overrides)}
+        kept = {k: v for k, v in kept.items() if not any(k == c or k.startswith(c + ".") for c in chosen)}
+        settings = kept | chosen
+        comment = f"fedmml tune: {point.name}, validation {score_key} {row[f'val_{score_key}']:.2f} (grid.md)"
+        write_preset(out_dir / f"{method}.toml", preset, settings, comment)
+    result = {"score": f"val_{score_key}", "proxy": proxy, "points": rows, "best": best}
+    (out_dir / "grid.json").write_text(json.dumps(result, indent=2) + "\n")
+    report.write_grid(out_dir, result)
+    return result

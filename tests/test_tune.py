@@ -1,0 +1,61 @@
+"""`fedmml tune`: a grid scored on the validation split, one preset per method, used by `fedmml compare`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedmml.cli import main
+from fedmml.config import load_config
+
+
+def test_a_grid_larger_than_allowed_is_refused_before_training(tmp_path: Path, capsys) -> None:
+    args = ["tune", "--preset", "tiny", "--out", str(tmp_path / "t"), "--max-runs", "5", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "the grid needs 18 runs (3 methods x 2 schedules x 3 encoder scales x 1 head scales)" in err
+    assert "--max-runs 5" in err and "Traceback" not in err
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.slow  # three short training runs
+def test_tune_chooses_on_validation_and_compare_runs_the_choice(emoji_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tuned"
+    data = ["--set", f'data.root="{emoji_root}"', "--set", "schedules.uniform.rounds=[1, 1, 0]"]
+    args = [
+        "tune",
+        "--preset",
+        "tiny",
+        "--methods",
+        "lw",
+        "--encoder-scales",
+        "1",
+        "4",
+        "--schedules",
+        "uniform",
+    ]
+    args += [*data, "--set", "run.threads=1", "--proxy", "data.limit_train=150", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    result = json.loads((out / "grid.json").read_text())
+    scores = [p["val_rsum"] for p in result["points"]]
+    assert len(scores) == 2 and result["best"]["lw"]["val_rsum"] == max(scores)
+    for point in result["points"]:
+        summary = json.loads((out / "runs" / point["run"] / "summary.json").read_text())
+        assert summary["eval_split"] == "val" and summary["train_images"] < 150  # proxy, less val
+    assert "✓" in (out / "grid.md").read_text()
+    # The preset keeps the user's settings and the chosen rates; the proxy stays out of it.
+    chosen = load_config(str(out / "lw.toml"))
+    base = load_config("tiny")
+    scale = result["best"]["lw"]["encoder_scale"]
+    assert chosen.run.method == "lw" and chosen.data.root == str(emoji_root)
+    assert chosen.data.limit_train == base.data.limit_train and chosen.eval.split == "test"
+    want = [r * scale for r in base.schedules["uniform"].lr["image"]]
+    assert chosen.schedules["uniform"].lr["image"] == pytest.approx(want)
+    cmp_out = tmp_path / "cmp"
+    args = ["compare", "--tuned", str(out), "--methods", "lw", "--preset", "tiny", "--out", str(cmp_out)]
+    assert main([*args, "--quiet"]) == 0
+    used = json.loads((cmp_out / "lw" / "config.json").read_text())
+    assert used["schedules"]["uniform"]["lr"]["image"] == pytest.approx(want)
+    assert main([*args[:-2], "--methods", "prog", "--out", str(tmp_path / "none"), "--quiet"]) == 2
