@@ -20,6 +20,7 @@ from fedmml import report
 from fedmml.config import METHODS, Config, ConfigError, load_config, parse_override
 from fedmml.events import Listener, MethodStarted
 from fedmml.experiment import run_experiment
+from fedmml.methods import FULL_DEPTH
 from fedmml.tasks import task_for
 
 
@@ -60,14 +61,29 @@ def grid(
     unknown = [s for s in schedules if s not in cfg.schedules]
     if unknown:
         raise ConfigError(f"unknown schedule {unknown[0]!r}; the preset has: {', '.join(cfg.schedules)}")
-    points = [Point(*combo) for combo in itertools.product(methods, schedules, encoder_scales, head_scales)]
+    points: list[Point] = []
+    for method, schedule in itertools.product(methods, schedules):
+        if method in FULL_DEPTH and any(_same_full_depth(cfg, schedule, p.schedule) for p in points):
+            continue  # a full-depth method trains the same way on both: one is enough
+        points += [
+            Point(method, schedule, *scales) for scales in itertools.product(encoder_scales, head_scales)
+        ]
     if len(points) > max_runs:
         raise ConfigError(
-            f"the grid needs {len(points)} runs ({len(methods)} methods x {len(schedules)} schedules x "
-            f"{len(encoder_scales)} encoder scales x {len(head_scales)} head scales), more than --max-runs "
+            f"the grid needs {len(points)} runs ({len(methods)} methods, {len(schedules)} schedules, "
+            f"{len(encoder_scales)} encoder scales, {len(head_scales)} head scales), more than --max-runs "
             f"{max_runs}"
         )
     return points
+
+
+def _same_full_depth(cfg: Config, a: str, b: str) -> bool:
+    """Whether a full-depth method (one stage: every round at the last stage's rates) trains the same on
+    schedules ``a`` and ``b``."""
+    sa, sb = cfg.schedules[a], cfg.schedules[b]
+    last = {g: r[-1] for g, r in sa.lr.items()} == {g: r[-1] for g, r in sb.lr.items()}
+    depth = {m: sum(v) for m, v in sa.blocks.items()} == {m: sum(v) for m, v in sb.blocks.items()}
+    return last and depth and sum(sa.rounds) == sum(sb.rounds)
 
 
 def _toml(value: Any) -> str:
