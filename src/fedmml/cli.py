@@ -72,7 +72,8 @@ examples:
 
 methods: e2e (FedMML, end to end), lw (LW-FedMML, layer-wise), prog (Prog-FedMML, progressive);
   reference rows: frozen (pretrained encoders untouched, only necks and heads train),
-  centralized (e2e on one client holding all the training data)
+  centralized (e2e on one client holding all the training data),
+  lora (LoRA adapters on every encoder block; adapters, norms, necks and heads train and travel)
 """
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from fedmml.data.audio import FEATURES as AUDIO_FEATURES
 
-METHODS = ("e2e", "lw", "prog", "frozen", "centralized")  # see fedmml.methods
+METHODS = ("e2e", "lw", "prog", "frozen", "centralized", "lora")  # see fedmml.methods
 ENGINES = ("inprocess", "flower-sim", "flower")  # flower-sim: Flower simulation; flower: deployment
 # group: whole groups (e.g. spoken languages) per client; local: each client reads a whole folder of its own
 PARTITIONS = ("iid", "dirichlet", "group", "local")
@@ -85,6 +85,10 @@ class ModelConfig:
     learn_temperature: bool = False  # image-text
     predictor: PredictorConfig = field(default_factory=PredictorConfig)  # image-audio
     num_classes: int = 0  # image-audio; 0: the number of class folders in the training split
+    # run.method = "lora": adapters of this rank on every encoder block (see fedmml.models.lora)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
 
     @property
     def modalities(self) -> tuple[str, ...]:

@@ -9,6 +9,10 @@
   untouched.
 - ``centralized`` (reference row): e2e on one client holding all the training data (see
   :func:`centralize`), the upper bound that federation is measured against.
+- ``lora`` (reference row): e2e's single full-depth stage with LoRA adapters on every encoder block
+  (:mod:`fedmml.models.lora`); the adapters, the final norms, the necks and the heads train and travel, the
+  pretrained weights stay frozen (FLoRA-style federated LoRA: fewer bytes, but still a backward pass
+  through the whole depth).
 
 Both the server and the clients derive the trainable set from this module, so they can never disagree on
 what is sent.
@@ -23,8 +27,9 @@ from torch import nn
 from fedmml.config import METHODS, Config, ConfigError, Schedule, config_from_dict
 
 ENCODER_PREFIX = "encoders."
+LORA_MARK = ".lora_"  # in the state-dict key of every LoRA adapter weight (see fedmml.models.lora)
 # Methods that train the final architecture from round 1 in one stage.
-FULL_DEPTH = ("e2e", "frozen", "centralized")
+FULL_DEPTH = ("e2e", "frozen", "centralized", "lora")
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,9 @@ def trainable_prefixes(model: nn.Module, method: str, stage: Stage) -> list[str]
             prefixes.append(root + "neck.")
             continue
         prefixes += [root + "norm.", root + "neck."]
+        if method == "lora":
+            prefixes.append(LORA_MARK)  # the adapters of every block (matched anywhere in a key)
+            continue
         if method != "lw" or stage.index == 0:
             prefixes.append(root + "stem.")
         blocks = stage.new_blocks[modality] if method == "lw" else range(encoder.depth)
@@ -89,7 +97,10 @@ def trainable_prefixes(model: nn.Module, method: str, stage: Stage) -> list[str]
 
 
 def _matches(key: str, prefixes: list[str]) -> bool:
-    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in prefixes)
+    return any(
+        key == p or (p.endswith(".") and key.startswith(p)) or (p == LORA_MARK and LORA_MARK in key)
+        for p in prefixes
+    )
 
 
 def trainable_keys(model: nn.Module, method: str, stage: Stage) -> list[str]:

@@ -44,7 +44,7 @@ def save_model(model: MultimodalModel, path: Path) -> None:
 def load_run_model(run_dir: Path, device: torch.device | None = None) -> tuple[Config, MultimodalModel]:
     """The config and final global model of a finished run."""
     cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
-    model = build_model(cfg.model, load_weights=False)
+    model = build_model(cfg.model, load_weights=False, adapters=cfg.run.method == "lora")
     for modality, depth in final_depth(cfg).items():
         model.encoders[modality].grow_to(depth)
     model.load_state_dict(load_file(str(run_dir / "model.safetensors")), strict=True)

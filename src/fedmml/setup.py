@@ -41,7 +41,7 @@ def apply_threads(cfg: Config) -> None:
 def global_model(cfg: Config, device: torch.device) -> MultimodalModel:
     """The server's model with pretrained weights; heads seeded by the run seed."""
     torch.manual_seed(derive_seed(cfg.run.seed, 0))
-    return build_model(cfg.model, load_weights=True).to(device)
+    return build_model(cfg.model, load_weights=True, adapters=cfg.run.method == "lora").to(device)
 
 
 def final_depth(cfg: Config) -> dict[str, int]:

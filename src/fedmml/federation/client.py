@@ -51,7 +51,9 @@ class Workspace:
 
     def __init__(self, cfg: Config, device: torch.device, cache_dir: Path | None = None) -> None:
         self.device = device
-        self.model: MultimodalModel = build_model(cfg.model, load_weights=False).to(device)
+        self.model: MultimodalModel = build_model(
+            cfg.model, load_weights=False, adapters=cfg.run.method == "lora"
+        ).to(device)
         # Measured FLOPs and peak memory, cached per stage and shared by the clients of this process.
         self.meter = StepMeter(device)
         # Frozen-prefix caches of the clients this process trains (kept between their rounds).

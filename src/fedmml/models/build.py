@@ -8,13 +8,20 @@ from fedmml.models.classifier import FusionClassifier
 from fedmml.models.multimodal import DualEncoder, MultimodalModel
 
 
-def build_model(cfg: ModelConfig, load_weights: bool = True) -> MultimodalModel:
-    """The task's model at depth 0; ``load_weights=False`` skips pretrained weights (clients receive them)."""
+def build_model(cfg: ModelConfig, load_weights: bool = True, adapters: bool = False) -> MultimodalModel:
+    """The task's model at depth 0; ``load_weights=False`` skips pretrained weights (clients receive them);
+    ``adapters`` adds LoRA adapters to every encoder block (the ``lora`` method)."""
     encoders = {m: build_encoder(cfg.encoder(m), load_weights) for m in cfg.modalities}
     if cfg.task == "image-text":
-        return DualEncoder(encoders["image"], encoders["text"], cfg)
-    if cfg.num_classes < 2:
+        model: MultimodalModel = DualEncoder(encoders["image"], encoders["text"], cfg)
+    elif cfg.num_classes < 2:
         raise ConfigError(
             "model.num_classes must be at least 2 for an image-audio model (runs take it from the data)"
         )
-    return FusionClassifier(encoders, cfg, cfg.num_classes)
+    else:
+        model = FusionClassifier(encoders, cfg, cfg.num_classes)
+    if adapters:
+        from fedmml.models.lora import add_adapters  # deferred: peft imports take a second
+
+        add_adapters(model, cfg)
+    return model

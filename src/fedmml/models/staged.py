@@ -56,6 +56,11 @@ class StagedEncoder(nn.Module):
         return len(self._pool)
 
     @property
+    def block_pool(self) -> list[nn.Module]:
+        """Every block of the fully grown encoder, appended or not (block j is ``block_pool[j]``)."""
+        return list(self._pool)
+
+    @property
     def depth(self) -> int:
         """Number of blocks appended so far."""
         return len(self.blocks)
