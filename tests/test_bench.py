@@ -121,9 +121,9 @@ def test_run_bench_json_and_markdown() -> None:
     # not: the fill pass runs the prefix over every caption, training only over the ones drawn).
     result = run_bench(load_config("tiny", ["schedules.uniform.rounds=[4, 4, 4]"]), rss_check=False)
     assert {"preset", "schedule", "memory_method", "per_stage", "totals", "ratios"} <= set(result)
-    assert set(result["totals"]) == {"e2e", "lw", "lw-nocache", "prog"}
+    assert set(result["totals"]) == {"e2e", "lw", "lw-nocache", "prog", "lora"}
     for saving in ("memory", "flops", "comm"):
-        assert set(result["ratios"][saving]) == {"lw", "lw-nocache", "prog"}
+        assert set(result["ratios"][saving]) == {"lw", "lw-nocache", "prog", "lora"}
         assert result["ratios"][saving]["lw"] > 1
     # The cache saves work and working memory, and costs no bytes on the wire.
     totals = result["totals"]

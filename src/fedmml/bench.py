@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from fedmml.accounting import StepMeter
 from fedmml.client_data import ClientData
-from fedmml.config import Config, config_from_dict
+from fedmml.config import BENCH_METHODS, Config, config_from_dict
 from fedmml.data.advance import collate as collate_pairs
 from fedmml.data.audio import FeatureSettings, feature_settings
 from fedmml.data.coco import collate_train
@@ -44,7 +44,6 @@ from fedmml.models.multimodal import MultimodalModel
 from fedmml.setup import select_device
 from fedmml.tasks import resolve_classes
 
-METHODS = ("e2e", "lw", "lw-nocache", "prog")
 # Bench variants of a method: (method, config overrides). Plain names run with the preset's own settings.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"lw-nocache": ("lw", {"cache": {"frozen_prefix": False}})}
 PAPER_RATIOS = {"memory": 2.7, "flops": 2.4, "comm": 2.3}  # LW-FedMML vs FedMML, "up to" [paper abstract]
@@ -182,7 +181,7 @@ def bench_method(
     method = bcfg.run.method
     device = select_device(bcfg.run.device)
     torch.manual_seed(bcfg.run.seed)
-    model = build_model(bcfg.model, load_weights=False).to(device)
+    model = build_model(bcfg.model, load_weights=False, adapters=method == "lora").to(device)
     totals = {m: enc.total_blocks for m, enc in model.encoders.items()}
     stages = plan_stages(bcfg.active_schedule, method, totals)
     workspace = Workspace(bcfg, device)
@@ -315,7 +314,7 @@ def _rss_child(request: Path, answer: Path) -> None:
 
 def run_bench(
     cfg: Config,
-    methods: tuple[str, ...] = METHODS,
+    methods: tuple[str, ...] = BENCH_METHODS,
     steps: int = 2,
     rss_check: bool = True,
     progress: Progress | None = None,
@@ -449,6 +448,16 @@ def render_markdown(result: dict[str, Any]) -> str:
         for key, label in names.items():
             cells = " | ".join(_x(rat[key].get(m)) for m in others)
             out.append(f"| {label} | {cells} | {_x(result['paper_ratios'][key])} |")
+    totals = result["totals"]
+    if "lw" in totals and "lora" in totals:
+        lw, lora = totals["lw"], totals["lora"]
+        keys = (
+            ("peak memory", "peak_mem_bytes"),
+            ("FLOPs", "flops_per_sample"),
+            ("communication", "bytes_total"),
+        )
+        cells = ", ".join(f"{label} {lw[key] / lora[key]:.2f}×" for label, key in keys if lora[key])
+        out += ["", f"LW against LoRA adapters on the same encoders (lw ÷ lora): {cells}."]
     out += _upload_table(result)
     if result["rss_check"]:
         out += [

@@ -16,7 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedmml.config import ENGINES, METHODS, ConfigError, available_presets, load_config
+from fedmml.config import BENCH_METHODS, ENGINES, METHODS, ConfigError, available_presets, load_config
 from fedmml.data import DataError
 from fedmml.engines.flower.control import FlowerError
 from fedmml.events import (
@@ -233,10 +233,13 @@ def _build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="ACTION")
     res = bench_sub.add_parser(
         "resources",
-        help="per-client peak memory, FLOPs and bytes of e2e, lw (with and without the frozen-prefix cache) "
-        "and prog on a preset's architecture",
+        help="per-client peak memory, FLOPs and bytes of e2e, lw (with and without the frozen-prefix cache), "
+        "prog and lora on a preset's architecture",
     )
     _config_args(res)
+    res.add_argument(
+        "--methods", nargs="+", choices=BENCH_METHODS, default=list(BENCH_METHODS), help="methods to measure"
+    )
     res.add_argument("--json", type=Path, help="also write the full result as JSON to this path")
     res.add_argument("--steps", type=int, default=2, help="training steps measured per stage (default 2)")
     res.add_argument(
@@ -482,7 +485,11 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     cfg = _resolve(args)
     with console.status("measuring client cost") as status:
         result = run_bench(
-            cfg, steps=args.steps, rss_check=not args.no_rss_check, progress=lambda msg: status.update(msg)
+            cfg,
+            tuple(args.methods),
+            steps=args.steps,
+            rss_check=not args.no_rss_check,
+            progress=lambda msg: status.update(msg),
         )
     print(render_markdown(result))
     if args.json:

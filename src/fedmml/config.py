@@ -20,6 +20,8 @@ from typing import Any
 from fedmml.data.audio import FEATURES as AUDIO_FEATURES
 
 METHODS = ("e2e", "lw", "prog", "frozen", "centralized", "lora")  # see fedmml.methods
+# What `fedmml bench resources` measures: lw-nocache is lw without its frozen-prefix cache (see fedmml.bench).
+BENCH_METHODS = ("e2e", "lw", "lw-nocache", "prog", "lora")
 ENGINES = ("inprocess", "flower-sim", "flower")  # flower-sim: Flower simulation; flower: deployment
 # group: whole groups (e.g. spoken languages) per client; local: each client reads a whole folder of its own
 PARTITIONS = ("iid", "dirichlet", "group", "local")
