@@ -141,3 +141,22 @@ def test_centralized_is_one_client_with_every_training_sample(emoji_root, tmp_pa
     with pytest.raises(ConfigError, match="centralized needs one shared dataset"):
         roots = 'data.client_roots=["a", "b", "c"]'
         _run(emoji_root, tmp_path / "local", "centralized", 'partition.kind="local"', roots)
+
+
+def test_prog_can_train_earlier_blocks_at_a_smaller_rate(tiny_model) -> None:
+    from fedmml.federation.client import make_optimizer
+
+    stage = plan_stages(SCHEDULE, "prog", TOTALS)[1]  # image blocks 2-3 and text block 1 are new
+    model = _grown(tiny_model, stage)
+    configure(model, "prog", stage)
+    cfg = load_config("tiny", ['run.method="prog"', "federation.prog_earlier_lr_scale=0.1"])
+    rate = {id(p): g["lr"] for g in make_optimizer(model, stage, cfg).param_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert rate[id(params["encoders.image.blocks.2.mlp.fc1.weight"])] == 0.2  # new: the stage's rate
+    assert rate[id(params["encoders.image.blocks.1.mlp.fc1.weight"])] == pytest.approx(0.02)
+    stem = next(n for n in params if n.startswith("encoders.text.stem."))
+    assert rate[id(params[stem])] == pytest.approx(0.2)  # text's stage-2 rate is 2.0: x 0.1
+    assert rate[id(params["encoders.image.norm.weight"])] == 0.2
+    # The paper's Prog (scale 1) and every other method: one rate per group.
+    plain = load_config("tiny", ['run.method="prog"'])
+    assert {g["lr"] for g in make_optimizer(model, stage, plain).param_groups} == {0.2, 2.0, 6.0}

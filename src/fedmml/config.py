@@ -166,6 +166,9 @@ class FederationConfig:
     local_epochs: int = 1
     batch_size: int = 32
     weight_decay: float = 0.01  # encoder groups (PyTorch's AdamW default, as the paper's code)
+    # prog: the learning rate of the stems and blocks trained in earlier stages, as a factor of the stage's
+    # rate for their encoder (1: the paper's Prog, every block at the stage rate)
+    prog_earlier_lr_scale: float = 1.0
     head_weight_decay: float = 1e-6
     aggregator: str = "fedavg"  # fedavg | median | trimmed_mean
     trim: float = 0.2  # fraction cut from each end by trimmed_mean

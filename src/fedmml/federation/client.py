@@ -67,24 +67,35 @@ class Workspace:
 
 
 def make_optimizer(model: torch.nn.Module, stage: Stage, cfg: Config) -> torch.optim.AdamW:
-    """A fresh AdamW (as the paper) with one group per modality encoder and one for the heads."""
-    groups: dict[str, list[torch.nn.Parameter]] = {}
+    """A fresh AdamW (as the paper) with one group per modality encoder and one for the heads; under prog,
+    the stems and blocks of earlier stages form their encoder's second group, at
+    ``federation.prog_earlier_lr_scale`` times the stage's rate."""
+    fed = cfg.federation
+    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            groups.setdefault(param_group(name), []).append(param)
-    fed = cfg.federation
+            earlier = cfg.run.method == "prog" and stage.index > 0 and _from_earlier_stage(name, stage)
+            groups.setdefault((param_group(name), earlier), []).append(param)
     return torch.optim.AdamW(
         [
             {
                 "params": params,
-                "lr": stage.lr[group],
+                "lr": stage.lr[group] * (fed.prog_earlier_lr_scale if earlier else 1.0),
                 "weight_decay": fed.head_weight_decay if group == "heads" else fed.weight_decay,
             }
-            for group, params in groups.items()
+            for (group, earlier), params in groups.items()
         ],
         # The fused kernel is ~6x faster than the default on CPU for models of this size.
         fused=True,
     )
+
+
+def _from_earlier_stage(name: str, stage: Stage) -> bool:
+    """Whether parameter ``name`` is an encoder stem or a block appended before ``stage``."""
+    parts = name.split(".")
+    if parts[0] != "encoders" or len(parts) < 4:
+        return False
+    return parts[2] == "stem" or (parts[2] == "blocks" and int(parts[3]) not in stage.new_blocks[parts[1]])
 
 
 class IndexedSamples(Dataset):
