@@ -66,10 +66,9 @@ def test_a_lora_run_keeps_the_pretrained_weights_and_sends_a_fraction(emoji_root
     from fedmml.runs import load_run_model, read_metrics
     from fedmml.setup import global_model
 
-    overrides = [f'data.root="{emoji_root}"', "run.threads=1", "schedules.uniform.rounds=[1, 1, 0]"]
+    overrides = [f'data.root="{emoji_root}"', "run.threads=1", "schedules.uniform.rounds=[1, 0, 0]"]
     cfg = load_config("tiny", [*overrides, 'run.method="lora"'])
-    summary = run_experiment(cfg, tmp_path / "lora")
-    e2e = run_experiment(load_config("tiny", [*overrides, 'run.method="e2e"']), tmp_path / "e2e")
+    run_experiment(cfg, tmp_path / "lora")
     start = _grown(global_model(cfg, torch.device("cpu"))).state_dict()
     trained = load_run_model(tmp_path / "lora")[1].state_dict()
     assert start.keys() == trained.keys()
@@ -77,5 +76,7 @@ def test_a_lora_run_keeps_the_pretrained_weights_and_sends_a_fraction(emoji_root
         if ".base_layer." in key or ".stem." in key:
             assert torch.equal(trained[key], value), key  # the pretrained weights stay as they were
     assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in trained.items())  # the adapters learned
-    assert summary["bytes_up_total"] < e2e["bytes_up_total"] / 5
-    assert all(r["upload_parts"]["stems"] == 0 for r in read_metrics(tmp_path / "lora"))
+    records = read_metrics(tmp_path / "lora")
+    # Round 1 sends the whole model down; every upload is a small fraction of it.
+    assert all(r["bytes_up"] < records[0]["bytes_down"] / 5 for r in records)
+    assert all(r["upload_parts"]["stems"] == 0 for r in records)
