@@ -119,7 +119,8 @@ def compare(
             if listener is not None:
                 listener(MethodStarted(method, seed if len(seeds) > 1 else None))
             per_seed[method][seed] = run_experiment(method_cfg, run_dir, listener, overwrite)
-            runs.setdefault(method, read_metrics(run_dir))
+            if method not in runs:  # the plots show the first seed's rounds
+                runs[method] = read_metrics(run_dir)
     combined = combine(per_seed, task_for(cfg).summary_keys)
     report.write_comparison(out_dir, combined, runs, cfg.preset)
     return combined
