@@ -22,7 +22,9 @@ def test_a_grid_larger_than_allowed_is_refused_before_training(tmp_path: Path, c
 
 
 @pytest.mark.slow  # three short training runs
-def test_tune_chooses_on_validation_and_compare_runs_the_choice(emoji_root: Path, tmp_path: Path) -> None:
+def test_tune_chooses_on_validation_and_compare_runs_the_choice(
+    emoji_root: Path, tmp_path: Path, capsys
+) -> None:
     out = tmp_path / "tuned"
     data = ["--set", f'data.root="{emoji_root}"', "--set", "schedules.uniform.rounds=[1, 0, 0]"]
     args = [
@@ -54,9 +56,27 @@ def test_tune_chooses_on_validation_and_compare_runs_the_choice(emoji_root: Path
     assert chosen.data.limit_train == base.data.limit_train and chosen.eval.split == "test"
     want = [r * scale for r in base.schedules["uniform"].lr["image"]]
     assert chosen.schedules["uniform"].lr["image"] == pytest.approx(want)
+    # Extending the grid trains only the new point and chooses over all three.
+    trained = {
+        p["run"]: (out / "runs" / p["run"] / "summary.json").stat().st_mtime_ns for p in result["points"]
+    }
+    assert main([*args[:6], "4", "8", *args[8:], "--resume"]) == 0
+    extended = json.loads((out / "grid.json").read_text())
+    assert [p["encoder_scale"] for p in extended["points"]] == [1, 4, 8]
+    for run, mtime in trained.items():
+        assert (out / "runs" / run / "summary.json").stat().st_mtime_ns == mtime
+    assert extended["best"]["lw"]["val_rsum"] == max(p["val_rsum"] for p in extended["points"])
+    scale = extended["best"]["lw"]["encoder_scale"]
+    want = [r * scale for r in base.schedules["uniform"].lr["image"]]
     cmp_out = tmp_path / "cmp"
     args = ["compare", "--tuned", str(out), "--methods", "lw", "--preset", "tiny", "--out", str(cmp_out)]
     assert main([*args, "--quiet"]) == 0
     used = json.loads((cmp_out / "lw" / "config.json").read_text())
     assert used["schedules"]["uniform"]["lr"]["image"] == pytest.approx(want)
     assert main([*args[:-2], "--methods", "prog", "--out", str(tmp_path / "none"), "--quiet"]) == 2
+    # A comparison continued with --resume reads its finished run back; one of another config is refused.
+    mtime = (cmp_out / "lw" / "summary.json").stat().st_mtime_ns
+    assert main([*args, "--quiet", "--resume"]) == 0
+    assert (cmp_out / "lw" / "summary.json").stat().st_mtime_ns == mtime
+    assert main([*args, "--quiet", "--resume", "--set", "run.seed=5"]) == 2
+    assert "holds a run of another config (differs at run.seed)" in capsys.readouterr().err

@@ -161,7 +161,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="each method from its preset DIR/<method>.toml (written by fedmml tune) instead of --preset",
     )
     cmp_.add_argument("--out", type=Path, help="output directory (default runs/compare-<preset>-<time>)")
-    cmp_.add_argument("--overwrite", action="store_true", help="replace runs already in --out")
+    _series_args(cmp_, "comparison")
     cmp_.add_argument("--quiet", action="store_true", help="no progress display")
     cmp_.add_argument("--engine", choices=ENGINES, help="inprocess (default), flower-sim or flower")
 
@@ -196,7 +196,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("--max-runs", type=int, default=24, help="refuse a grid that needs more runs than this")
     tune.add_argument("--out", type=Path, help="output directory (default runs/tune-<preset>-<time>)")
-    tune.add_argument("--overwrite", action="store_true", help="replace runs already in --out")
+    _series_args(tune, "grid (also extends it: new points are added, earlier ones read back)")
     tune.add_argument("--quiet", action="store_true", help="no progress display")
 
     dep = sub.add_parser(
@@ -371,6 +371,24 @@ def _cmd_run(args: argparse.Namespace) -> None:
     console.print(f"run written to {out} (report: {out / 'report.md'})")
 
 
+def _series_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """--overwrite or --resume for a command that writes a series of runs into --out."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="replace runs already in --out")
+    group.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue a stopped {what} in --out: finished runs are read back, a stopped one continues "
+        "from its checkpoint, the rest start",
+    )
+
+
+def _series_out(args: argparse.Namespace, kind: str, preset: str) -> Path:
+    if args.resume and args.out is None:
+        raise ConfigError(f"--resume needs the --out of the {kind} to continue")
+    return args.out or Path("runs") / f"{kind}-{preset}-{_stamp()}"
+
+
 def _cmd_compare(args: argparse.Namespace) -> None:
     from fedmml.experiment import compare
 
@@ -388,10 +406,12 @@ def _cmd_compare(args: argparse.Namespace) -> None:
                     f"no tuned preset for {m} in {args.tuned} (run `fedmml tune --methods {m}`)"
                 )
             tuned[m] = load_config(str(path), _extra_overrides(args))
-    out = args.out or Path("runs") / f"compare-{cfg.preset}-{_stamp()}"
+    out = _series_out(args, "compare", cfg.preset)
     display = _Display(args.quiet)
     with display.live():
-        combined = compare(cfg, out, methods, display, args.overwrite, tuple(args.seeds), tuned)
+        combined = compare(
+            cfg, out, methods, display, args.overwrite, tuple(args.seeds), tuned, resume=args.resume
+        )
     for entry in combined.values():
         for summary in entry["seeds"].values():
             _print_summary(summary)
@@ -412,10 +432,10 @@ def _cmd_tune(args: argparse.Namespace) -> None:
         schedules,
         args.max_runs,
     )
-    out = args.out or Path("runs") / f"tune-{cfg.preset}-{_stamp()}"
+    out = _series_out(args, "tune", cfg.preset)
     display = _Display(args.quiet)
     with display.live():
-        result = tune(args.preset, overrides, args.proxy, points, out, display, args.overwrite)
+        result = tune(args.preset, overrides, args.proxy, points, out, display, args.overwrite, args.resume)
     for method, row in result["best"].items():
         console.print(
             f"{method}: {row['run']} ({result['score']} {row[result['score']]:.2f}) -> {out / method}.toml"

@@ -6,6 +6,7 @@ The parts come from :mod:`fedmml.setup` (model, server, clients) and the run dir
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,16 @@ from fedmml.engines.inprocess import InProcessEngine
 from fedmml.events import Listener, MethodStarted, Phase, ignore
 from fedmml.federation.client import Client, Workspace
 from fedmml.methods import centralize
-from fedmml.runs import CHECKPOINTS, claim_run_dir, finish_run, read_metrics, reopen_run, start_run
+from fedmml.runs import (
+    CHECKPOINTS,
+    RunExists,
+    claim_run_dir,
+    finish_run,
+    holds_run,
+    read_metrics,
+    reopen_run,
+    start_run,
+)
 from fedmml.setup import ServerSide, build_server, open_clients, select_device
 from fedmml.tasks import resolve_classes, task_for
 
@@ -94,6 +104,47 @@ def resume_experiment(run_dir: Path, listener: Listener | None = None) -> dict[s
     return finish_run(cfg, run_dir, setup, metrics, started, emit)
 
 
+def continue_experiment(cfg: Config, run_dir: Path, listener: Listener | None = None) -> dict[str, Any]:
+    """The summary of ``cfg``'s run in ``run_dir``: read when it finished, continued from its newest
+    checkpoint when it stopped, started when the directory holds none. A run of another config is refused
+    (a series of runs — a grid, a comparison — continues only where it left off)."""
+    if not holds_run(run_dir):
+        return run_experiment(cfg, run_dir, listener)
+    stored = {}
+    if (run_dir / "config.json").is_file():
+        # Read as a resume reads it: keys added since the run was made take their defaults.
+        stored = json.loads(config_from_dict(json.loads((run_dir / "config.json").read_text())).to_json())
+    wanted = json.loads(centralize(resolve_classes(cfg)).to_json())
+    if stored != wanted:
+        changed = sorted(_differing_keys(stored, wanted))[:3]
+        raise RunExists(
+            f"{run_dir} holds a run of another config (differs at {', '.join(changed) or 'every key'}); "
+            "choose another --out, or pass --overwrite to replace it"
+        )
+    if (run_dir / "summary.json").is_file():
+        return json.loads((run_dir / "summary.json").read_text())
+    return resume_experiment(run_dir, listener)
+
+
+def _differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key in a.keys() | b.keys():
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            keys += _differing_keys(a[key], b[key], f"{prefix}{key}.")
+        elif a.get(key) != b.get(key):
+            keys.append(prefix + key)
+    return keys
+
+
+def run_or_continue(
+    cfg: Config, run_dir: Path, listener: Listener | None, overwrite: bool, resume: bool
+) -> dict[str, Any]:
+    """:func:`continue_experiment` when ``resume``, else :func:`run_experiment`."""
+    if resume:
+        return continue_experiment(cfg, run_dir, listener)
+    return run_experiment(cfg, run_dir, listener, overwrite)
+
+
 def compare(
     cfg: Config,
     out_dir: Path,
@@ -102,11 +153,13 @@ def compare(
     overwrite: bool = False,
     seeds: tuple[int, ...] = (),
     tuned: dict[str, Config] | None = None,
+    resume: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Run every method on every seed (default: the config's) with the same round budget; within a seed all
     methods share partitions and client samples. Runs go to ``out_dir/<method>`` for one seed, else
     ``out_dir/seed-<s>/<method>``. A method in ``tuned`` runs from its own config (its tuned rates and
-    schedule) instead of ``cfg``. Writes comparison.md/.json and plots; returns the combined figures (see
+    schedule) instead of ``cfg``. With ``resume`` finished runs are read and stopped ones continued (see
+    :func:`continue_experiment`). Writes comparison.md/.json and plots; returns the combined figures (see
     :func:`fedmml.comparison.combine`)."""
     seeds = seeds or (cfg.run.seed,)
     per_seed: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in methods}
@@ -118,7 +171,7 @@ def compare(
             method_cfg = config_from_dict({**raw, "run": {**raw["run"], "method": method, "seed": seed}})
             if listener is not None:
                 listener(MethodStarted(method, seed if len(seeds) > 1 else None))
-            per_seed[method][seed] = run_experiment(method_cfg, run_dir, listener, overwrite)
+            per_seed[method][seed] = run_or_continue(method_cfg, run_dir, listener, overwrite, resume)
             if method not in runs:  # the plots show the first seed's rounds
                 runs[method] = read_metrics(run_dir)
     combined = combine(per_seed, task_for(cfg).summary_keys)

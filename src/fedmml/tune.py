@@ -19,7 +19,7 @@ from typing import Any
 from fedmml import report
 from fedmml.config import METHODS, Config, ConfigError, load_config, parse_override
 from fedmml.events import Listener, MethodStarted
-from fedmml.experiment import run_experiment
+from fedmml.experiment import run_or_continue
 from fedmml.methods import FULL_DEPTH
 from fedmml.tasks import task_for
 
@@ -86,6 +86,21 @@ def _same_full_depth(cfg: Config, a: str, b: str) -> bool:
     return last and depth and sum(sa.rounds) == sum(sb.rounds)
 
 
+def _earlier_points(out_dir: Path, proxy: list[str]) -> list[Point]:
+    """The points of the grid already recorded in ``out_dir`` (none when it holds no grid)."""
+    path = out_dir / "grid.json"
+    if not path.is_file():
+        return []
+    earlier = json.loads(path.read_text())
+    if earlier.get("proxy", []) != proxy:
+        raise ConfigError(
+            f"{out_dir} holds a grid with proxy settings {earlier.get('proxy')}, not {proxy}; "
+            "extend it with the same --proxy, or choose another --out"
+        )
+    fields = ("method", "schedule", "encoder_scale", "head_scale")
+    return [Point(*(row[f] for f in fields)) for row in earlier["points"]]
+
+
 def _toml(value: Any) -> str:
     """A TOML literal for a config value (strings, numbers, booleans, lists, tables of those)."""
     if isinstance(value, dict):
@@ -113,19 +128,27 @@ def tune(
     out_dir: Path,
     listener: Listener | None = None,
     overwrite: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train every point on the validation split, write the grid table and one preset per method (its best
-    point); returns ``{"points": [...], "best": {method: point}}``."""
+    point); returns ``{"points": [...], "best": {method: point}}``.
+
+    With ``resume`` points already trained in ``out_dir`` are read back (a stopped one is continued), and the
+    grid table and presets cover those of earlier grids in ``out_dir`` too, with the same settings: a grid
+    is extended without training any point twice."""
     cfg = load_config(preset, overrides)
     score_key = task_for(cfg).score_key
     rows = []
+    if resume:
+        earlier = {p.name: p for p in _earlier_points(out_dir, proxy)}
+        points = [*earlier.values(), *(p for p in points if p.name not in earlier)]
     for point in points:
         settings = point.settings(cfg)
         run_overrides = [*overrides, *proxy, *(f"{k}={_toml(v)}" for k, v in settings.items())]
         run_cfg = load_config(preset, [*run_overrides, 'eval.split="val"'])
         if listener is not None:
             listener(MethodStarted(point.name))
-        summary = run_experiment(run_cfg, out_dir / "runs" / point.name, listener, overwrite)
+        summary = run_or_continue(run_cfg, out_dir / "runs" / point.name, listener, overwrite, resume)
         rows.append(
             {
                 **asdict(point),
