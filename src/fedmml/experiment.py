@@ -26,6 +26,7 @@ from fedmml.runs import (
     finish_run,
     holds_run,
     read_metrics,
+    read_run_config,
     reopen_run,
     start_run,
 )
@@ -74,6 +75,11 @@ def _run_elsewhere(cfg: Config, out_dir: Path, listener: Listener | None, resume
     return run_deployment(cfg, out_dir, listener, resume=resume)
 
 
+def _as_run(cfg: Config) -> Config:
+    """``cfg`` as a run records it in config.json: classes resolved, the centralized method's federation."""
+    return centralize(resolve_classes(cfg))
+
+
 def run_experiment(
     cfg: Config, out_dir: Path, listener: Listener | None = None, overwrite: bool = False
 ) -> dict[str, Any]:
@@ -81,7 +87,7 @@ def run_experiment(
 
     A directory that already holds a run is refused unless ``overwrite``.
     """
-    cfg = centralize(resolve_classes(cfg))
+    cfg = _as_run(cfg)
     claim_run_dir(out_dir, overwrite)
     if cfg.run.engine != "inprocess":
         return _run_elsewhere(cfg, out_dir, listener, resume=False)
@@ -112,9 +118,8 @@ def continue_experiment(cfg: Config, run_dir: Path, listener: Listener | None = 
         return run_experiment(cfg, run_dir, listener)
     stored = {}
     if (run_dir / "config.json").is_file():
-        # Read as a resume reads it: keys added since the run was made take their defaults.
-        stored = json.loads(config_from_dict(json.loads((run_dir / "config.json").read_text())).to_json())
-    wanted = json.loads(centralize(resolve_classes(cfg)).to_json())
+        stored = json.loads(read_run_config(run_dir).to_json())
+    wanted = json.loads(_as_run(cfg).to_json())
     if stored != wanted:
         changed = sorted(_differing_keys(stored, wanted))[:3]
         raise RunExists(

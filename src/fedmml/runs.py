@@ -36,6 +36,11 @@ class RunExists(FileExistsError):
     """The output directory already holds a run."""
 
 
+def read_run_config(run_dir: Path) -> Config:
+    """A run's config.json as this version reads it: keys added since the run was made take defaults."""
+    return config_from_dict(json.loads((run_dir / "config.json").read_text()))
+
+
 def save_model(model: MultimodalModel, path: Path) -> None:
     """Weights as safetensors (the architecture is rebuilt from the run's config.json)."""
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
@@ -43,7 +48,7 @@ def save_model(model: MultimodalModel, path: Path) -> None:
 
 def load_run_model(run_dir: Path, device: torch.device | None = None) -> tuple[Config, MultimodalModel]:
     """The config and final global model of a finished run."""
-    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
+    cfg = read_run_config(run_dir)
     model = build_model(cfg.model, load_weights=False, adapters=cfg.run.method == "lora")
     for modality, depth in final_depth(cfg).items():
         model.encoders[modality].grow_to(depth)
@@ -112,7 +117,7 @@ def reopen_run(run_dir: Path, listener: Listener | None = None) -> tuple[Config,
 
     Rounds after the checkpoint are redone, so their lines are dropped from metrics.jsonl.
     """
-    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
+    cfg = read_run_config(run_dir)
     found = latest_checkpoint(run_dir / CHECKPOINTS)
     if found is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir / CHECKPOINTS}; start the run again instead")
