@@ -88,23 +88,3 @@ def random_resized_crop(
     top, left, h, w = box
     crop = Image.fromarray(img[top : top + h, left : left + w])
     return np.asarray(crop.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
-
-
-def fit_for_storage(pixels: np.ndarray, size: int, augment: bool) -> np.ndarray:
-    """The array a preloading dataset keeps in memory for an image used at ``size`` pixels."""
-    # Without augmentation every access resizes to ``size`` anyway, so do it once here; with augmentation
-    # keep more resolution for the crops but bound memory at 4x the output size.
-    if not augment:
-        if pixels.shape[:2] == (size, size):
-            return pixels
-        resized = Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(resized, dtype=np.uint8)
-    side = min(pixels.shape[:2])
-    if side <= 4 * size:
-        return pixels
-    scale = 4 * size / side
-    height, width = pixels.shape[:2]
-    resized = Image.fromarray(pixels).resize(
-        (round(width * scale), round(height * scale)), Image.Resampling.BILINEAR
-    )
-    return np.asarray(resized, dtype=np.uint8)

@@ -112,6 +112,7 @@ class _Tally:
     bytes_down: int = 0
     flops: int = 0
     cache_bytes: int = 0
+    unreadable: int = 0
     cache_notes: dict[int, str] = field(default_factory=dict)
     failed: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)
@@ -127,6 +128,7 @@ class _Tally:
         notes = {c: r.meta.get("cache_note") for c, r in replies.items()}
         self.cache_notes.update({c: note for c, note in notes.items() if note})
         self.failed += [cid for cid in cids if cid not in replies]
+        self.unreadable += sum(r.meta.get("unreadable_images", 0) for r in replies.values())
 
 
 class Server:
@@ -375,6 +377,9 @@ class Server:
         }
         if round_no == 1 and self.setup_failures:
             record["setup_failures"] = {str(c): r for c, r in self.setup_failures.items()}
+        if tally.unreadable:
+            # Images that failed to read during training: passed over, the batch filled with the next sample.
+            record["unreadable_images"] = tally.unreadable
         if tally.cache_notes:
             record["cache_notes"] = {str(c): n for c, n in tally.cache_notes.items()}
         if len(accepted) >= fed.min_clients:
