@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import simplejpeg
 from PIL import Image
-
 from synth_coco import synth_jpeg
 
 SIZE = 224
@@ -94,7 +93,9 @@ def main() -> None:
         rows["store (memmap), simplejpeg"] = _time(lambda i: from_store(i, simple_plain), order)
         import datasets
 
-        table = datasets.Dataset.from_dict({"jpeg": stored}, features=datasets.Features({"jpeg": datasets.Value("binary")}))
+        table = datasets.Dataset.from_dict(
+            {"jpeg": stored}, features=datasets.Features({"jpeg": datasets.Value("binary")})
+        )
         table.save_to_disk(str(Path(tmp) / "arrow"))
         arrow = datasets.load_from_disk(str(Path(tmp) / "arrow"))
         rows["store (HF datasets Arrow), simplejpeg"] = _time(
