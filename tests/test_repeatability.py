@@ -27,7 +27,8 @@ def _figures(run: Path) -> tuple[dict, list[dict]]:
 def test_the_same_seeded_run_twice_gives_identical_figures(emoji_root: Path, tmp_path: Path) -> None:
     # LW with augmentation: seeded sampling, caption draws, crops, the frozen-prefix cache and its views.
     overrides = [f'data.root="{emoji_root}"', 'run.method="lw"', "run.threads=1", "data.augment=true"]
-    overrides += ["schedules.uniform.rounds=[1, 1, 0]"]
+    # Two local epochs: persistent workers keep their dataset copy across them.
+    overrides += ["schedules.uniform.rounds=[1, 1, 0]", "federation.local_epochs=2"]
     first = run_experiment(load_config("tiny", [*overrides, "data.workers=0"]), tmp_path / "a")
     # The second reads its samples in two DataLoader worker processes: the batches must not change.
     run_experiment(load_config("tiny", [*overrides, "data.workers=2"]), tmp_path / "b")

@@ -128,6 +128,10 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
+        # A shuffling DataLoader draws its workers' base seed from this generator before each epoch's
+        # permutation; drawn here too, every epoch, so runs keep the batches of runs made before this sampler
+        # (and persistent workers, which draw no new base seed, change nothing).
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
         return ((p, epoch) for p in torch.randperm(self.n, generator=self.generator).tolist())
 
 
@@ -206,6 +210,8 @@ def train_epochs(
         IndexedSamples(dataset, indices),
         batch_size=batch,
         sampler=sampler,
+        # Its own generator for the workers' base seeds: the global RNG (dropout) is left as it was.
+        generator=torch.Generator().manual_seed(seed),
         drop_last=len(indices) >= batch,
         collate_fn=indexed_collate(dataset.collate),
         num_workers=workers,
