@@ -81,8 +81,9 @@ class SyntheticCaptions(Dataset):
 
     collate = staticmethod(collate_train)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Nothing to reshuffle; present because the training loop calls it."""
+    def take(self, i: int, epoch: int) -> tuple[tuple[torch.Tensor, str], int]:
+        """What the training loop reads: the same sample every epoch, nothing unreadable."""
+        return self[i], 0
 
     def variants(self, i: int, views: int = 1) -> dict[str, list[Any]]:
         """Every caption of sample ``i``, and its image once per view that augmentation would cache."""
@@ -117,8 +118,9 @@ class SyntheticPairs(Dataset):
 
     collate = staticmethod(collate_pairs)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Nothing to reshuffle; present because the training loop calls it."""
+    def take(self, i: int, epoch: int) -> tuple[tuple[torch.Tensor, torch.Tensor, int], int]:
+        """What the training loop reads: the same sample every epoch, nothing unreadable."""
+        return self[i], 0
 
     def variants(self, i: int, views: int = 1) -> dict[str, list[torch.Tensor]]:
         """The filterbank of sample ``i``, and its image once per view that augmentation would cache."""
