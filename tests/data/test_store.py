@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import simplejpeg
 from PIL import Image
+from store_worker import NAMES, open_and_save
 from test_coco import make_coco
 
 from fedmml.config import load_config
@@ -37,9 +38,6 @@ def folder(tmp_path: Path) -> Path:
     Image.new("RGBA", (50, 40), (10, 200, 30, 128)).save(images / "emoji.png")
     (images / "broken.jpg").write_bytes((images / "0.jpg").read_bytes()[:300])
     return images
-
-
-NAMES = ["0.jpg", "1.jpg", "2.jpg", "3.jpg", "emoji.png", "broken.jpg"]
 
 
 def _shards(images: Path, geometry: Geometry) -> list[Path]:
@@ -82,15 +80,10 @@ def test_a_changed_source_is_prepared_again_never_served_stale(folder: Path) -> 
     )
 
 
-def _open_in_process(folder: str, out: str) -> None:
-    store = open_store(Path(folder), NAMES, Geometry(24, True), Path(folder).parent / ".fedmml-store")
-    np.save(out, store.read("3.jpg"))
-
-
 def test_two_processes_opening_one_store_at_once_make_it_once(folder: Path, tmp_path: Path) -> None:
     context = multiprocessing.get_context("spawn")
     outs = [str(tmp_path / f"{n}.npy") for n in range(2)]
-    procs = [context.Process(target=_open_in_process, args=(str(folder), out)) for out in outs]
+    procs = [context.Process(target=open_and_save, args=(str(folder), out)) for out in outs]
     for proc in procs:
         proc.start()
     for proc in procs:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 MEAN = 0.5
 STD = 0.5
@@ -49,6 +52,10 @@ def to_tensor(img: np.ndarray, size: int) -> torch.Tensor:
         im = im.resize((size, size), Image.Resampling.BILINEAR)
     arr = np.asarray(im, dtype=np.float32) / 255.0
     arr = (arr - MEAN) / STD
+    # Imported here: the image store's worker processes decode with this module and need no PyTorch (its
+    # import costs each worker seconds).
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 

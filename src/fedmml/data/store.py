@@ -164,17 +164,31 @@ class ImageStore:
         raise UnreadableImage(f"cannot read image {name}: {data.decode()}")
 
 
+# Shard indexes parsed in this process, by path, with the (size, mtime) they were read at: every client of
+# an in-process simulation opens the same store for its train and test split, and a COCO-sized index takes
+# about half a second to parse.
+_parsed: dict[Path, tuple[tuple[int, int] | None, list]] = {}
+
+
+def _index_entries(index: Path) -> list:
+    """The entries of one shard index; none for an index that is unreadable or of another format."""
+    key = _source_key(index)
+    if index in _parsed and _parsed[index][0] == key:
+        return _parsed[index][1]
+    try:
+        shard = json.loads(index.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []  # a shard being replaced by a process that crashed: its images are made again
+    entries = shard["entries"] if shard.get("format") == FORMAT else []
+    _parsed[index] = (key, entries)
+    return entries
+
+
 def _shard_entries(directory: Path) -> dict[tuple[str, int, int], tuple]:
     """(name, size, mtime_ns) -> (shard, offset, length, height, width, codec) over every complete shard."""
     found: dict[tuple[str, int, int], tuple] = {}
     for index in sorted(directory.glob("*.json")):
-        try:
-            shard = json.loads(index.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # a shard being replaced by a process that crashed: its images are made again
-        if shard.get("format") != FORMAT:
-            continue
-        for name, size, mtime, offset, length, height, width, codec in shard["entries"]:
+        for name, size, mtime, offset, length, height, width, codec in _index_entries(index):
             found[(name, size, mtime)] = (index.stem, offset, length, height, width, codec)
     return found
 
