@@ -24,8 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 # its two data slices so far (the first 192 images; since 2026-11-29 a category-stratified subset): rounding
 # differences reach 2e-5 at round 5 without augmentation and 3.6e-4 with augmented views (one client's round
 # jumping from 1e-7 to 1.5e-4: AdamW again); a 0.1 % error in cached rows gives 5.5e-4 at round 3, 1.1e-2 at
-# round 4 and 3.2e-2 at round 5, float16-rounded rows 1.3e-3 at round 2, mismatched pairs 5e-2.
-STEP_RTOL = 3e-5
+# round 4 and 3.2e-2 at round 5, float16-rounded rows 1.3e-3 at round 2, mismatched pairs 5e-2. Since the
+# image store keeps augmented images at the short side crops need (46 px for tiny's 32), the augmented views'
+# rounding reaches 9.9e-4 at round 5 (the refilled cache of stage 3 against recomputing): 5e-5 per step,
+# still 30x below the 0.1 % error's 3.2e-2.
+STEP_RTOL = 5e-5
 
 
 def trajectory_mismatches(got: list[float], want: list[float], steps_per_round: int) -> list[int]:

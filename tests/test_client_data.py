@@ -13,7 +13,7 @@ import pytest
 from fedmml.cli import main
 from fedmml.client_data import SharedSplit, open_client_data
 from fedmml.config import ConfigError, load_config
-from fedmml.data import coco
+from fedmml.data import store
 from fedmml.experiment import build_setup
 from fedmml.federation import SetupFailed
 
@@ -45,16 +45,19 @@ def _local(emoji_root: Path, folders: dict, server_root: Path, *extra: str) -> l
     return [f'data.root="{server_root}"', 'partition.kind="local"', f"data.client_roots=[{roots}]", *extra]
 
 
-def test_a_share_is_cut_from_metadata_and_only_it_is_decoded(emoji_root: Path, monkeypatch) -> None:
-    cfg = load_config("tiny", [f'data.root="{emoji_root}"'])
+def test_a_share_is_cut_from_metadata_and_only_it_is_decoded(
+    emoji_root: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # A fresh store, so that the client's images are decoded here (into it), and only they.
+    cfg = load_config("tiny", [f'data.root="{emoji_root}"', f'data.store_dir="{tmp_path / "store"}"'])
     decoded: list[Path] = []
-    load = coco.load_image
+    decode = store._decode_source
 
-    def counting(path: Path):
+    def counting(path: Path, geometry):
         decoded.append(path)
-        return load(path)
+        return decode(path, geometry)
 
-    monkeypatch.setattr(coco, "load_image", counting)
+    monkeypatch.setattr(store, "_decode_source", counting)
     shared = SharedSplit(cfg)
     assert decoded == []  # partitions from the captions JSON alone
     data = open_client_data(cfg, 1, shared)
@@ -62,6 +65,8 @@ def test_a_share_is_cut_from_metadata_and_only_it_is_decoded(emoji_root: Path, m
     own = {shared.index.file_names[i] for i in shared.parts[1]}
     assert {p.relative_to(emoji_root / "images").as_posix() for p in decoded} == own
     assert data.describe()["num_samples"] == len(own)
+    data.dataset[0]  # reading a sample reads the store, not the source
+    assert len(decoded) == len(own)
 
 
 def test_folders_train_exactly_as_the_partition_they_were_written_from(

@@ -51,7 +51,15 @@ PAPER_RATIOS = {"memory": 2.7, "flops": 2.4, "comm": 2.3}  # LW-FedMML vs FedMML
 Progress = Callable[[str], None]
 
 
-class SyntheticCaptions(Dataset):
+class _Fixed(Dataset):
+    """Synthetic samples: the same every epoch, none unreadable."""
+
+    def take(self, i: int, epoch: int) -> tuple[Any, int]:
+        """What the training loop reads (see CaptionDataset.take)."""
+        return self[i], 0
+
+
+class SyntheticCaptions(_Fixed):
     """Random pixels at the encoder's image size and captions of random tokens that fill ``max_length``.
 
     Each image has ``captions_per_image`` captions (COCO: 5); training uses the first, and a frozen-prefix
@@ -81,9 +89,6 @@ class SyntheticCaptions(Dataset):
 
     collate = staticmethod(collate_train)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Nothing to reshuffle; present because the training loop calls it."""
-
     def variants(self, i: int, views: int = 1) -> dict[str, list[Any]]:
         """Every caption of sample ``i``, and its image once per view that augmentation would cache."""
         start = i * self.per_image
@@ -97,7 +102,7 @@ class SyntheticCaptions(Dataset):
         return self.pixels[i], self.captions[i * self.per_image]
 
 
-class SyntheticPairs(Dataset):
+class SyntheticPairs(_Fixed):
     """Random pixels and full-length filterbanks with random labels, shaped as the preset's image + audio."""
 
     def __init__(
@@ -116,9 +121,6 @@ class SyntheticPairs(Dataset):
         self.augment = augment  # as the preset's data: a cache then stores several views per image
 
     collate = staticmethod(collate_pairs)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Nothing to reshuffle; present because the training loop calls it."""
 
     def variants(self, i: int, views: int = 1) -> dict[str, list[torch.Tensor]]:
         """The filterbank of sample ``i``, and its image once per view that augmentation would cache."""

@@ -134,6 +134,13 @@ class DataConfig:
     val_split: str = "val"
     val_fraction: float = 0.1
     identity_key: str = ""
+    # Pixels are read on access from a store made once per folder (images resized to what training needs,
+    # in <root>/.fedmml-store or store_dir; see fedmml.data.store); false: decode the source files each time
+    store: bool = True
+    store_dir: str = ""
+    # DataLoader worker processes per client's training loop; -1: chosen from the machine (see
+    # fedmml.setup.loader_workers)
+    workers: int = -1
     audio_frames: int = 1024  # image-audio: feature frames per clip, padded or cut
     # image-audio: the audio encoder's input; ast-fbank: AST's Kaldi fbank, 16 kHz, 128 bins, 10 ms frames;
     # aisfx-mel: aisfx's log-mel, 44.1 kHz, 96 bins, 23.2 ms frames (see fedmml.data.audio)
@@ -237,6 +244,9 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads; 0: PyTorch's default
+    # Training and evaluation under autocast: fp32 | bf16 | fp16 (fp16 with a gradient scaler); the weights,
+    # optimizer state, checkpoints and what travels stay float32
+    precision: str = "fp32"
     keep_checkpoints: int = 2  # per-round checkpoints kept in <run>/checkpoints; 0 keeps all
 
 
@@ -433,6 +443,9 @@ def _validate_client_roots(cfg: Config) -> None:
         seen[key] = root
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
 def validate(cfg: Config) -> None:
     """Check cross-field rules that types alone cannot express."""
     _choice(cfg.run.method, METHODS, "method")
@@ -498,5 +511,8 @@ def validate(cfg: Config) -> None:
     _choice(cfg.eval.split, ("test", "val"), "eval.split")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    _choice(cfg.run.precision, PRECISIONS, "run.precision")
+    if cfg.data.workers < -1:
+        raise ConfigError("data.workers must be >= 0, or -1 to choose from the machine")
     if cfg.eval.every < 0:
         raise ConfigError("eval.every must be >= 0")

@@ -23,6 +23,7 @@ from fedmml.events import Event, Listener, Phase, RoundDone
 from fedmml.federation.checkpoint import latest_checkpoint, load_checkpoint
 from fedmml.models.build import build_model
 from fedmml.models.multimodal import MultimodalModel
+from fedmml.precision import autocast
 from fedmml.setup import ServerSide, final_depth, select_device
 from fedmml.tasks import task_for
 
@@ -175,7 +176,14 @@ def finish_run(
         # Reported by the clients at set-up: the server itself never opens a training file.
         "train_images": data["train_images"],
         "test_images": len(test) if test is not None else final.get("test_images", 0),
-        "skipped": {"train": data["train_skipped"], "test": test.skipped if test is not None else {}},
+        "skipped": {
+            "train": {
+                **data["train_skipped"],
+                # found while training (an image that broke after set-up): passed over, counted per read
+                "unreadable_at_access": sum(m.get("unreadable_images", 0) for m in metrics),
+            },
+            "test": test.skipped if test is not None else {},
+        },
         "client_samples": {str(c): r["num_samples"] for c, r in server.clients.items()},
         "setup_failures": {str(c): r for c, r in server.setup_failures.items()},
         # server: whole-split scores on the server's test split; federated: combined from the clients' own
@@ -183,7 +191,8 @@ def finish_run(
         "evaluation": cfg.eval.where,
         "eval_split": cfg.eval.split,
     }
-    summary.update(task.summarize(server.model, test, cfg, out_dir, final))
+    with autocast(cfg.run.precision, server.model.device):
+        summary.update(task.summarize(server.model, test, cfg, out_dir, final))
     summary["wall_s"] = time.perf_counter() - started
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     report.write_run_report(out_dir, cfg.to_dict(), summary, metrics)

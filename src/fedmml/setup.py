@@ -22,6 +22,7 @@ from fedmml.federation.server import Server
 from fedmml.methods import plan_stages
 from fedmml.models.build import build_model
 from fedmml.models.multimodal import MultimodalModel
+from fedmml.precision import autocast
 from fedmml.tasks import task_for
 
 
@@ -51,7 +52,8 @@ def final_depth(cfg: Config) -> dict[str, int]:
 
 def evaluate_on(model: MultimodalModel, data: Dataset, cfg: Config) -> dict[str, Any]:
     """The task's scores of ``model`` over a whole evaluation split."""
-    return task_for(cfg).evaluate(model, data, cfg)
+    with autocast(cfg.run.precision, model.device):
+        return task_for(cfg).evaluate(model, data, cfg)
 
 
 @dataclass

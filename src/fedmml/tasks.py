@@ -10,6 +10,7 @@ The server, the clients and the engines are task-agnostic; everything task-speci
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from fedmml.data.advance import AdvanceDataset, AdvanceIndex, read_advance_index
 from fedmml.data.audio import feature_settings
 from fedmml.data.coco import CaptionDataset, CaptionIndex, read_caption_index
 from fedmml.data.partition import carve, partition, partition_by_group
+from fedmml.data.store import ImagesConfig
 from fedmml.evaluation.classification import (
     accuracy,
     evaluate_classifier,
@@ -35,6 +37,13 @@ from fedmml.evaluation.scoring import retrieval_chance, retrieval_scores, zerosh
 from fedmml.models.multimodal import MultimodalModel
 
 CONFUSION_PNG = "confusion.png"
+
+
+def images_config(cfg: Config) -> ImagesConfig:
+    """How this run's datasets get their pixels (``data.store``, ``data.store_dir``); a store is prepared
+    with every core of the machine."""
+    d = cfg.data
+    return ImagesConfig(d.store, Path(d.store_dir) if d.store_dir else None, os.cpu_count() or 1)
 
 
 class Task:
@@ -207,6 +216,7 @@ class ImageText(Task):
             limit_seed=d.limit_seed,
             positions=positions,
             index=index,
+            images=images_config(cfg),
         )
 
     def labels(self, index: CaptionIndex) -> list[str | None]:
@@ -216,8 +226,7 @@ class ImageText(Task):
         return (Path(root) / f"captions_{split}.json").is_file()
 
     def evaluate(self, model: MultimodalModel, test: CaptionDataset, cfg: Config) -> dict[str, float]:
-        pixels = [test[i][0] for i in range(len(test))]
-        return retrieval_scores(model, pixels, test.captions, cfg.eval.batch_size, cfg.eval.ks)
+        return retrieval_scores(model, test.pixels, test.captions, cfg.eval.batch_size, cfg.eval.ks)
 
     def _describe(self, scores: dict[str, Any]) -> str:
         return f"rsum {scores['rsum']:.1f}  i2t R@1 {scores['i2t_r1']:.1f}  t2i R@1 {scores['t2i_r1']:.1f}"
@@ -298,6 +307,7 @@ class ImageAudio(Task):
             group_key=cfg.partition.group,
             positions=positions,
             index=index,
+            images=images_config(cfg),
         )
 
     def labels(self, index: AdvanceIndex) -> list[str | None]:

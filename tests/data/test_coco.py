@@ -115,4 +115,4 @@ def test_custom_captions_file_and_images_dir(coco: Path) -> None:
     (coco / "captions_train.json").rename(coco / "caps.json")
     ds = CaptionDataset(coco, "val", images_dir="pics", captions_file="caps.json", train=False)
     assert len(ds) == 3
-    assert np.array_equal(ds.images[0][0, 0], [255, 0, 0])
+    assert np.array_equal(ds.images.read(ds.file_names[0])[0, 0], [255, 0, 0])

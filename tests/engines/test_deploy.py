@@ -1,5 +1,5 @@
 """`fedmml deploy` on loopback (TLS, node authentication): nodes that read only their own folders, a node
-whose folder is missing, and a SuperNode killed mid-run. docs/flower.md's walk-through: test_flower_doc.py."""
+whose folder is missing, and a SuperNode stopped mid-run. The docs' walk-through: test_flower_doc.py."""
 
 from __future__ import annotations
 
@@ -32,12 +32,14 @@ def _supernode_with(folder: str) -> int:
     raise AssertionError(f"no SuperNode runs with {folder}")
 
 
-def test_deploy_with_node_folders_survives_a_missing_folder_and_a_killed_node(
+def test_deploy_with_node_folders_survives_a_missing_folder_and_a_stopped_node(
     client_folders: dict, tmp_path: Path
 ) -> None:
     # `fedmml deploy --node-data A B C`: each SuperNode reads only its own folder. B does not exist: its node
-    # is dropped at set-up with one line. After round 1 C's SuperNode process is killed: Flower answers for
+    # is dropped at set-up with one line. After round 1 C's SuperNode process is stopped: Flower answers for
     # the lost node itself (an error reply from the SuperLink, not from the node) and the run completes.
+    # SIGTERM makes the node sign off, so the SuperLink answers at once; after a SIGKILL it gives the same
+    # "Node Unavailable" reply once two 30 s heartbeats are missed, a minute later.
     gone = tmp_path / "nowhere"
     kept = client_folders["clients"][2]
     out = tmp_path / "run"
@@ -53,7 +55,7 @@ def test_deploy_with_node_folders_survives_a_missing_folder_and_a_killed_node(
         while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert first.exists(), "round 1 never finished"
-        os.kill(_supernode_with(str(Path(kept).resolve())), signal.SIGKILL)
+        os.kill(_supernode_with(str(Path(kept).resolve())), signal.SIGTERM)
         output = proc.communicate(timeout=900)[0].decode()
     finally:
         if proc.poll() is None:

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from fedmml.evaluation import retrieval
 from fedmml.evaluation.retrieval import build_relevance, chance_rsum, recall_at_k
 
 
@@ -146,3 +147,14 @@ def test_chance_rsum_is_tiny_for_large_sets():
     relevant = torch.zeros(n, 5 * n, dtype=torch.bool)
     relevant[torch.arange(5 * n) // 5, torch.arange(5 * n)] = True  # COCO-like: 5 captions per image
     assert chance_rsum(relevant) < 2.0
+
+
+def test_recall_of_embeddings_in_chunks_equals_recall_of_the_whole_matrix(monkeypatch) -> None:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(23, 8, generator=generator), dim=1)
+    texts = torch.nn.functional.normalize(torch.randn(41, 8, generator=generator), dim=1)
+    relevant = torch.zeros(23, 41, dtype=torch.bool)
+    relevant[torch.arange(41) % 23, torch.arange(41)] = True
+    whole = recall_at_k(images @ texts.t(), relevant, ks=(1, 5))
+    monkeypatch.setattr(retrieval, "_CHUNK_ROWS", 5)  # several chunks each way, the last one short
+    assert retrieval.recall_of_embeddings(images, texts, relevant, ks=(1, 5)) == whole

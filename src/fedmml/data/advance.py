@@ -17,8 +17,9 @@ from torch.utils.data import Dataset
 from fedmml.data import DataError
 from fedmml.data.audio import DEFAULT_FBANK, FeatureSettings, UnreadableAudio, load_fbank, pad_frames
 from fedmml.data.coco import DatasetNotFound, sample_seed
-from fedmml.data.images import UnreadableImage, fit_for_storage, load_image, random_resized_crop, to_tensor
+from fedmml.data.images import random_resized_crop, to_tensor
 from fedmml.data.partition import stratified_subset
+from fedmml.data.store import Geometry, ImagesConfig, open_images, read_or_next
 
 PREPARE_HINT = (
     "run `fedmml data prepare tuxpaint --out <root>` (or point data.root at an ADVANCE-layout folder)"
@@ -202,10 +203,11 @@ def read_advance_index(
 
 
 class AdvanceDataset(Dataset):
-    """(image [3,S,S], fbank [frames, mel], label) triples in memory; broken pairs are counted, not fatal.
+    """(image [3,S,S], fbank [frames, mel], label) triples read on access (images from the store of
+    :mod:`fedmml.data.store`, frames from the feature cache); broken pairs are counted, not fatal.
 
-    Only the pairs at ``positions`` of the split's index are decoded (all of them when None): a client
-    materialises its own share and nothing else. ``skipped`` counts the index's broken pairs when the whole
+    Only the pairs at ``positions`` of the split's index are used (all of them when None): a client prepares
+    and reads its own share and nothing else. ``skipped`` counts the index's broken pairs when the whole
     split is loaded, and only the share's unreadable files otherwise.
     """
 
@@ -227,6 +229,7 @@ class AdvanceDataset(Dataset):
         progress: Progress | None = None,
         positions: Sequence[int] | None = None,
         index: AdvanceIndex | None = None,
+        images: ImagesConfig | None = None,
     ) -> None:
         self.root = Path(root)
         self.split = split
@@ -248,34 +251,35 @@ class AdvanceDataset(Dataset):
         skipped.update(unreadable_image=0, unreadable_sound=0)
         chosen = range(len(index)) if whole else sorted(positions)
         say = progress or (lambda _msg: None)
+        names = [str(index.pairs[i][2].relative_to(self.root)) for i in chosen]
+        self.images = open_images(self.root, names, Geometry(image_size, augment), images, home=self.root)
         self.ids: list[str] = []
         self.labels: list[int] = []
         self.groups: list[str | None] = []
-        self.images: list[np.ndarray] = []
+        self.image_names: list[str] = []
+        # With a feature cache on disk a clip's frames are read from it on access; without one they are
+        # kept here (computing them again at every access would cost far more).
+        self.sounds: list[Path] = []
         self.features: list[np.ndarray] = []
-        decoded: dict[tuple[int, int], np.ndarray] = {}  # by inode: prepared datasets hard-link shared images
-        for n, i in enumerate(chosen):
+        for n, (i, name) in enumerate(zip(chosen, names, strict=True)):
             if n and n % 500 == 0:
-                say(f"{split}: {n}/{len(chosen)} pairs loaded")
-            name, sample_id, image_path, sound_path = index.pairs[i]
+                say(f"{split}: {n}/{len(chosen)} pairs checked")
+            label, sample_id, _, sound_path = index.pairs[i]
             try:
                 features = self.cache.load(sound_path)
             except UnreadableAudio:
                 skipped["unreadable_sound"] += 1
                 continue
-            stat = image_path.stat()
-            key = (stat.st_dev, stat.st_ino)
-            if key not in decoded:
-                try:
-                    decoded[key] = fit_for_storage(load_image(image_path), self.image_size, self.augment)
-                except UnreadableImage:
-                    skipped["unreadable_image"] += 1
-                    continue
+            if self.images.unreadable(name) is not None:
+                skipped["unreadable_image"] += 1
+                continue
             self.ids.append(sample_id)
-            self.labels.append(label_of[name])
+            self.labels.append(label_of[label])
             self.groups.append(index.groups[i])
-            self.images.append(decoded[key])
-            self.features.append(features)
+            self.image_names.append(name)
+            self.sounds.append(sound_path)
+            if self.cache.folder is None:
+                self.features.append(features)
         self.skipped: dict[str, int] = dict(skipped)
         if not self.ids:
             raise DataError(f"no usable image-sound pairs in {index.split_dir} (skipped: {self.skipped})")
@@ -288,10 +292,16 @@ class AdvanceDataset(Dataset):
         return len(self.ids)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        return self._pixels(index, self.epoch), self._fbank(index), self.labels[index]
+        pixels = self.images.read(self.image_names[index])
+        return self._pixels(index, self.epoch, pixels), self._fbank(index), self.labels[index]
 
-    def _pixels(self, index: int, epoch: int) -> torch.Tensor:
-        pixels = self.images[index]
+    def take(self, index: int, epoch: int) -> tuple[tuple[torch.Tensor, torch.Tensor, int], int]:
+        """The training sample ``index`` presents in ``epoch``, and how many unreadable images were passed
+        over for it: a pair whose image fails to read is replaced by the next readable pair."""
+        position, pixels, missed = read_or_next(self.images, self.image_names, index)
+        return (self._pixels(position, epoch, pixels), self._fbank(position), self.labels[position]), missed
+
+    def _pixels(self, index: int, epoch: int, pixels: np.ndarray) -> torch.Tensor:
         if self.train and self.augment:
             # Seeded by (seed, epoch, index) so crops do not depend on access order or DataLoader workers.
             sample = f"{self.classes[self.labels[index]]}/{self.ids[index]}"
@@ -299,7 +309,8 @@ class AdvanceDataset(Dataset):
         return to_tensor(pixels, self.image_size)
 
     def _fbank(self, index: int) -> torch.Tensor:
-        return torch.from_numpy(pad_frames(self.features[index], self.settings))
+        frames = self.features[index] if self.features else self.cache.load(self.sounds[index])
+        return torch.from_numpy(pad_frames(frames, self.settings))
 
     collate = staticmethod(collate)
 
@@ -307,7 +318,11 @@ class AdvanceDataset(Dataset):
         """The inputs sample ``index`` presents in training: its filterbank, and one image, or with
         augmentation the ``views`` crops of epochs 0..views-1."""
         count = views if self.train and self.augment else 1
-        return {"image": [self._pixels(index, e) for e in range(count)], "audio": [self._fbank(index)]}
+        pixels = self.images.read(self.image_names[index])
+        return {
+            "image": [self._pixels(index, e, pixels) for e in range(count)],
+            "audio": [self._fbank(index)],
+        }
 
     @property
     def label_names(self) -> list[str]:

@@ -15,8 +15,9 @@ import torch
 from torch.utils.data import Dataset
 
 from fedmml.data import DataError
-from fedmml.data.images import UnreadableImage, fit_for_storage, load_image, random_resized_crop, to_tensor
+from fedmml.data.images import random_resized_crop, to_tensor
 from fedmml.data.partition import stratified_subset
+from fedmml.data.store import Geometry, ImagesConfig, open_images, read_or_next
 
 PREPARE_HINT = "run `fedmml data prepare emoji` (or point data.root at a COCO-format folder)"
 
@@ -123,11 +124,12 @@ def read_caption_index(
 
 
 class CaptionDataset(Dataset):
-    """Images with one or more captions each, held in memory as uint8 arrays.
+    """Images with one or more captions each; pixels are read on access (see :mod:`fedmml.data.store`),
+    so memory holds the captions and ids only, whatever the split's size.
 
-    Only the images at ``positions`` of the split's index are decoded (all of them when None): a client
-    materialises its own share and nothing else. ``skipped`` counts the index's malformed entries when the
-    whole split is loaded, and only the share's unreadable images otherwise.
+    Only the images at ``positions`` of the split's index are used (all of them when None): a client
+    prepares and reads its own share and nothing else. ``skipped`` counts the index's malformed entries when
+    the whole split is used, and only the share's unreadable images otherwise.
     """
 
     def __init__(
@@ -144,6 +146,7 @@ class CaptionDataset(Dataset):
         limit_seed: int = 0,
         positions: Sequence[int] | None = None,
         index: CaptionIndex | None = None,
+        images: ImagesConfig | None = None,
     ) -> None:
         self.split = split
         self.image_size = image_size
@@ -156,25 +159,20 @@ class CaptionDataset(Dataset):
         self.captions_path = index.captions_path
         self.images_path = index.images_path
         whole = positions is None
+        chosen = range(len(index)) if whole else sorted(positions)
+        source = open_images(
+            self.images_path, [index.file_names[i] for i in chosen], Geometry(image_size, augment), images
+        )
         skipped = Counter(index.skipped) if whole else Counter(unreadable_image=0)
-        self.image_ids: list[Any] = []
-        self.file_names: list[str] = []
-        self.captions: list[list[str]] = []
-        self.labels: list[str | None] = []
-        self.images: list[np.ndarray] = []
-        for i in range(len(index)) if whole else sorted(positions):
-            try:
-                pixels = load_image(self.images_path / index.file_names[i])
-            except UnreadableImage:
-                skipped["unreadable_image"] += 1
-                continue
-            self.images.append(fit_for_storage(pixels, self.image_size, self.augment))
-            self.image_ids.append(index.image_ids[i])
-            self.file_names.append(index.file_names[i])
-            self.captions.append(index.captions[i])
-            self.labels.append(index.labels[i])
+        kept = [i for i in chosen if source.unreadable(index.file_names[i]) is None]
+        skipped["unreadable_image"] += len(chosen) - len(kept)
+        self.images = source
+        self.image_ids: list[Any] = [index.image_ids[i] for i in kept]
+        self.file_names: list[str] = [index.file_names[i] for i in kept]
+        self.captions: list[list[str]] = [index.captions[i] for i in kept]
+        self.labels: list[str | None] = [index.labels[i] for i in kept]
         self.skipped: dict[str, int] = dict(skipped)
-        if not self.images:
+        if not self.image_ids:
             raise DataError(
                 f"no usable image-caption pairs in {self.captions_path} (skipped: {self.skipped})"
             )
@@ -184,16 +182,23 @@ class CaptionDataset(Dataset):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.image_ids)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str] | tuple[torch.Tensor, list[str]]:
         if not self.train:
-            return to_tensor(self.images[index], self.image_size), list(self.captions[index])
-        return self._draw(index, self.epoch)
+            return to_tensor(self.images.read(self.file_names[index]), self.image_size), list(
+                self.captions[index]
+            )
+        return self._draw(index, self.epoch, self.images.read(self.file_names[index]))
 
-    def _draw(self, index: int, epoch: int) -> tuple[torch.Tensor, str]:
-        """The training sample ``index`` presents in ``epoch``."""
-        pixels = self.images[index]
+    def take(self, index: int, epoch: int) -> tuple[tuple[torch.Tensor, str], int]:
+        """The training sample ``index`` presents in ``epoch``, and how many unreadable images were passed
+        over for it: an image that fails to read is replaced by the next readable sample."""
+        position, pixels, missed = read_or_next(self.images, self.file_names, index)
+        return self._draw(position, epoch, pixels), missed
+
+    def _draw(self, index: int, epoch: int, pixels: np.ndarray) -> tuple[torch.Tensor, str]:
+        """The training sample ``index`` (its ``pixels`` read) presents in ``epoch``."""
         # Seeded by (seed, epoch, image id) so draws depend neither on access order, DataLoader workers, nor
         # on which share or folder holds the image.
         rng = sample_seed(self.seed, epoch, self.image_ids[index])
@@ -208,16 +213,35 @@ class CaptionDataset(Dataset):
     def variants(self, index: int, views: int = 1) -> dict[str, list[Any]]:
         """The inputs sample ``index`` presents in training, per modality: every distinct caption, and one
         image, or with augmentation the ``views`` crops of epochs 0..views-1."""
+        pixels = self.images.read(self.file_names[index])
         if self.augment:
-            images = [self._draw(index, epoch)[0] for epoch in range(views)]
+            images = [self._draw(index, epoch, pixels)[0] for epoch in range(views)]
         else:
-            images = [to_tensor(self.images[index], self.image_size)]
+            images = [to_tensor(pixels, self.image_size)]
         return {"image": images, "text": list(dict.fromkeys(self.captions[index]))}
+
+    @property
+    def pixels(self) -> EvalPixels:
+        """Every image as evaluation takes it, read when indexed (a split never sits in memory whole)."""
+        return EvalPixels(self)
 
     @property
     def num_captions(self) -> int:
         """Total number of valid captions across all kept images."""
         return sum(len(c) for c in self.captions)
+
+
+class EvalPixels(Sequence):
+    """A dataset's evaluation images by index, each read on access."""
+
+    def __init__(self, dataset: CaptionDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        return self.dataset[index][0]
 
 
 def _parse_captions(path: Path) -> tuple[dict[Any, dict], dict[Any, list[str]], Counter]:

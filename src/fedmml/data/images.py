@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 MEAN = 0.5
 STD = 0.5
@@ -49,6 +52,10 @@ def to_tensor(img: np.ndarray, size: int) -> torch.Tensor:
         im = im.resize((size, size), Image.Resampling.BILINEAR)
     arr = np.asarray(im, dtype=np.float32) / 255.0
     arr = (arr - MEAN) / STD
+    # Imported here: the image store's worker processes decode with this module and need no PyTorch (its
+    # import costs each worker seconds).
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
@@ -88,23 +95,3 @@ def random_resized_crop(
     top, left, h, w = box
     crop = Image.fromarray(img[top : top + h, left : left + w])
     return np.asarray(crop.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
-
-
-def fit_for_storage(pixels: np.ndarray, size: int, augment: bool) -> np.ndarray:
-    """The array a preloading dataset keeps in memory for an image used at ``size`` pixels."""
-    # Without augmentation every access resizes to ``size`` anyway, so do it once here; with augmentation
-    # keep more resolution for the crops but bound memory at 4x the output size.
-    if not augment:
-        if pixels.shape[:2] == (size, size):
-            return pixels
-        resized = Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(resized, dtype=np.uint8)
-    side = min(pixels.shape[:2])
-    if side <= 4 * size:
-        return pixels
-    scale = 4 * size / side
-    height, width = pixels.shape[:2]
-    resized = Image.fromarray(pixels).resize(
-        (round(width * scale), round(height * scale)), Image.Resampling.BILINEAR
-    )
-    return np.asarray(resized, dtype=np.uint8)

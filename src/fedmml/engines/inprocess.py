@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -87,7 +88,7 @@ class InProcessEngine:
         delay = self.faults.straggler_delay_s if straggle < self.faults.straggler_rate else 0.0
         return self.clients[cid].handle(message), delay
 
-    def dispatch(self, outgoing: list[tuple[int, Message]]) -> list[tuple[int, Message]]:
+    def dispatch(self, outgoing: Collection[tuple[int, Message]]) -> list[tuple[int, Message]]:
         """Run each addressed client's local training and collect the replies of those that succeeded."""
         replies = []
         for i, (cid, message) in enumerate(outgoing):

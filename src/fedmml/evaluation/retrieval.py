@@ -10,7 +10,7 @@ rule only makes them deterministic.)
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -47,11 +47,13 @@ def build_relevance(captions_per_image: Sequence[Sequence[str]]) -> tuple[list[s
     return list(index), relevant
 
 
-def _best_relevant_rank(sim: Tensor, relevant: Tensor) -> Tensor:
-    """Per row, the 0-based rank of its best relevant column: the count of columns scoring strictly higher."""
-    ranks = torch.empty(sim.shape[0], dtype=torch.long)
-    for start in range(0, sim.shape[0], _CHUNK_ROWS):
-        scores = sim[start : start + _CHUNK_ROWS].detach().float()
+def _best_relevant_rank(rows: Callable[[int, int], Tensor], relevant: Tensor) -> Tensor:
+    """Per row of ``relevant``, the 0-based rank of its best relevant column: the count of columns scoring
+    strictly higher; ``rows(start, stop)`` gives those rows' scores, so no more than a chunk of the score
+    matrix exists at once."""
+    ranks = torch.empty(relevant.shape[0], dtype=torch.long)
+    for start in range(0, relevant.shape[0], _CHUNK_ROWS):
+        scores = rows(start, start + _CHUNK_ROWS).detach().float()
         mask = relevant[start : start + _CHUNK_ROWS].to(scores.device)
         best = scores.masked_fill(~mask, float("-inf")).amax(dim=1, keepdim=True)
         ranks[start : start + _CHUNK_ROWS] = (scores > best).sum(dim=1).cpu()
@@ -66,7 +68,32 @@ def recall_at_k(sim: Tensor, relevant: Tensor, ks: Sequence[int] = DEFAULT_KS) -
     _check_relevance(relevant)
     if sim.shape != relevant.shape:
         raise ValueError(f"sim {tuple(sim.shape)} and relevant {tuple(relevant.shape)} differ in shape")
-    ranks = {"i2t": _best_relevant_rank(sim, relevant), "t2i": _best_relevant_rank(sim.t(), relevant.t())}
+    by_row = sim.t()
+    ranks = {
+        "i2t": _best_relevant_rank(lambda a, b: sim[a:b], relevant),
+        "t2i": _best_relevant_rank(lambda a, b: by_row[a:b], relevant.t()),
+    }
+    return _recalls(ranks, ks)
+
+
+def recall_of_embeddings(
+    image_emb: Tensor, text_emb: Tensor, relevant: Tensor, ks: Sequence[int] = DEFAULT_KS
+) -> dict[str, float]:
+    """:func:`recall_at_k` of the similarities ``image_emb @ text_emb.T``, computed a chunk of queries at a
+    time: memory grows with a chunk's row (e.g. 1,024 x 25,000 captions), never with the whole matrix."""
+    _check_relevance(relevant)
+    if relevant.shape != (len(image_emb), len(text_emb)):
+        raise ValueError(
+            f"relevant {tuple(relevant.shape)} does not match {len(image_emb)} x {len(text_emb)}"
+        )
+    ranks = {
+        "i2t": _best_relevant_rank(lambda a, b: image_emb[a:b] @ text_emb.t(), relevant),
+        "t2i": _best_relevant_rank(lambda a, b: text_emb[a:b] @ image_emb.t(), relevant.t()),
+    }
+    return _recalls(ranks, ks)
+
+
+def _recalls(ranks: dict[str, Tensor], ks: Sequence[int]) -> dict[str, float]:
     result = {
         f"{direction}_r{k}": 100.0 * (rank < k).double().mean().item()
         for direction, rank in ranks.items()

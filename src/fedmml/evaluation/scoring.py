@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fedmml.evaluation.retrieval import build_relevance, chance_rsum, recall_at_k
+from fedmml.evaluation.retrieval import build_relevance, chance_rsum, recall_of_embeddings
 from fedmml.evaluation.zeroshot import DEFAULT_TEMPLATES, prompts, zero_shot_accuracy
 from fedmml.models.multimodal import DualEncoder
 
@@ -17,8 +17,9 @@ def encode_images(model: DualEncoder, pixels: Sequence[torch.Tensor], batch_size
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(pixels), batch_size):
-        batch = torch.stack(list(pixels[start : start + batch_size])).to(device)
-        out.append(model.encode_image(batch).cpu())
+        # Index by index: ``pixels`` may be a dataset's lazy view, read one image at a time.
+        batch = torch.stack([pixels[i] for i in range(start, min(start + batch_size, len(pixels)))])
+        out.append(model.encode_image(batch.to(device)).float().cpu())
     return torch.cat(out)
 
 
@@ -26,7 +27,10 @@ def encode_images(model: DualEncoder, pixels: Sequence[torch.Tensor], batch_size
 def encode_texts(model: DualEncoder, texts: Sequence[str], batch_size: int) -> torch.Tensor:
     """Normalised embeddings of a list of texts."""
     return torch.cat(
-        [model.encode_text(list(texts[s : s + batch_size])).cpu() for s in range(0, len(texts), batch_size)]
+        [
+            model.encode_text(list(texts[s : s + batch_size])).float().cpu()
+            for s in range(0, len(texts), batch_size)
+        ]
     )
 
 
@@ -44,7 +48,7 @@ def retrieval_scores(
         texts, relevant = build_relevance(captions)
         image_emb = encode_images(model, pixels, batch_size)
         text_emb = encode_texts(model, texts, batch_size)
-        return recall_at_k(image_emb @ text_emb.t(), relevant, tuple(ks))
+        return recall_of_embeddings(image_emb, text_emb, relevant, tuple(ks))
     finally:
         model.train(was_training)
 

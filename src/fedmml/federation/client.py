@@ -6,7 +6,8 @@ same method with the message it received, keeping :attr:`Client.store` in the no
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fedmml.accounting import StepMeter
 from fedmml.client_data import ClientData
@@ -24,6 +25,7 @@ from fedmml.federation.prefix_cache import CacheShelf, PrefixCache
 from fedmml.methods import Stage, configure, frozen_modules, param_group, set_train_mode
 from fedmml.models.build import build_model
 from fedmml.models.multimodal import MultimodalModel
+from fedmml.precision import autocast, grad_scaler
 from fedmml.tasks import task_for
 
 
@@ -58,6 +60,19 @@ class Workspace:
         self.meter = StepMeter(device)
         # Frozen-prefix caches of the clients this process trains (kept between their rounds).
         self.caches = CacheShelf(cache_dir)
+        # fp16's gradient scalers, per client: a client takes a few steps a round, so a scaler started
+        # afresh each round would spend them all finding its scale (skipping every step it overflows).
+        self.precision = cfg.run.precision
+        self.scalers: dict[int, torch.amp.GradScaler] = {}
+
+    def scaler(self, cid: int) -> torch.amp.GradScaler | None:
+        """Client ``cid``'s gradient scaler under fp16, kept between its rounds; None otherwise."""
+        if cid not in self.scalers:
+            scaler = grad_scaler(self.precision, self.device)
+            if scaler is None:
+                return None
+            self.scalers[cid] = scaler
+        return self.scalers[cid]
 
     def at_depth(self, depth: dict[str, int]) -> MultimodalModel:
         """The skeleton grown to ``depth`` blocks per modality."""
@@ -98,8 +113,31 @@ def _from_earlier_stage(name: str, stage: Stage) -> bool:
     return parts[2] == "stem" or (parts[2] == "blocks" and int(parts[3]) not in stage.new_blocks[parts[1]])
 
 
+class EpochSampler(Sampler[tuple[int, int]]):
+    """A shuffled order of ``n`` positions per epoch (the permutations of a RandomSampler on the same
+    generator), each position paired with the epoch: worker processes then draw a sample's caption and crop
+    from (seed, epoch, index) without being told the epoch, so batches are the same for any worker count."""
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.n = n
+        self.generator = generator
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        # A shuffling DataLoader draws its workers' base seed from this generator before each epoch's
+        # permutation; drawn here too, every epoch, so runs keep the batches of runs made before this sampler
+        # (and persistent workers, which draw no new base seed, change nothing).
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        return ((p, epoch) for p in torch.randperm(self.n, generator=self.generator).tolist())
+
+
 class IndexedSamples(Dataset):
-    """A client's samples, each with its index in the dataset (how the frozen-prefix cache finds its rows)."""
+    """A client's training samples by (position, epoch), each with its index in the dataset (how the
+    frozen-prefix cache finds its rows) and the count of unreadable images passed over for it."""
 
     def __init__(self, dataset: Dataset, indices: list[int]) -> None:
         self.dataset = dataset
@@ -108,19 +146,34 @@ class IndexedSamples(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, position: int) -> tuple[int, Any]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, Any, int]:
+        position, epoch = key
         index = self.indices[position]
-        return index, self.dataset[index]
+        sample, missed = self.dataset.take(index, epoch)
+        return index, sample, missed
 
 
 def indexed_collate(collate: Callable[[list[Any]], dict[str, Any]]) -> Callable[[list[Any]], dict[str, Any]]:
-    """The dataset's collate, plus the batch's dataset indices under ``"index"``."""
+    """The dataset's collate, plus the batch's dataset indices under ``"index"`` and the unreadable images
+    passed over under ``"unreadable"``."""
 
-    def fn(items: list[tuple[int, Any]]) -> dict[str, Any]:
-        indices, samples = zip(*items, strict=True)
-        return {**collate(list(samples)), "index": list(indices)}
+    def fn(items: list[tuple[int, Any, int]]) -> dict[str, Any]:
+        indices, samples, missed = zip(*items, strict=True)
+        return {**collate(list(samples)), "index": list(indices), "unreadable": sum(missed)}
 
     return fn
+
+
+def loader_workers(cfg: Config, device: torch.device) -> int:
+    """``data.workers``, or when -1 a choice from the machine: on a GPU, workers keep its input coming
+    (up to 8, leaving a core to the training loop); on the CPU they would take cores from training itself,
+    measured a loss on small machines (benchmarks/RESULTS.md, "COCO-scale data"), so none below 8 cores."""
+    if cfg.data.workers >= 0:
+        return cfg.data.workers
+    cores = os.cpu_count() or 1
+    if device.type == "cuda":
+        return max(1, min(8, cores - 1))
+    return 0 if cores < 8 else min(4, cores // 4)
 
 
 def input_shapes(model: MultimodalModel, batch: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
@@ -137,38 +190,51 @@ def train_epochs(
     cfg: Config,
     meter: StepMeter | None = None,
     cache: PrefixCache | None = None,
-) -> tuple[float, int]:
-    """Local training of the configured model; returns (mean loss over steps, steps).
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[float, int, int]:
+    """Local training of the configured model; returns (mean loss over steps, steps, unreadable images
+    passed over).
 
     With a ``cache`` the frozen prefix is read from it instead of being run: same batches, same result.
+    Forward passes run under ``run.precision``'s autocast; fp16 steps go through ``scaler``.
     """
     method = meta["method"]
     seed = meta["seed"]
     batch = cfg.federation.batch_size
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout and drop-connect draws
+    sampler = EpochSampler(len(indices), generator)
+    device = model.device
+    workers = loader_workers(cfg, device)
     loader = DataLoader(
         IndexedSamples(dataset, indices),
         batch_size=batch,
-        shuffle=True,
-        generator=generator,
+        sampler=sampler,
+        # Its own generator for the workers' base seeds: the global RNG (dropout) is left as it was.
+        generator=torch.Generator().manual_seed(seed),
         drop_last=len(indices) >= batch,
         collate_fn=indexed_collate(dataset.collate),
+        num_workers=workers,
+        persistent_workers=workers > 0,  # one start per round, not per local epoch
+        pin_memory=device.type == "cuda",
     )
     # Gradients left on parameters that are frozen now (trained in an earlier stage) would otherwise stay
     # allocated for the rest of the run.
     model.zero_grad(set_to_none=True)
     optimizer = make_optimizer(model, stage, cfg)
+    precision = cfg.run.precision
     set_train_mode(model, method, stage)
     # A cached client never runs its frozen modules, so their weights are not part of its working memory.
     absent = frozen_modules(model, method, stage) if cache is not None else []
     if meter is not None:
         meter.start(method, stage, measure_memory=bool(meta.get("measure_memory")))
     losses = []
+    unreadable = 0
     for local_epoch in range(meta["local_epochs"]):
         epoch = meta["round"] * meta["local_epochs"] + local_epoch
-        dataset.set_epoch(epoch)
+        sampler.epoch = epoch
         for data in loader:
+            unreadable += data["unreadable"]
             if len(data["index"]) < 2:  # a contrastive batch needs negatives; BatchNorm needs two samples
                 continue
             if meter is None:
@@ -179,13 +245,19 @@ def train_epochs(
                 inputs = [v for v in data.values() if isinstance(v, torch.Tensor)]
                 step = meter.step(model, optimizer, key, inputs, absent)
             with step:
-                features = model.features(data) if cache is None else cache.features(model, data, epoch)
-                loss = model.loss_from_features(features, data)
+                with autocast(precision, device):
+                    features = model.features(data) if cache is None else cache.features(model, data, epoch)
+                    loss = model.loss_from_features(features, data)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                if scaler is None:
+                    loss.backward()
+                    optimizer.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
             losses.append(loss.item())
-    return (float(np.mean(losses)) if losses else float("nan")), len(losses)
+    return (float(np.mean(losses)) if losses else float("nan")), len(losses), unreadable
 
 
 class Client:
@@ -235,7 +307,8 @@ class Client:
         if self.data.test is None:
             reason = self.data.test_missing or f"client {self.cid} holds no test split"
             return Message({"cid": self.cid, "no_test": reason}, pack({}, transport))
-        scores = task_for(self.cfg).local_scores(model, self.data.test, self.cfg)
+        with autocast(self.cfg.run.precision, model.device):
+            scores = task_for(self.cfg).local_scores(model, self.data.test, self.cfg)
         return Message({"cid": self.cid, "scores": scores}, pack({}, transport))
 
     def handle(self, message: Message) -> Message:
@@ -252,7 +325,17 @@ class Client:
             self.cid, model, method, stage, self.cfg, self.dataset, self.indices, frozen_received
         )
         meter = self.workspace.meter
-        loss, steps = train_epochs(model, self.dataset, self.indices, stage, meta, self.cfg, meter, cache)
+        loss, steps, unreadable = train_epochs(
+            model,
+            self.dataset,
+            self.indices,
+            stage,
+            meta,
+            self.cfg,
+            meter,
+            cache,
+            self.workspace.scaler(self.cid),
+        )
         current = model.state_dict()
         update = {k: current[k] for k in sorted(trainable)}
         # The reply travels as the server asked; messages from before transport.dtype existed mean float32.
@@ -272,6 +355,7 @@ class Client:
             "num_samples": self.num_samples,
             "train_loss": loss,
             "steps": steps,
+            "unreadable_images": unreadable,
             **cost,
             "cache_bytes": cache.nbytes if cache is not None else 0,
             "cache_fill_flops": fill_flops,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,7 +56,7 @@ class Engine(Protocol):
         """Set every client up; per client id, its data description (``num_samples``, ``skipped``, ...), or
         ``{"error": line}`` for a client that could not open its data."""
 
-    def dispatch(self, outgoing: list[tuple[int, Message]]) -> list[tuple[int, Message]]:
+    def dispatch(self, outgoing: Collection[tuple[int, Message]]) -> list[tuple[int, Message]]:
         """Deliver one message per client; return the replies that arrived (failed clients send none)."""
 
     def resume(self, server: Server, state: dict[str, Any]) -> None:
@@ -104,6 +104,22 @@ class Ledger:
         held.update({k: self.versions[k] for k in keys})
 
 
+class Outgoing:
+    """A round's messages, each made when the engine takes it: an engine that delivers one at a time (the
+    in-process one) holds one client's payload, not every client's at once."""
+
+    def __init__(self, cids: list[int], make: Callable[[int], Message]) -> None:
+        self.cids = cids
+        self.make = make
+
+    def __len__(self) -> int:
+        return len(self.cids)
+
+    def __iter__(self) -> Iterator[tuple[int, Message]]:
+        for cid in self.cids:
+            yield cid, self.make(cid)
+
+
 @dataclass
 class _Tally:
     """What one round's messages cost and what went wrong, summed over its waves and retries."""
@@ -112,14 +128,15 @@ class _Tally:
     bytes_down: int = 0
     flops: int = 0
     cache_bytes: int = 0
+    unreadable: int = 0
     cache_notes: dict[int, str] = field(default_factory=dict)
     failed: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)
     backfilled: list[int] = field(default_factory=list)
 
-    def add(self, sent: list[Message], replies: dict[int, Message], cids: list[int]) -> None:
-        """Count one wave of messages and the replies that came back from ``cids``."""
-        self.bytes_down += sum(m.nbytes for m in sent)
+    def add(self, sent: list[int], replies: dict[int, Message], cids: list[int]) -> None:
+        """Count one wave of messages (``sent``: their sizes) and the replies that came back from ``cids``."""
+        self.bytes_down += sum(sent)
         self.bytes_up += sum(r.nbytes for r in replies.values())
         # Cost counts every client that trained and replied, whether or not its update was accepted.
         self.flops += sum(r.meta.get("flops", 0) for r in replies.values())
@@ -127,6 +144,7 @@ class _Tally:
         notes = {c: r.meta.get("cache_note") for c, r in replies.items()}
         self.cache_notes.update({c: note for c, note in notes.items() if note})
         self.failed += [cid for cid in cids if cid not in replies]
+        self.unreadable += sum(r.meta.get("unreadable_images", 0) for r in replies.values())
 
 
 class Server:
@@ -375,6 +393,9 @@ class Server:
         }
         if round_no == 1 and self.setup_failures:
             record["setup_failures"] = {str(c): r for c, r in self.setup_failures.items()}
+        if tally.unreadable:
+            # Images that failed to read during training: passed over, the batch filled with the next sample.
+            record["unreadable_images"] = tally.unreadable
         if tally.cache_notes:
             record["cache_notes"] = {str(c): n for c, n in tally.cache_notes.items()}
         if len(accepted) >= fed.min_clients:
@@ -415,8 +436,11 @@ class Server:
         if measurer in replies and replies[measurer].meta.get("peak_mem_bytes"):
             self.stage_peaks[stage.index] = int(replies[measurer].meta["peak_mem_bytes"])
         accepted = []
-        for cid, reply in replies.items():
+        for cid in list(replies):
+            # Decoded, a reply's serialised bytes are let go: a round never holds every client's update twice.
+            reply = replies.pop(cid)
             tensors = unpack(reply.blob, dtypes)
+            reply = Message(reply.meta, b"")
             if reply.meta.get("delta"):
                 tensors = from_delta(tensors, expected)
             reason = self.check_update(tensors, expected)
@@ -436,20 +460,27 @@ class Server:
         trainable: list[str],
         evaluate: bool = False,
         measurer: int | None = None,
-    ) -> tuple[list[Message], dict[int, Message]]:
-        """One message to each of ``cids`` (training, or evaluation); returns what was sent and the replies.
-        Clients whose device lost everything since the last exchange are sent their frozen tensors anew."""
+    ) -> tuple[list[int], dict[int, Message]]:
+        """One message to each of ``cids`` (training, or evaluation); returns the sizes of what was sent and
+        the replies. Clients whose device lost everything since the last exchange are sent their frozen
+        tensors anew."""
         for cid in engine.lost_state():
             self.ledger.held.pop(cid, None)
-        sent = {
-            cid: self.message_for(cid, stage, round_no, trainable, evaluate, measure_memory=cid == measurer)
-            for cid in cids
-        }
-        replies = dict(engine.dispatch([(cid, message) for cid, (message, _) in sent.items()]))
+        sizes: dict[int, int] = {}
+        frozen: dict[int, list[str]] = {}
+
+        def make(cid: int) -> Message:
+            message, frozen[cid] = self.message_for(
+                cid, stage, round_no, trainable, evaluate, measure_memory=cid == measurer
+            )
+            sizes[cid] = message.nbytes
+            return message
+
+        replies = dict(engine.dispatch(Outgoing(cids, make)))
         for cid in replies:
             # A client that replied processed the message, so it now holds the frozen tensors sent to it.
-            self.ledger.record(cid, sent[cid][1])
-        return [message for message, _ in sent.values()], replies
+            self.ledger.record(cid, frozen[cid])
+        return list(sizes.values()), replies
 
     def _evaluate_on_clients(
         self, engine: Engine, stage: Stage, round_no: int, trainable: list[str], cids: list[int]
@@ -468,7 +499,7 @@ class Server:
             "eval_clients": sorted(int(c) for c, r in replies.items() if "scores" in r.meta),
             "eval_skipped_clients": skipped,
             "eval_failed_clients": sorted(set(cids) - set(replies)),
-            "eval_bytes_down": sum(m.nbytes for m in sent),
+            "eval_bytes_down": sum(sent),
             "eval_bytes_up": sum(r.nbytes for r in replies.values()),
         }
         if parts:

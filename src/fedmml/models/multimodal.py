@@ -40,7 +40,8 @@ class MultimodalModel(nn.Module):
     def inputs(self, modality: str, raw: Any) -> dict[str, torch.Tensor]:
         """One modality's backend inputs for a batch of raw inputs, on the model's device."""
         device = self.device
-        return {k: v.to(device) for k, v in self.encoders[modality].prepare(raw).items()}
+        # Non-blocking: from pinned memory (the training loader's on a GPU) the copy overlaps compute.
+        return {k: v.to(device, non_blocking=True) for k, v in self.encoders[modality].prepare(raw).items()}
 
     def features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Every encoder's output feature for ``batch``."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -145,9 +146,10 @@ class GridEngine:
         self.restarted -= set(back)
         return back
 
-    def dispatch(self, outgoing: list[tuple[int, Payload]]) -> list[tuple[int, Payload]]:
+    def dispatch(self, outgoing: Collection[tuple[int, Payload]]) -> list[tuple[int, Payload]]:
         """Send one message per client (training, or evaluation when the payload says so) and return the
         replies that arrived, in the order sent."""
+        outgoing = list(outgoing)  # every message goes to the SuperLink at once
         messages = [
             Message(
                 pack(p, train=True),
