@@ -91,6 +91,11 @@ class ModelConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
+    # Growth that changes a CNN encoder's width rebuilds its final norm and neck: "fresh" starts the neck at
+    # random (the paper); "fit" solves it by federated least squares on up to neck_fit_samples training
+    # samples per client, so the heads keep the input they were trained on (fedmml.federation.neck_fit)
+    neck_init: str = "fresh"
+    neck_fit_samples: int = 512
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -512,6 +517,9 @@ def validate(cfg: Config) -> None:
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     _choice(cfg.run.precision, PRECISIONS, "run.precision")
+    _choice(cfg.model.neck_init, ("fresh", "fit"), "model.neck_init")
+    if cfg.model.neck_fit_samples < 1:
+        raise ConfigError("model.neck_fit_samples must be at least 1")
     if cfg.data.workers < -1:
         raise ConfigError("data.workers must be >= 0, or -1 to choose from the machine")
     if cfg.eval.every < 0:

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fedmml.accounting import StepMeter
+from fedmml.accounting import StepMeter, count_flops
 from fedmml.client_data import ClientData
 from fedmml.config import Config
+from fedmml.federation import neck_fit
 from fedmml.federation.payload import Message, PayloadError, lossy, pack, to_delta, unpack
 from fedmml.federation.prefix_cache import CacheShelf, PrefixCache
 from fedmml.methods import Stage, configure, frozen_modules, param_group, set_train_mode
@@ -281,16 +282,19 @@ class Client:
         """What the server learns of this client's data at set-up: sizes and skip counts, no samples."""
         return self.data.describe()
 
-    def _load(self, message: Message) -> tuple[Stage, MultimodalModel, set[str], dict[str, torch.Tensor]]:
-        """The global model the message describes, loaded into the workspace: (stage, model, trainable keys,
-        tensors received)."""
+    def _load(
+        self, message: Message, received: dict[str, torch.Tensor] | None = None
+    ) -> tuple[Stage, MultimodalModel, set[str], dict[str, torch.Tensor]]:
+        """The global model the message describes (its tensors: ``received``, else the message's blob),
+        loaded into the workspace: (stage, model, trainable keys, tensors received)."""
         meta = message.meta
         stage = stage_from_meta(meta["stage"])
         model = self.workspace.at_depth(stage.depth)
         trainable = set(configure(model, meta["method"], stage))
         expected = model.state_dict()
-        # Whatever the wire dtype, the model is loaded with its own (float32) dtypes.
-        received = unpack(message.blob, {k: v.dtype for k, v in expected.items()})
+        if received is None:
+            # Whatever the wire dtype, the model is loaded with its own (float32) dtypes.
+            received = unpack(message.blob, {k: v.dtype for k, v in expected.items()})
         state = {**{k: v for k, v in self.store.items() if k in expected}, **received}
         missing = sorted(set(expected) - set(state))
         if missing:
@@ -311,10 +315,31 @@ class Client:
             scores = task_for(self.cfg).local_scores(model, self.data.test, self.cfg)
         return Message({"cid": self.cid, "scores": scores}, pack({}, transport))
 
+    def fit_necks(self, message: Message) -> Message:
+        """The sums of the server's least-squares fit of the necks a stage rebuilt (model.neck_init = "fit"),
+        over this client's first training samples as the round's first epoch presents them."""
+        received = unpack(message.blob)
+        previous = {k: received.pop(k) for k in [k for k in received if k.startswith(neck_fit.PREVIOUS)]}
+        _, model, _, _ = self._load(message, received)
+        meta = message.meta
+        limit = min(self.cfg.model.neck_fit_samples, self.num_samples)
+        epoch = meta["round"] * meta["local_epochs"]
+        loader = DataLoader(
+            IndexedSamples(self.dataset, self.indices),
+            batch_size=self.cfg.federation.batch_size,
+            sampler=[(position, epoch) for position in range(limit)],
+            collate_fn=indexed_collate(self.dataset.collate),
+        )
+        olds = {m: int(d) for m, d in meta["neck_fit"].items()}
+        (sums, seen), flops = count_flops(lambda: neck_fit.statistics(model, loader, olds, previous, limit))
+        return Message({"cid": self.cid, "neck_fit_samples": seen, "flops": flops}, pack(sums, "float32"))
+
     def handle(self, message: Message) -> Message:
-        """Answer one instruction: train and reply with this client's update, or evaluate."""
+        """Answer one instruction: train and reply with this client's update, evaluate, or fit necks."""
         if message.meta.get("evaluate"):
             return self.evaluate(message)
+        if message.meta.get("neck_fit"):
+            return self.fit_necks(message)
         meta = message.meta
         stage, model, trainable, received = self._load(message)
         # Frozen tensors arrive only when this client lacks them: new to the prefix, or replacing lost ones.

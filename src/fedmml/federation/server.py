@@ -29,10 +29,11 @@ from fedmml.events import (
     StageStarted,
     ignore,
 )
-from fedmml.federation import SetupFailed
+from fedmml.federation import SetupFailed, neck_fit
 from fedmml.federation.aggregate import AGGREGATORS
 from fedmml.federation.checkpoint import save_checkpoint
 from fedmml.federation.client import derive_seed, stage_to_meta
+from fedmml.federation.neck_fit import NeckFit
 from fedmml.federation.payload import (
     Message,
     PayloadError,
@@ -211,15 +212,19 @@ class Server:
         trainable: list[str],
         evaluate: bool = False,
         measure_memory: bool = False,
+        neck_fit: NeckFit | None = None,
     ) -> tuple[Message, list[str]]:
         """The trainable tensors plus the frozen tensors this client lacks (also returned, by name); with
         ``evaluate``, an instruction to score them on the client's own held-out split instead of training;
-        with ``measure_memory``, to measure its peak training memory."""
+        with ``measure_memory``, to measure its peak training memory; with ``neck_fit``, to send the sums
+        that fit the rebuilt necks (the previous necks travel with the model)."""
         state = self.model.state_dict()
         trainable_set = set(trainable)
         frozen = [k for k in state if k not in trainable_set]
         missing_frozen = self.ledger.lacking(cid, frozen)
         tensors = {k: state[k] for k in trainable + missing_frozen}
+        if neck_fit is not None:
+            tensors.update(neck_fit.previous)
         fed = self.cfg.federation
         meta = {
             "round": round_no,
@@ -232,6 +237,8 @@ class Server:
         }
         if evaluate:
             meta["evaluate"] = True
+        if neck_fit is not None:
+            meta["neck_fit"] = neck_fit.depths
         if measure_memory:
             meta["measure_memory"] = True
         return Message(meta, pack(tensors, self.cfg.transport.dtype)), missing_frozen
@@ -312,17 +319,24 @@ class Server:
             engine.resume(self, self._engine_state)
             self._engine_state = None
         round_no = 0
+        fit = NeckFit()
         for stage in self.stages:
             if round_no + stage.rounds < self.done_rounds:
                 round_no += stage.rounds
                 continue
+            if self.cfg.model.neck_init == "fit" and round_no > 0:
+                # Necks this growth rebuilds are fitted to the last trained ones at the next round trained
+                # (stages without rounds in between keep the target).
+                fit.add(self.model, stage.depth)
             trainable = self.enter_stage(stage)
             self.listener(StageStarted(stage.index + 1, len(self.stages), stage.rounds))
             for _ in range(stage.rounds):
                 round_no += 1
                 if round_no <= self.done_rounds:
                     continue
-                self.metrics.append(self._round(engine, stage, round_no, trainable))
+                pending = fit if fit.depths else None
+                self.metrics.append(self._round(engine, stage, round_no, trainable, pending))
+                fit = NeckFit()
                 if self.checkpoint_dir is not None:
                     tensors, state = self.snapshot(round_no, engine)
                     save_checkpoint(
@@ -348,17 +362,23 @@ class Server:
                 return f"update norm {delta:.3g} exceeds {bound} x the global norm {norm:.3g}"
         return None
 
-    def _round(self, engine: Engine, stage: Stage, round_no: int, trainable: list[str]) -> dict[str, Any]:
+    def _round(
+        self, engine: Engine, stage: Stage, round_no: int, trainable: list[str], fit: NeckFit | None = None
+    ) -> dict[str, Any]:
         start = time.perf_counter()
         fed = self.cfg.federation
         trainable_set = set(trainable)
-        expected = {k: v for k, v in self.model.state_dict().items() if k in trainable_set}
         tally = _Tally()
+        fitted: dict[str, Any] = {}
         retries = -1
         while retries < fed.round_retries:
             retries += 1
             cids = self.sample_clients()
             self.listener(RoundStarted(round_no, self.total_rounds, cids))
+            if fit is not None and not fitted:
+                # The round's clients fit the rebuilt necks first; their work and bytes are the round's.
+                fitted = self._fit_necks(engine, cids, stage, round_no, trainable, fit, tally)
+            expected = {k: v for k, v in self.model.state_dict().items() if k in trainable_set}
             accepted = self._wave(engine, cids, stage, round_no, trainable, expected, tally)
             asked = set(cids)
             for _ in range(fed.backfill):
@@ -391,6 +411,8 @@ class Server:
             # What one client's update carries, by part of the model (tensor bytes on the wire).
             "upload_parts": self._upload_parts(stage, expected, trainable),
         }
+        if fitted:
+            record["neck_fit"] = fitted
         if round_no == 1 and self.setup_failures:
             record["setup_failures"] = {str(c): r for c, r in self.setup_failures.items()}
         if tally.unreadable:
@@ -460,6 +482,7 @@ class Server:
         trainable: list[str],
         evaluate: bool = False,
         measurer: int | None = None,
+        neck_fit: NeckFit | None = None,
     ) -> tuple[list[int], dict[int, Message]]:
         """One message to each of ``cids`` (training, or evaluation); returns the sizes of what was sent and
         the replies. Clients whose device lost everything since the last exchange are sent their frozen
@@ -471,7 +494,7 @@ class Server:
 
         def make(cid: int) -> Message:
             message, frozen[cid] = self.message_for(
-                cid, stage, round_no, trainable, evaluate, measure_memory=cid == measurer
+                cid, stage, round_no, trainable, evaluate, measure_memory=cid == measurer, neck_fit=neck_fit
             )
             sizes[cid] = message.nbytes
             return message
@@ -481,6 +504,31 @@ class Server:
             # A client that replied processed the message, so it now holds the frozen tensors sent to it.
             self.ledger.record(cid, frozen[cid])
         return list(sizes.values()), replies
+
+    def _fit_necks(
+        self,
+        engine: Engine,
+        cids: list[int],
+        stage: Stage,
+        round_no: int,
+        trainable: list[str],
+        fit: NeckFit,
+        tally: _Tally,
+    ) -> dict[str, Any]:
+        """Fit the rebuilt necks by least squares on the sums ``cids`` send (fedmml.federation.neck_fit);
+        without replies the necks stay as initialised. Returns what the round records of the fit."""
+        self.listener(Phase("fitting the rebuilt necks on the clients"))
+        sent, replies = self._exchange(engine, cids, stage, round_no, trainable, neck_fit=fit)
+        tally.add(sent, replies, [])
+        sums: dict[str, torch.Tensor] = {}
+        for reply in replies.values():
+            for key, value in unpack(reply.blob).items():
+                sums[key] = sums[key] + value.double() if key in sums else value.double()
+        samples = sum(int(r.meta.get("neck_fit_samples", 0)) for r in replies.values())
+        record: dict[str, Any] = {"clients": sorted(replies), "samples": samples}
+        if samples:
+            record["encoders"] = neck_fit.solve(self.model, sums, samples)
+        return record
 
     def _evaluate_on_clients(
         self, engine: Engine, stage: Stage, round_no: int, trainable: list[str], cids: list[int]

@@ -68,7 +68,16 @@ class StagedEncoder(nn.Module):
     @property
     def width(self) -> int:
         """Width of the pooled feature at the current depth (before the neck)."""
-        return self._widths[self.depth - 1] if self.depth else self._stem_width
+        return self.width_at(self.depth)
+
+    def width_at(self, depth: int) -> int:
+        """Width of the pooled feature with ``depth`` blocks."""
+        return self._widths[depth - 1] if depth else self._stem_width
+
+    def fresh_norm_and_neck(self, depth: int) -> tuple[nn.Module, nn.Module]:
+        """A newly initialised final norm and neck for the width at ``depth`` (not attached)."""
+        width = self.width_at(depth)
+        return self._make_norm(width), self._build_neck(width)
 
     @property
     def out_dim(self) -> int:
@@ -92,8 +101,9 @@ class StagedEncoder(nn.Module):
             self.blocks.append(self._pool[j].to(ref.device, ref.dtype).train(self.training))
         if self.width != old_width:
             # The pretrained norm and neck fit one width only; a new width needs fresh ones.
-            self.norm = self._make_norm(self.width).to(ref.device, ref.dtype).train(self.training)
-            self.neck = self._build_neck(self.width).to(ref.device, ref.dtype).train(self.training)
+            norm, neck = self.fresh_norm_and_neck(self.depth)
+            self.norm = norm.to(ref.device, ref.dtype).train(self.training)
+            self.neck = neck.to(ref.device, ref.dtype).train(self.training)
         return range(start, start + n)
 
     def grow_to(self, depth: int) -> range:
