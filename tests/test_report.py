@@ -88,6 +88,12 @@ def test_run_report_has_summary_stages_and_plots(tmp_path):
     for name in ("retrieval", "bytes", "loss"):
         assert f"(plots/{name}.png)" in text
         assert (tmp_path / "plots" / f"{name}.png").is_file()
+    assert "neck fit" not in text  # only runs that fit necks have the column
+    fitted = {"image": {"r2": 0.9612, "width": 80}}
+    metrics[4]["neck_fit"] = {"clients": [0, 1], "samples": 64, "encoders": fitted}
+    text = write_run_report(tmp_path, config, summary, metrics).read_text()
+    assert "| 1 | 1–4 (4) | 6.0 MB | 12.0 MB | 4 | 80.00 | 8.00 | 7.00 | — |" in text
+    assert "| 8 | 120.00 | 12.00 | 11.00 | image 0.961 |" in text
 
 
 def _summary(rsum: float, mem_mib: float, flops: float, up: float, wall: float) -> dict:

@@ -371,23 +371,31 @@ def _summary_order(key: str) -> tuple[int, int, int]:
 
 
 def _stage_table(metrics: Sequence[Record]) -> str:
-    """Per stage: its rounds, bytes each way, and its last evaluation."""
+    """Per stage: its rounds, bytes each way, its last evaluation, and (model.neck_init = "fit") how well
+    the necks its growth rebuilt reproduce the previous ones."""
     keys = _eval_keys(metrics)
+    fitted = any("neck_fit" in r for r in metrics)
     headers = ["stage", "rounds", "bytes up", "bytes down", "last eval round", *map(_label, keys)]
+    headers += ["neck fit R²"] if fitted else []
     rows = []
     for stage, records in _stages(metrics):
         last = next((r for r in reversed(records) if keys and _has(r, keys[0])), {})
-        rows.append(
-            [
-                stage,
-                f"{records[0]['round']}–{records[-1]['round']} ({len(records)})",
-                _fmt("bytes", _bytes_total({}, records, "up")),
-                _fmt("bytes", _bytes_total({}, records, "down")),
-                last.get("round", "—"),
-                *(_fmt(k, last.get(k)) for k in keys),
-            ]
-        )
+        row = [
+            stage,
+            f"{records[0]['round']}–{records[-1]['round']} ({len(records)})",
+            _fmt("bytes", _bytes_total({}, records, "up")),
+            _fmt("bytes", _bytes_total({}, records, "down")),
+            last.get("round", "—"),
+            *(_fmt(k, last.get(k)) for k in keys),
+        ]
+        rows.append(row + ([_neck_fit(records)] if fitted else []))
     return _table(headers, rows)
+
+
+def _neck_fit(records: Sequence[Record]) -> str:
+    fit = next((r["neck_fit"] for r in records if "neck_fit" in r), {})
+    encoders = fit.get("encoders", {})
+    return ", ".join(f"{m} {e['r2']:.3f}" for m, e in sorted(encoders.items())) or "—"
 
 
 def _upload_section(metrics: Sequence[Record]) -> list[str]:
