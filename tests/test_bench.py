@@ -66,7 +66,7 @@ def test_bench_bytes_equal_the_payloads_of_a_real_run(bench_rows, emoji_root: Pa
     engine_dispatch = setup.engine.dispatch
 
     def dispatch(outgoing):
-        replies = engine_dispatch(outgoing)
+        replies = list(engine_dispatch(outgoing))
         rounds.append((dict(outgoing)[0], dict(replies)[0]))  # client 0 takes part in every round
         return replies
 

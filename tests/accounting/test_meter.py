@@ -29,7 +29,7 @@ def lw_run(emoji_root: Path):
     engine_dispatch = setup.engine.dispatch
 
     def dispatch(outgoing):
-        out = engine_dispatch(outgoing)
+        out = list(engine_dispatch(outgoing))
         replies.append([r for _, r in out])
         return out
 

@@ -32,7 +32,7 @@ class Recorder:
     def __call__(self, outgoing):
         before = {k: v.clone() for k, v in self.setup.server.model.state_dict().items()}
         outgoing = list(outgoing)  # the messages as sent (the server makes them as they are taken)
-        replies = self.dispatch(outgoing)
+        replies = list(self.dispatch(outgoing))
         self.rounds.append({"down": outgoing, "up": replies, "before": before})
         return replies
 

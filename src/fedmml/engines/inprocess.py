@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import numpy as np
@@ -88,9 +88,9 @@ class InProcessEngine:
         delay = self.faults.straggler_delay_s if straggle < self.faults.straggler_rate else 0.0
         return self.clients[cid].handle(message), delay
 
-    def dispatch(self, outgoing: Collection[tuple[int, Message]]) -> list[tuple[int, Message]]:
-        """Run each addressed client's local training and collect the replies of those that succeeded."""
-        replies = []
+    def dispatch(self, outgoing: Collection[tuple[int, Message]]) -> Iterator[tuple[int, Message]]:
+        """Run each addressed client's local training and give the reply of each that succeeded before the
+        next client runs: the server folds it in, so a round holds one client's update at a time."""
         for i, (cid, message) in enumerate(outgoing):
             self.listener(ClientStarted(cid, i + 1, len(outgoing)))
             start = time.perf_counter()
@@ -105,5 +105,4 @@ class InProcessEngine:
                 reason = f"missed the {self.timeout_s:g} s deadline ({elapsed:.2f} s)"
                 self.listener(ClientDropped(cid, reason))
                 continue
-            replies.append((cid, reply))
-        return replies
+            yield cid, reply

@@ -9,23 +9,45 @@ import torch
 Update = tuple[dict[str, torch.Tensor], int]
 
 
-def _cast_like(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    return value.to(ref.dtype) if ref.is_floating_point() else value.round().to(ref.dtype)
+def _cast_like(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return value.to(dtype) if dtype.is_floating_point else value.round().to(dtype)
+
+
+class RunningMean:
+    """FedAvg folded in one update at a time: a float64 sum of sample-weighted tensors, so a round holds one
+    running sum (twice a model's float32 size) instead of every client's update until the last arrives."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self.total = 0
+
+    def add(self, tensors: dict[str, torch.Tensor], num_samples: int) -> None:
+        """Fold in one client's tensors, weighted by its sample count."""
+        for key, value in tensors.items():
+            # float64 keeps the average independent of client order to within float32 rounding.
+            weighted = value.to(torch.float64) * num_samples
+            if key in self.sums:
+                self.sums[key] += weighted
+            else:
+                self.sums[key], self.dtypes[key] = weighted, value.dtype
+        self.total += num_samples
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The sample-weighted average in each tensor's own dtype; integer buffers are rounded back."""
+        if not self.sums:
+            raise ValueError("fedavg needs at least one update")
+        if self.total <= 0:
+            raise ValueError("fedavg needs a positive total sample count")
+        return {k: _cast_like(s / self.total, self.dtypes[k]) for k, s in self.sums.items()}
 
 
 def fedavg(updates: list[Update]) -> dict[str, torch.Tensor]:
     """Sample-weighted average of the clients' tensors (FedAvg); integer buffers are rounded back."""
-    if not updates:
-        raise ValueError("fedavg needs at least one update")
-    total = sum(n for _, n in updates)
-    if total <= 0:
-        raise ValueError("fedavg needs a positive total sample count")
-    out = {}
-    for key, ref in updates[0][0].items():
-        # float64 accumulation keeps the average independent of client order to within float32 rounding.
-        acc = sum(t[key].to(torch.float64) * (n / total) for t, n in updates)
-        out[key] = _cast_like(acc, ref)
-    return out
+    mean = RunningMean()
+    for tensors, num_samples in updates:
+        mean.add(tensors, num_samples)
+    return mean.result()
 
 
 def _stacked(updates: list[Update], key: str) -> torch.Tensor:
@@ -42,7 +64,7 @@ def coordinate_median(updates: list[Update]) -> dict[str, torch.Tensor]:
         # Sorting and averaging the middle pair: torch.median takes the lower one, and torch.quantile
         # refuses tensors over 16M elements (a 4096x4096 head from a few clients).
         values = _stacked(updates, key).sort(dim=0).values
-        out[key] = _cast_like((values[(n - 1) // 2] + values[n // 2]) / 2, ref)
+        out[key] = _cast_like((values[(n - 1) // 2] + values[n // 2]) / 2, ref.dtype)
     return out
 
 
@@ -56,7 +78,7 @@ def trimmed_mean(updates: list[Update], trim: float = 0.2) -> dict[str, torch.Te
     out = {}
     for key, ref in updates[0][0].items():
         values = _stacked(updates, key).sort(dim=0).values
-        out[key] = _cast_like(values[cut : len(updates) - cut].mean(dim=0), ref)
+        out[key] = _cast_like(values[cut : len(updates) - cut].mean(dim=0), ref.dtype)
     return out
 
 

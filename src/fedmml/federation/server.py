@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,7 +30,7 @@ from fedmml.events import (
     ignore,
 )
 from fedmml.federation import SetupFailed, neck_fit
-from fedmml.federation.aggregate import AGGREGATORS
+from fedmml.federation.aggregate import AGGREGATORS, RunningMean
 from fedmml.federation.checkpoint import save_checkpoint
 from fedmml.federation.client import derive_seed, stage_to_meta
 from fedmml.federation.neck_fit import NeckFit
@@ -57,8 +57,9 @@ class Engine(Protocol):
         """Set every client up; per client id, its data description (``num_samples``, ``skipped``, ...), or
         ``{"error": line}`` for a client that could not open its data."""
 
-    def dispatch(self, outgoing: Collection[tuple[int, Message]]) -> list[tuple[int, Message]]:
-        """Deliver one message per client; return the replies that arrived (failed clients send none)."""
+    def dispatch(self, outgoing: Collection[tuple[int, Message]]) -> Iterable[tuple[int, Message]]:
+        """Deliver one message per client; give the replies that arrived (failed clients send none), each as
+        soon as it is there when the engine can (the server takes it in before the next one comes)."""
 
     def resume(self, server: Server, state: dict[str, Any]) -> None:
         """Restore the engine's state saved by :meth:`state_dict` when ``server`` continues a run."""
@@ -137,15 +138,24 @@ class _Tally:
 
     def add(self, sent: list[int], replies: dict[int, Message], cids: list[int]) -> None:
         """Count one wave of messages (``sent``: their sizes) and the replies that came back from ``cids``."""
-        self.bytes_down += sum(sent)
-        self.bytes_up += sum(r.nbytes for r in replies.values())
+        for cid, reply in replies.items():
+            self.reply(cid, reply)
+        self.wave(sent, cids, set(replies))
+
+    def reply(self, cid: int, reply: Message) -> None:
+        """Count one reply (its bytes still attached)."""
+        self.bytes_up += reply.nbytes
         # Cost counts every client that trained and replied, whether or not its update was accepted.
-        self.flops += sum(r.meta.get("flops", 0) for r in replies.values())
-        self.cache_bytes = max([self.cache_bytes, *(r.meta.get("cache_bytes", 0) for r in replies.values())])
-        notes = {c: r.meta.get("cache_note") for c, r in replies.items()}
-        self.cache_notes.update({c: note for c, note in notes.items() if note})
-        self.failed += [cid for cid in cids if cid not in replies]
-        self.unreadable += sum(r.meta.get("unreadable_images", 0) for r in replies.values())
+        self.flops += reply.meta.get("flops", 0)
+        self.cache_bytes = max(self.cache_bytes, reply.meta.get("cache_bytes", 0))
+        if reply.meta.get("cache_note"):
+            self.cache_notes[cid] = reply.meta["cache_note"]
+        self.unreadable += reply.meta.get("unreadable_images", 0)
+
+    def wave(self, sent: list[int], cids: list[int], replied: set[int]) -> None:
+        """Count one wave's messages (``sent``: their sizes) and which of ``cids`` did not reply."""
+        self.bytes_down += sum(sent)
+        self.failed += [cid for cid in cids if cid not in replied]
 
 
 class Server:
@@ -379,7 +389,9 @@ class Server:
                 # The round's clients fit the rebuilt necks first; their work and bytes are the round's.
                 fitted = self._fit_necks(engine, cids, stage, round_no, trainable, fit, tally)
             expected = {k: v for k, v in self.model.state_dict().items() if k in trainable_set}
-            accepted = self._wave(engine, cids, stage, round_no, trainable, expected, tally)
+            # FedAvg folds each update in as it arrives; the robust aggregators need them all at once.
+            mean = RunningMean() if fed.aggregator == "fedavg" else None
+            accepted = self._wave(engine, cids, stage, round_no, trainable, expected, tally, mean)
             asked = set(cids)
             for _ in range(fed.backfill):
                 replacements = self._replacements(len(cids) - len(accepted), asked)
@@ -388,7 +400,9 @@ class Server:
                 self.listener(Backfill(round_no, replacements))
                 tally.backfilled += replacements
                 asked.update(replacements)
-                accepted += self._wave(engine, replacements, stage, round_no, trainable, expected, tally)
+                accepted += self._wave(
+                    engine, replacements, stage, round_no, trainable, expected, tally, mean
+                )
             if len(accepted) >= fed.min_clients:
                 break
         record: dict[str, Any] = {
@@ -421,7 +435,7 @@ class Server:
         if tally.cache_notes:
             record["cache_notes"] = {str(c): n for c, n in tally.cache_notes.items()}
         if len(accepted) >= fed.min_clients:
-            record.update(self._aggregate(accepted))
+            record.update(self._aggregate(accepted, mean))
         else:
             record["skipped"] = True
             self.listener(RoundSkipped(round_no, len(accepted)))
@@ -448,29 +462,36 @@ class Server:
         trainable: list[str],
         expected: dict[str, torch.Tensor],
         tally: _Tally,
-    ) -> list[tuple[int, dict[str, torch.Tensor], Message]]:
-        """Send one message to each of ``cids``; return the updates that passed validation."""
+        mean: RunningMean | None = None,
+    ) -> list[tuple[int, dict[str, torch.Tensor] | None, Message]]:
+        """Send one message to each of ``cids``; return the updates that passed validation, each taken in as
+        it arrives (into ``mean`` when given, which then keeps the tensors: the list holds None for them)."""
         # Updates are decoded back to the master weights' dtypes before validation and aggregation.
         dtypes = {k: v.dtype for k, v in expected.items()}
         measurer = None if stage.index in self.stage_peaks or not cids else cids[0]
-        sent, replies = self._exchange(engine, cids, stage, round_no, trainable, measurer=measurer)
-        tally.add(sent, replies, cids)
-        if measurer in replies and replies[measurer].meta.get("peak_mem_bytes"):
-            self.stage_peaks[stage.index] = int(replies[measurer].meta["peak_mem_bytes"])
-        accepted = []
-        for cid in list(replies):
-            # Decoded, a reply's serialised bytes are let go: a round never holds every client's update twice.
-            reply = replies.pop(cid)
+        sizes: dict[int, int] = {}
+        replied: set[int] = set()
+        accepted: list[tuple[int, dict[str, torch.Tensor] | None, Message]] = []
+        for cid, reply in self._replies(engine, cids, stage, round_no, trainable, sizes, measurer=measurer):
+            replied.add(cid)
+            tally.reply(cid, reply)
+            if cid == measurer and reply.meta.get("peak_mem_bytes"):
+                self.stage_peaks[stage.index] = int(reply.meta["peak_mem_bytes"])
+            # Decoded, a reply's serialised bytes are let go: a round never holds an update twice.
             tensors = unpack(reply.blob, dtypes)
             reply = Message(reply.meta, b"")
             if reply.meta.get("delta"):
                 tensors = from_delta(tensors, expected)
             reason = self.check_update(tensors, expected)
-            if reason is None:
-                accepted.append((cid, tensors, reply))
-            else:
+            if reason is not None:
                 tally.rejected[cid] = reason
                 self.listener(ClientDropped(cid, f"update rejected: {reason}"))
+                continue
+            if mean is not None:
+                mean.add(tensors, reply.meta["num_samples"])
+                tensors = None
+            accepted.append((cid, tensors, reply))
+        tally.wave(list(sizes.values()), cids, replied)
         return accepted
 
     def _exchange(
@@ -484,12 +505,31 @@ class Server:
         measurer: int | None = None,
         neck_fit: NeckFit | None = None,
     ) -> tuple[list[int], dict[int, Message]]:
-        """One message to each of ``cids`` (training, or evaluation); returns the sizes of what was sent and
-        the replies. Clients whose device lost everything since the last exchange are sent their frozen
-        tensors anew."""
+        """One message to each of ``cids`` (training, evaluation or a neck fit); returns the sizes of what was
+        sent and every reply."""
+        sizes: dict[int, int] = {}
+        replies = dict(
+            self._replies(engine, cids, stage, round_no, trainable, sizes, evaluate, measurer, neck_fit)
+        )
+        return list(sizes.values()), replies
+
+    def _replies(
+        self,
+        engine: Engine,
+        cids: list[int],
+        stage: Stage,
+        round_no: int,
+        trainable: list[str],
+        sizes: dict[int, int],
+        evaluate: bool = False,
+        measurer: int | None = None,
+        neck_fit: NeckFit | None = None,
+    ) -> Iterator[tuple[int, Message]]:
+        """The replies to one message to each of ``cids``, as the engine hands them over; ``sizes`` gets the
+        size of each message sent. Clients whose device lost everything since the last exchange are sent
+        their frozen tensors anew."""
         for cid in engine.lost_state():
             self.ledger.held.pop(cid, None)
-        sizes: dict[int, int] = {}
         frozen: dict[int, list[str]] = {}
 
         def make(cid: int) -> Message:
@@ -499,11 +539,10 @@ class Server:
             sizes[cid] = message.nbytes
             return message
 
-        replies = dict(engine.dispatch(Outgoing(cids, make)))
-        for cid in replies:
+        for cid, reply in engine.dispatch(Outgoing(cids, make)):
             # A client that replied processed the message, so it now holds the frozen tensors sent to it.
             self.ledger.record(cid, frozen[cid])
-        return list(sizes.values()), replies
+            yield cid, reply
 
     def _fit_necks(
         self,
@@ -569,11 +608,18 @@ class Server:
             self._parts_by_stage[stage.index] = upload_parts(expected, trainable, self.cfg.transport.dtype)
         return self._parts_by_stage[stage.index]
 
-    def _aggregate(self, accepted: list[tuple[int, dict[str, torch.Tensor], Message]]) -> dict[str, Any]:
+    def _aggregate(
+        self, accepted: list[tuple[int, dict[str, torch.Tensor] | None, Message]], mean: RunningMean | None
+    ) -> dict[str, Any]:
         fed = self.cfg.federation
-        updates = [(tensors, reply.meta["num_samples"]) for _, tensors, reply in accepted]
-        aggregate = AGGREGATORS[fed.aggregator]
-        averaged = aggregate(updates, fed.trim) if fed.aggregator == "trimmed_mean" else aggregate(updates)
+        if mean is not None:
+            averaged = mean.result()
+        else:
+            updates = [(tensors, reply.meta["num_samples"]) for _, tensors, reply in accepted if tensors]
+            aggregate = AGGREGATORS[fed.aggregator]
+            averaged = (
+                aggregate(updates, fed.trim) if fed.aggregator == "trimmed_mean" else aggregate(updates)
+            )
         self.model.load_state_dict(averaged, strict=False)
         self.ledger.bump(list(averaged))
         replies = [reply for _, _, reply in accepted]
