@@ -494,25 +494,6 @@ class Server:
         tally.wave(list(sizes.values()), cids, replied)
         return accepted
 
-    def _exchange(
-        self,
-        engine: Engine,
-        cids: list[int],
-        stage: Stage,
-        round_no: int,
-        trainable: list[str],
-        evaluate: bool = False,
-        measurer: int | None = None,
-        neck_fit: NeckFit | None = None,
-    ) -> tuple[list[int], dict[int, Message]]:
-        """One message to each of ``cids`` (training, evaluation or a neck fit); returns the sizes of what was
-        sent and every reply."""
-        sizes: dict[int, int] = {}
-        replies = dict(
-            self._replies(engine, cids, stage, round_no, trainable, sizes, evaluate, measurer, neck_fit)
-        )
-        return list(sizes.values()), replies
-
     def _replies(
         self,
         engine: Engine,
@@ -557,8 +538,9 @@ class Server:
         """Fit the rebuilt necks by least squares on the sums ``cids`` send (fedmml.federation.neck_fit);
         without replies the necks stay as initialised. Returns what the round records of the fit."""
         self.listener(Phase("fitting the rebuilt necks on the clients"))
-        sent, replies = self._exchange(engine, cids, stage, round_no, trainable, neck_fit=fit)
-        tally.add(sent, replies, [])
+        sizes: dict[int, int] = {}
+        replies = dict(self._replies(engine, cids, stage, round_no, trainable, sizes, neck_fit=fit))
+        tally.add(list(sizes.values()), replies, [])
         sums: dict[str, torch.Tensor] = {}
         for reply in replies.values():
             for key, value in unpack(reply.blob).items():
@@ -575,7 +557,8 @@ class Server:
         """Federated evaluation: the round's clients score the new global model on their own held-out splits,
         and the task combines what they report. Its bytes are counted apart from training's."""
         self.listener(Phase("evaluating on the clients"))
-        sent, replies = self._exchange(engine, cids, stage, round_no, trainable, evaluate=True)
+        sizes: dict[int, int] = {}
+        replies = dict(self._replies(engine, cids, stage, round_no, trainable, sizes, evaluate=True))
         parts, skipped = [], {}
         for cid, reply in replies.items():
             if "scores" in reply.meta:
@@ -586,7 +569,7 @@ class Server:
             "eval_clients": sorted(int(c) for c, r in replies.items() if "scores" in r.meta),
             "eval_skipped_clients": skipped,
             "eval_failed_clients": sorted(set(cids) - set(replies)),
-            "eval_bytes_down": sum(sent),
+            "eval_bytes_down": sum(sizes.values()),
             "eval_bytes_up": sum(r.nbytes for r in replies.values()),
         }
         if parts:
