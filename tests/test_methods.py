@@ -151,7 +151,9 @@ def test_prog_can_train_earlier_blocks_at_a_smaller_rate(tiny_model) -> None:
     model = _grown(tiny_model, stage)
     configure(model, "prog", stage)
     cfg = load_config("tiny", ['run.method="prog"', "federation.prog_earlier_lr_scale=0.1"])
-    rate = {id(p): g["lr"] for g in make_optimizer(model, stage, cfg).param_groups for p in g["params"]}
+    rate = {
+        id(p): g["lr"] for g in make_optimizer(model, stage, cfg, "prog").param_groups for p in g["params"]
+    }
     params = dict(model.named_parameters())
     assert rate[id(params["encoders.image.blocks.2.mlp.fc1.weight"])] == 0.2  # new: the stage's rate
     assert rate[id(params["encoders.image.blocks.1.mlp.fc1.weight"])] == pytest.approx(0.02)
@@ -160,4 +162,4 @@ def test_prog_can_train_earlier_blocks_at_a_smaller_rate(tiny_model) -> None:
     assert rate[id(params["encoders.image.norm.weight"])] == 0.2
     # The paper's Prog (scale 1) and every other method: one rate per group.
     plain = load_config("tiny", ['run.method="prog"'])
-    assert {g["lr"] for g in make_optimizer(model, stage, plain).param_groups} == {0.2, 2.0, 6.0}
+    assert {g["lr"] for g in make_optimizer(model, stage, plain, "prog").param_groups} == {0.2, 2.0, 6.0}

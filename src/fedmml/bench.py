@@ -35,13 +35,14 @@ from fedmml.config import BENCH_METHODS, Config, config_from_dict
 from fedmml.data.advance import collate as collate_pairs
 from fedmml.data.audio import FeatureSettings, feature_settings
 from fedmml.data.coco import collate_train
+from fedmml.device import select_device
+from fedmml.federation.budgets import slice_method, slices_of
 from fedmml.federation.client import Client, Workspace
 from fedmml.federation.payload import upload_parts
 from fedmml.federation.server import Server
 from fedmml.methods import plan_stages
 from fedmml.models.build import build_model
 from fedmml.models.multimodal import MultimodalModel
-from fedmml.setup import select_device
 from fedmml.tasks import resolve_classes
 
 # Bench variants of a method: (method, config overrides). Plain names run with the preset's own settings.
@@ -150,7 +151,7 @@ def bench_config(cfg: Config, name: str) -> tuple[Config, list[str]]:
     for section, values in overrides.items():
         tree[section].update(values)
     tree["run"]["method"] = method
-    tree["federation"].update(num_clients=1, clients_per_round=0, local_epochs=1)
+    tree["federation"].update(num_clients=1, clients_per_round=0, local_epochs=1, client_memory_mib=0.0)
     notes = []
     for modality in cfg.model.modalities:
         enc = tree["model"][modality]
@@ -175,8 +176,10 @@ def bench_method(
     only_stage: int | None = None,
     rss: bool = False,
     progress: Progress | None = None,
+    stages_of: str = "",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Per-stage measured cost of ``method`` (or a variant): (rows, info). ``only_stage``: that stage only."""
+    """Per-stage measured cost of ``method`` (or a variant): (rows, info). ``only_stage``: that stage only;
+    ``stages_of``: the method whose stages to run instead of ``method``'s own (a slice of a growing run)."""
     say = progress or (lambda msg: None)
     name = method
     bcfg, notes = bench_config(cfg, name)
@@ -185,7 +188,7 @@ def bench_method(
     torch.manual_seed(bcfg.run.seed)
     model = build_model(bcfg.model, load_weights=False, adapters=method == "lora").to(device)
     totals = {m: enc.total_blocks for m, enc in model.encoders.items()}
-    stages = plan_stages(bcfg.active_schedule, method, totals)
+    stages = plan_stages(bcfg.active_schedule, stages_of or method, totals)
     workspace = Workspace(bcfg, device)
     if rss:
         workspace.meter = StepMeter(device, rss=True)
@@ -242,6 +245,22 @@ def bench_method(
         )
     info = {"memory_method": workspace.meter.memory_method, "notes": notes, "device": str(device)}
     return rows, info
+
+
+def slice_peaks(cfg: Config, steps: int = 2, progress: Progress | None = None) -> dict[int, dict[str, int]]:
+    """Per stage with rounds, the measured client peak memory (bytes) of each slice a client of
+    ``cfg.run.method`` may train (fedmml.federation.budgets), from the real client on synthetic batches."""
+    method = cfg.run.method
+    peaks: dict[int, dict[str, int]] = {}
+    for name in slices_of(method):
+        growth = method if method == "hetero" else ""
+        # The caller's torch RNG stream (its model's initialisation, its clients' draws) stays as it was.
+        with torch.random.fork_rng(devices=[]):
+            rows, _ = bench_method(cfg, slice_method(name), steps, progress=progress, stages_of=growth)
+        for row in rows:
+            if row["measured"]:
+                peaks.setdefault(row["stage"] - 1, {})[name] = row["peak_mem_bytes"]
+    return peaks
 
 
 def method_totals(rows: list[dict[str, Any]], local_epochs: int) -> dict[str, Any]:

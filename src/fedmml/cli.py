@@ -64,6 +64,8 @@ examples:
   fedmml run --set 'partition.kind="local"' --set federation.num_clients=2 \\
       --set 'data.client_roots=["/data/a", "/data/b"]' --set 'data.root="/data/test-only"'
                                             each client trains on a folder of its own
+  fedmml run --method hetero --set 'federation.client_memory_mib=[0, 0, 0, 0, 0, 120, 120, 120, 120, 120]'
+                                            five strong and five 120 MiB clients in one federation
   fedmml deploy --node-data /data/a /data/b one SuperNode per folder (TLS, node authentication)
   fedmml evaluate --run runs/emoji-lw --data data/emoji
   fedmml config --preset paper-coco         print the fully resolved configuration
@@ -73,7 +75,10 @@ examples:
 methods: e2e (FedMML, end to end), lw (LW-FedMML, layer-wise), prog (Prog-FedMML, progressive);
   reference rows: frozen (pretrained encoders untouched, only necks and heads train),
   centralized (e2e on one client holding all the training data),
-  lora (LoRA adapters on every encoder block; adapters, norms, necks and heads train and travel)
+  lora (LoRA adapters on every encoder block; adapters, norms, necks and heads train and travel);
+  hetero (mixed devices: each client trains the deepest slice its memory budget fits, Prog's, LW's or
+  the heads only, measured per stage: --set 'federation.client_memory_mib=[0, 0, 300, 300, 100]').
+  With federation.client_memory_mib set, any other method leaves out the clients its peak exceeds.
 """
 
 
@@ -469,8 +474,9 @@ def _cmd_deploy(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from fedmml.device import select_device
     from fedmml.runs import load_run_model
-    from fedmml.setup import evaluate_on, select_device
+    from fedmml.setup import evaluate_on
     from fedmml.tasks import task_for
 
     cfg, model = load_run_model(args.run)

@@ -19,7 +19,7 @@ from typing import Any
 
 from fedmml.data.audio import FEATURES as AUDIO_FEATURES
 
-METHODS = ("e2e", "lw", "prog", "frozen", "centralized", "lora")  # see fedmml.methods
+METHODS = ("e2e", "lw", "prog", "frozen", "centralized", "lora", "hetero")  # see fedmml.methods
 # What `fedmml bench resources` measures: lw-nocache is lw without its frozen-prefix cache (see fedmml.bench).
 BENCH_METHODS = ("e2e", "lw", "lw-nocache", "prog", "lora")
 ENGINES = ("inprocess", "flower-sim", "flower")  # flower-sim: Flower simulation; flower: deployment
@@ -191,6 +191,11 @@ class FederationConfig:
     backfill: int = 0
     client_timeout_s: float = 0.0  # a reply slower than this is dropped; 0: no deadline
     max_update_norm: float = 0.0  # reject an update whose change exceeds this x the global norm; 0: off
+    # Peak training memory each client may use, in MiB: one number for all or a list of num_clients; 0: no
+    # limit. A client whose budget its method's measured peak exceeds sits the stage out; run.method =
+    # "hetero" gives each client the deepest slice that fits (fedmml.federation.budgets). A deployment's
+    # SuperNode may declare its own (node config memory-mib), which wins.
+    client_memory_mib: float | list[float] = 0.0
 
 
 @dataclass
@@ -448,6 +453,21 @@ def _validate_client_roots(cfg: Config) -> None:
         seen[key] = root
 
 
+def _validate_budgets(fed: FederationConfig) -> None:
+    budgets = fed.client_memory_mib
+    values = budgets if isinstance(budgets, list) else [budgets]
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"federation.client_memory_mib must be numbers of MiB, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"federation.client_memory_mib must be >= 0 (0: no limit), got {value}")
+    if isinstance(budgets, list) and len(budgets) != fed.num_clients:
+        raise ConfigError(
+            f"federation.client_memory_mib lists {len(budgets)} budgets for federation.num_clients = "
+            f"{fed.num_clients}; give one per client, or one number for all"
+        )
+
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -509,6 +529,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("federation.backfill and federation.round_retries must be >= 0")
     if not 1 <= fed.min_clients <= fed.num_clients:
         raise ConfigError(f"federation.min_clients must be between 1 and {fed.num_clients}")
+    _validate_budgets(fed)
     for name in ("crash_rate", "straggler_rate"):
         if not 0 <= getattr(cfg.faults, name) <= 1:
             raise ConfigError(f"faults.{name} must be a probability between 0 and 1")

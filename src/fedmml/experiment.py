@@ -15,6 +15,7 @@ from typing import Any
 from fedmml import report
 from fedmml.comparison import combine
 from fedmml.config import Config, config_from_dict
+from fedmml.device import select_device
 from fedmml.engines.inprocess import InProcessEngine
 from fedmml.events import Listener, MethodStarted, Phase, ignore
 from fedmml.federation.client import Client, Workspace
@@ -30,7 +31,7 @@ from fedmml.runs import (
     reopen_run,
     start_run,
 )
-from fedmml.setup import ServerSide, build_server, open_clients, select_device
+from fedmml.setup import ServerSide, build_server, open_clients
 from fedmml.tasks import resolve_classes, task_for
 
 

@@ -13,6 +13,9 @@
   (:mod:`fedmml.models.lora`); the adapters, the final norms, the necks and the heads train and travel, the
   pretrained weights stay frozen (FLoRA-style federated LoRA: fewer bytes, but still a backward pass
   through the whole depth).
+- ``hetero``: LW's and Prog's growth, each client training the deepest slice its memory budget fits — Prog's
+  (every block), LW's (the new blocks, norms, necks and heads) or the heads only — in one federation
+  (:mod:`fedmml.federation.budgets`). Here it is the widest slice, Prog's; the server narrows it per client.
 
 Both the server and the clients derive the trainable set from this module, so they can never disagree on
 what is sent.

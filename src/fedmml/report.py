@@ -371,11 +371,14 @@ def _summary_order(key: str) -> tuple[int, int, int]:
 
 
 def _stage_table(metrics: Sequence[Record]) -> str:
-    """Per stage: its rounds, bytes each way, its last evaluation, and (model.neck_init = "fit") how well
-    the necks its growth rebuilt reproduce the previous ones."""
+    """Per stage: its rounds, bytes each way, its last evaluation, (under memory budgets) which slice each
+    client trained, and (model.neck_init = "fit") how well the necks its growth rebuilt reproduce the
+    previous ones."""
     keys = _eval_keys(metrics)
     fitted = any("neck_fit" in r for r in metrics)
+    planned = any("client_plans" in r for r in metrics)
     headers = ["stage", "rounds", "bytes up", "bytes down", "last eval round", *map(_label, keys)]
+    headers += ["client slices"] if planned else []
     headers += ["neck fit R²"] if fitted else []
     rows = []
     for stage, records in _stages(metrics):
@@ -388,8 +391,18 @@ def _stage_table(metrics: Sequence[Record]) -> str:
             last.get("round", "—"),
             *(_fmt(k, last.get(k)) for k in keys),
         ]
+        row += [_plan(records)] if planned else []
         rows.append(row + ([_neck_fit(records)] if fitted else []))
     return _table(headers, rows)
+
+
+def _plan(records: Sequence[Record]) -> str:
+    """A stage's plan as counts and clients per slice, e.g. ``prog 2 (0, 3), lw 1 (1)``."""
+    plan = next((r["client_plans"] for r in records if "client_plans" in r), {})
+    by_slice: dict[str, list[str]] = {}
+    for cid, name in plan.items():
+        by_slice.setdefault(name, []).append(cid)
+    return ", ".join(f"{s} {len(c)} ({', '.join(c)})" for s, c in by_slice.items()) or "—"
 
 
 def _neck_fit(records: Sequence[Record]) -> str:

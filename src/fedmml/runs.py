@@ -19,12 +19,14 @@ from safetensors.torch import load_file, save_file
 from fedmml import report
 from fedmml.accounting import memory_method
 from fedmml.config import Config, config_from_dict
+from fedmml.device import select_device
 from fedmml.events import Event, Listener, Phase, RoundDone
+from fedmml.federation import budgets
 from fedmml.federation.checkpoint import latest_checkpoint, load_checkpoint
 from fedmml.models.build import build_model
 from fedmml.models.multimodal import MultimodalModel
 from fedmml.precision import autocast
-from fedmml.setup import ServerSide, final_depth, select_device
+from fedmml.setup import ServerSide, final_depth
 from fedmml.tasks import task_for
 
 CHECKPOINTS = "checkpoints"
@@ -191,6 +193,9 @@ def finish_run(
         "evaluation": cfg.eval.where,
         "eval_split": cfg.eval.split,
     }
+    if server.plans:
+        # Memory budgets: each client's slice per stage and how its measured peaks compared with its budget.
+        summary["budgets"] = budgets.summarize(metrics, server.limits)
     with autocast(cfg.run.precision, server.model.device):
         summary.update(task.summarize(server.model, test, cfg, out_dir, final))
     summary["wall_s"] = time.perf_counter() - started

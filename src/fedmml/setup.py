@@ -14,8 +14,10 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from fedmml.bench import slice_peaks
 from fedmml.client_data import ClientDataError, open_client_data, source_of
 from fedmml.config import Config
+from fedmml.device import apply_threads, select_device
 from fedmml.events import Listener, Phase, ignore
 from fedmml.federation.client import Client, Workspace, derive_seed
 from fedmml.federation.server import Server
@@ -24,19 +26,6 @@ from fedmml.models.build import build_model
 from fedmml.models.multimodal import MultimodalModel
 from fedmml.precision import autocast
 from fedmml.tasks import task_for
-
-
-def select_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def apply_threads(cfg: Config) -> None:
-    """Torch intra-op threads as configured (0 keeps PyTorch's default)."""
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
 
 
 def global_model(cfg: Config, device: torch.device) -> MultimodalModel:
@@ -77,9 +66,14 @@ def build_server(
     model = global_model(cfg, device)
     totals = {m: enc.total_blocks for m, enc in model.encoders.items()}
     stages = plan_stages(cfg.active_schedule, cfg.run.method, totals)
+
+    def measure() -> dict[int, dict[str, int]]:
+        # Under memory budgets: each slice's client peak, measured here with the client's own code.
+        return slice_peaks(cfg)
+
     if cfg.eval.where == "federated":
         # The clients score the model on their own held-out data; the server holds no data at all.
-        return ServerSide(None, Server(cfg, model, stages, None, emit, checkpoint_dir))
+        return ServerSide(None, Server(cfg, model, stages, None, emit, checkpoint_dir, measure))
     emit(Phase(f"loading the {cfg.eval.split} split"))
     test = task_for(cfg).load_held_out(cfg)
 
@@ -87,7 +81,7 @@ def build_server(
         emit(Phase("evaluating"))
         return evaluate_on(m, test, cfg)
 
-    return ServerSide(test, Server(cfg, model, stages, evaluate, emit, checkpoint_dir))
+    return ServerSide(test, Server(cfg, model, stages, evaluate, emit, checkpoint_dir, measure))
 
 
 def open_clients(cfg: Config, workspace: Workspace) -> tuple[dict[int, Client], dict[int, str]]:

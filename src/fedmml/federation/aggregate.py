@@ -15,12 +15,15 @@ def _cast_like(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 class RunningMean:
     """FedAvg folded in one update at a time: a float64 sum of sample-weighted tensors, so a round holds one
-    running sum (twice a model's float32 size) instead of every client's update until the last arrives."""
+    running sum (twice a model's float32 size) instead of every client's update until the last arrives.
+
+    Each tensor is averaged over the clients whose update holds it (under memory budgets a client uploads
+    only its own slice), weighted by their sample counts."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.dtypes: dict[str, torch.dtype] = {}
-        self.total = 0
+        self.totals: dict[str, int] = {}
 
     def add(self, tensors: dict[str, torch.Tensor], num_samples: int) -> None:
         """Fold in one client's tensors, weighted by its sample count."""
@@ -29,17 +32,17 @@ class RunningMean:
             weighted = value.to(torch.float64) * num_samples
             if key in self.sums:
                 self.sums[key] += weighted
+                self.totals[key] += num_samples
             else:
-                self.sums[key], self.dtypes[key] = weighted, value.dtype
-        self.total += num_samples
+                self.sums[key], self.dtypes[key], self.totals[key] = weighted, value.dtype, num_samples
 
     def result(self) -> dict[str, torch.Tensor]:
         """The sample-weighted average in each tensor's own dtype; integer buffers are rounded back."""
         if not self.sums:
             raise ValueError("fedavg needs at least one update")
-        if self.total <= 0:
+        if min(self.totals.values()) <= 0:
             raise ValueError("fedavg needs a positive total sample count")
-        return {k: _cast_like(s / self.total, self.dtypes[k]) for k, s in self.sums.items()}
+        return {k: _cast_like(s / self.totals[k], self.dtypes[k]) for k, s in self.sums.items()}
 
 
 def fedavg(updates: list[Update]) -> dict[str, torch.Tensor]:
@@ -51,19 +54,28 @@ def fedavg(updates: list[Update]) -> dict[str, torch.Tensor]:
 
 
 def _stacked(updates: list[Update], key: str) -> torch.Tensor:
-    return torch.stack([t[key].to(torch.float64) for t, _ in updates])
+    """``key``'s values, one row per update that holds it."""
+    return torch.stack([t[key].to(torch.float64) for t, _ in updates if key in t])
+
+
+def _references(updates: list[Update]) -> dict[str, torch.Tensor]:
+    """One value of every key any update holds (updates of different slices hold different keys)."""
+    refs: dict[str, torch.Tensor] = {}
+    for tensors, _ in updates:
+        refs.update({k: v for k, v in tensors.items() if k not in refs})
+    return refs
 
 
 def coordinate_median(updates: list[Update]) -> dict[str, torch.Tensor]:
     """Coordinate-wise median (unweighted): robust to a minority of arbitrary updates."""
     if not updates:
         raise ValueError("median aggregation needs at least one update")
-    n = len(updates)
     out = {}
-    for key, ref in updates[0][0].items():
+    for key, ref in _references(updates).items():
         # Sorting and averaging the middle pair: torch.median takes the lower one, and torch.quantile
         # refuses tensors over 16M elements (a 4096x4096 head from a few clients).
         values = _stacked(updates, key).sort(dim=0).values
+        n = len(values)
         out[key] = _cast_like((values[(n - 1) // 2] + values[n // 2]) / 2, ref.dtype)
     return out
 
@@ -74,11 +86,11 @@ def trimmed_mean(updates: list[Update], trim: float = 0.2) -> dict[str, torch.Te
         raise ValueError("trimmed-mean aggregation needs at least one update")
     if not 0 <= trim < 0.5:
         raise ValueError("trim must be in [0, 0.5)")
-    cut = int(trim * len(updates))
     out = {}
-    for key, ref in updates[0][0].items():
+    for key, ref in _references(updates).items():
         values = _stacked(updates, key).sort(dim=0).values
-        out[key] = _cast_like(values[cut : len(updates) - cut].mean(dim=0), ref.dtype)
+        cut = int(trim * len(values))
+        out[key] = _cast_like(values[cut : len(values) - cut].mean(dim=0), ref.dtype)
     return out
 
 

@@ -82,15 +82,15 @@ class Workspace:
         return self.model
 
 
-def make_optimizer(model: torch.nn.Module, stage: Stage, cfg: Config) -> torch.optim.AdamW:
-    """A fresh AdamW (as the paper) with one group per modality encoder and one for the heads; under prog,
-    the stems and blocks of earlier stages form their encoder's second group, at
-    ``federation.prog_earlier_lr_scale`` times the stage's rate."""
+def make_optimizer(model: torch.nn.Module, stage: Stage, cfg: Config, method: str) -> torch.optim.AdamW:
+    """A fresh AdamW (as the paper) with one group per modality encoder and one for the heads; under prog
+    (``method``: what the server asked this client to train), the stems and blocks of earlier stages form
+    their encoder's second group, at ``federation.prog_earlier_lr_scale`` times the stage's rate."""
     fed = cfg.federation
     groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            earlier = cfg.run.method == "prog" and stage.index > 0 and _from_earlier_stage(name, stage)
+            earlier = method == "prog" and stage.index > 0 and _from_earlier_stage(name, stage)
             groups.setdefault((param_group(name), earlier), []).append(param)
     return torch.optim.AdamW(
         [
@@ -222,7 +222,7 @@ def train_epochs(
     # Gradients left on parameters that are frozen now (trained in an earlier stage) would otherwise stay
     # allocated for the rest of the run.
     model.zero_grad(set_to_none=True)
-    optimizer = make_optimizer(model, stage, cfg)
+    optimizer = make_optimizer(model, stage, cfg, method)
     precision = cfg.run.precision
     set_train_mode(model, method, stage)
     # A cached client never runs its frozen modules, so their weights are not part of its working memory.

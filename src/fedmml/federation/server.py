@@ -29,7 +29,7 @@ from fedmml.events import (
     StageStarted,
     ignore,
 )
-from fedmml.federation import SetupFailed, neck_fit
+from fedmml.federation import SetupFailed, budgets, neck_fit
 from fedmml.federation.aggregate import AGGREGATORS, RunningMean
 from fedmml.federation.checkpoint import save_checkpoint
 from fedmml.federation.client import derive_seed, stage_to_meta
@@ -43,11 +43,12 @@ from fedmml.federation.payload import (
     upload_parts,
     validate,
 )
-from fedmml.methods import Stage, configure
+from fedmml.methods import Stage, configure, trainable_keys
 from fedmml.models.multimodal import MultimodalModel
 from fedmml.tasks import task_for
 
 Evaluator = Callable[[MultimodalModel], dict[str, Any]]
+SlicePeaks = dict[int, dict[str, int]]  # stage index -> slice -> measured client peak bytes
 
 
 class Engine(Protocol):
@@ -169,6 +170,7 @@ class Server:
         evaluate: Evaluator | None = None,
         listener: Listener | None = None,
         checkpoint_dir: Path | None = None,
+        measure_slices: Callable[[], SlicePeaks] | None = None,
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -188,12 +190,23 @@ class Server:
         self._engine_state: dict[str, Any] | None = None  # a checkpoint's engine state, until run() starts
         # A client's peak training memory, measured once per stage by the client the server asks (the first of
         # the stage's first wave, again in later waves until one replies), so the figure is the same whichever
-        # engine or process ran that client.
+        # engine or process ran that client. Under memory budgets every client measures its own, once per
+        # stage (client_peaks), and the stage's figure is the largest.
         self.stage_peaks: dict[int, int] = {}
+        self.client_peaks: dict[int, dict[int, int]] = {}
+        # Memory budgets (fedmml.federation.budgets): each slice's peak measured on the server per stage, the
+        # slice each client trains per stage, and the current stage's plan and per-client trainable keys.
+        self.measure_slices = measure_slices
+        self.limits: dict[int, float] = {}  # MiB per client, 0: none
+        self.budgeted = False
+        self.plans: dict[int, dict[int, str]] = {}
+        self.plan: dict[int, str] = {}
+        self.client_keys: dict[int, list[str]] = {}
 
     def sample_clients(self) -> list[int]:
-        """Clients for one round: all set-up ones, or a seeded sample of them without replacement."""
-        pool = sorted(self.clients)
+        """Clients for one round: all set-up ones that train in this stage, or a seeded sample of them without
+        replacement."""
+        pool = self._pool()
         k = self.cfg.federation.clients_per_round or len(pool)
         if k >= len(pool):
             return pool
@@ -214,6 +227,39 @@ class Server:
                 f"= {need}); {first}"
             )
 
+    def _pool(self) -> list[int]:
+        """Set-up clients that train in the current stage (a client whose budget fits nothing sits out)."""
+        return [c for c in sorted(self.clients) if self.plan.get(c) != budgets.OUT]
+
+    def plan_budgets(self) -> None:
+        """Plan every stage's slice per client from the clients' budgets and the slices' measured peaks;
+        fails before training when a stage would have too few clients."""
+        self.limits = limits = budgets.client_budgets(self.cfg, self.clients)
+        self.budgeted = budgets.limited(limits)
+        slices = budgets.slices_of(self.cfg.run.method)
+        if not self.budgeted and len(slices) == 1:
+            return  # every client trains the method's own slice
+        peaks: SlicePeaks = {}
+        if self.budgeted and self.measure_slices is not None:
+            self.listener(Phase("measuring the client memory of each slice"))
+            peaks = self.measure_slices()
+        else:  # no budget: every client trains the deepest slice, and nothing needs measuring
+            peaks = {s.index: dict.fromkeys(slices, 0) for s in self.stages if s.rounds}
+        self.plans = {stage: budgets.plan_stage(limits, p, slices) for stage, p in peaks.items()}
+        budgets.check_plans(self.plans, peaks, self.cfg.federation.min_clients)
+
+    def narrow(self, stage: Stage, trainable: list[str]) -> list[str]:
+        """The stage's trainable keys once each client has its slice: per client in :attr:`client_keys`, and
+        for the global model the deepest slice planned (slices nest, so it holds every other)."""
+        self.plan = self.plans.get(stage.index, {})
+        self.client_keys = {}
+        planned = [s for s in budgets.slices_of(self.cfg.run.method) if s in self.plan.values()]
+        if not planned:
+            return trainable
+        keys = {s: trainable_keys(self.model, budgets.slice_method(s), stage) for s in planned}
+        self.client_keys = {c: keys[s] for c, s in self.plan.items() if s != budgets.OUT}
+        return configure(self.model, budgets.slice_method(planned[0]), stage)
+
     def message_for(
         self,
         cid: int,
@@ -229,6 +275,7 @@ class Server:
         with ``measure_memory``, to measure its peak training memory; with ``neck_fit``, to send the sums
         that fit the rebuilt necks (the previous necks travel with the model)."""
         state = self.model.state_dict()
+        trainable = self.client_keys.get(cid, trainable)
         trainable_set = set(trainable)
         frozen = [k for k in state if k not in trainable_set]
         missing_frozen = self.ledger.lacking(cid, frozen)
@@ -239,7 +286,7 @@ class Server:
         meta = {
             "round": round_no,
             "stage": stage_to_meta(stage),
-            "method": self.cfg.run.method,
+            "method": budgets.slice_method(self.plan[cid]) if cid in self.plan else self.cfg.run.method,
             "seed": derive_seed(self.cfg.run.seed, round_no, cid),
             "local_epochs": fed.local_epochs,
             # The client decodes with it and encodes its reply alike (a Flower ClientApp has no config).
@@ -274,6 +321,7 @@ class Server:
             "metrics": self.metrics,
             "rng": self.rng.bit_generator.state,
             "stage_peaks": {str(k): v for k, v in self.stage_peaks.items()},
+            "client_peaks": {str(s): {str(c): b for c, b in p.items()} for s, p in self.client_peaks.items()},
             "engine": engine.state_dict(),
             "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
             "ledger": {
@@ -291,6 +339,9 @@ class Server:
         self.metrics = list(state["metrics"])
         self.rng.bit_generator.state = state["rng"]
         self.stage_peaks = {int(k): v for k, v in state.get("stage_peaks", {}).items()}
+        self.client_peaks = {
+            int(s): {int(c): b for c, b in p.items()} for s, p in state.get("client_peaks", {}).items()
+        }
         raw = np.frombuffer(base64.b64decode(state["torch_rng"]), dtype=np.uint8).copy()
         torch.set_rng_state(torch.from_numpy(raw))
         ledger = state["ledger"]
@@ -328,6 +379,7 @@ class Server:
         if self._engine_state is not None:
             engine.resume(self, self._engine_state)
             self._engine_state = None
+        self.plan_budgets()
         round_no = 0
         fit = NeckFit()
         for stage in self.stages:
@@ -338,7 +390,7 @@ class Server:
                 # Necks this growth rebuilds are fitted to the last trained ones at the next round trained
                 # (stages without rounds in between keep the target).
                 fit.add(self.model, stage.depth)
-            trainable = self.enter_stage(stage)
+            trainable = self.narrow(stage, self.enter_stage(stage))
             self.listener(StageStarted(stage.index + 1, len(self.stages), stage.rounds))
             for _ in range(stage.rounds):
                 round_no += 1
@@ -427,6 +479,10 @@ class Server:
         }
         if fitted:
             record["neck_fit"] = fitted
+        if self.plan:
+            record["client_plans"] = {str(c): s for c, s in sorted(self.plan.items())}
+            peaks = self.client_peaks.get(stage.index, {})
+            record["client_peak_mem"] = {str(c): peaks[c] for c in record["clients"] if c in peaks}
         if round_no == 1 and self.setup_failures:
             record["setup_failures"] = {str(c): r for c, r in self.setup_failures.items()}
         if tally.unreadable:
@@ -468,21 +524,25 @@ class Server:
         it arrives (into ``mean`` when given, which then keeps the tensors: the list holds None for them)."""
         # Updates are decoded back to the master weights' dtypes before validation and aggregation.
         dtypes = {k: v.dtype for k, v in expected.items()}
-        measurer = None if stage.index in self.stage_peaks or not cids else cids[0]
+        measurers = self._measurers(stage, cids)
         sizes: dict[int, int] = {}
         replied: set[int] = set()
         accepted: list[tuple[int, dict[str, torch.Tensor] | None, Message]] = []
-        for cid, reply in self._replies(engine, cids, stage, round_no, trainable, sizes, measurer=measurer):
+        for cid, reply in self._replies(engine, cids, stage, round_no, trainable, sizes, measurers=measurers):
             replied.add(cid)
             tally.reply(cid, reply)
-            if cid == measurer and reply.meta.get("peak_mem_bytes"):
-                self.stage_peaks[stage.index] = int(reply.meta["peak_mem_bytes"])
+            peak = int(reply.meta.get("peak_mem_bytes", 0))
+            if cid in measurers and peak:
+                self.client_peaks.setdefault(stage.index, {})[cid] = peak
+                self.stage_peaks[stage.index] = max(self.stage_peaks.get(stage.index, 0), peak)
             # Decoded, a reply's serialised bytes are let go: a round never holds an update twice.
             tensors = unpack(reply.blob, dtypes)
             reply = Message(reply.meta, b"")
+            # A client's update holds its own slice of the round's trainable tensors.
+            mine = {k: expected[k] for k in self.client_keys.get(cid, expected)}
             if reply.meta.get("delta"):
-                tensors = from_delta(tensors, expected)
-            reason = self.check_update(tensors, expected)
+                tensors = from_delta(tensors, mine)
+            reason = self.check_update(tensors, mine)
             if reason is not None:
                 tally.rejected[cid] = reason
                 self.listener(ClientDropped(cid, f"update rejected: {reason}"))
@@ -494,6 +554,14 @@ class Server:
         tally.wave(list(sizes.values()), cids, replied)
         return accepted
 
+    def _measurers(self, stage: Stage, cids: list[int]) -> set[int]:
+        """Clients asked to measure their peak memory this wave: under budgets each one's first round of the
+        stage; else the first client, until one stage figure is in."""
+        if self.budgeted:
+            measured = self.client_peaks.get(stage.index, {})
+            return {c for c in cids if c not in measured}
+        return set() if stage.index in self.stage_peaks or not cids else {cids[0]}
+
     def _replies(
         self,
         engine: Engine,
@@ -503,7 +571,7 @@ class Server:
         trainable: list[str],
         sizes: dict[int, int],
         evaluate: bool = False,
-        measurer: int | None = None,
+        measurers: Collection[int] = (),
         neck_fit: NeckFit | None = None,
     ) -> Iterator[tuple[int, Message]]:
         """The replies to one message to each of ``cids``, as the engine hands them over; ``sizes`` gets the
@@ -515,7 +583,7 @@ class Server:
 
         def make(cid: int) -> Message:
             message, frozen[cid] = self.message_for(
-                cid, stage, round_no, trainable, evaluate, measure_memory=cid == measurer, neck_fit=neck_fit
+                cid, stage, round_no, trainable, evaluate, measure_memory=cid in measurers, neck_fit=neck_fit
             )
             sizes[cid] = message.nbytes
             return message
@@ -578,7 +646,7 @@ class Server:
 
     def _replacements(self, shortfall: int, asked: set[int]) -> list[int]:
         """Up to ``shortfall`` clients not yet asked this round, drawn from the server's seeded stream."""
-        pool = [c for c in sorted(self.clients) if c not in asked]
+        pool = [c for c in self._pool() if c not in asked]
         if shortfall <= 0 or not pool:
             return []
         return sorted(int(c) for c in self.rng.choice(pool, size=min(shortfall, len(pool)), replace=False))

@@ -20,10 +20,10 @@ from flwr.clientapp import ClientApp
 
 from fedmml.client_data import ClientData, ClientDataError, SharedSplit, open_client_data, source_of
 from fedmml.config import Config, config_from_dict
+from fedmml.device import apply_threads, select_device
 from fedmml.engines.flower.codec import NO_RUN_STATE, pack, unpack
 from fedmml.federation.client import Client, Workspace
 from fedmml.federation.payload import PayloadError, deserialize, serialize
-from fedmml.setup import apply_threads, select_device
 
 STATE = "fedmml-state"
 app = ClientApp()
@@ -84,6 +84,9 @@ def setup(msg: Message, context: Context) -> Message:
     node: dict[str, Any] = {"partition-id": pid, "num-partitions": n}
     try:
         described = _loaded(context.run_id, config_json).client_data(pid, _data_root(context)).describe()
+        if context.node_config.get("memory-mib") is not None:
+            # The device's own memory budget (federation.client_memory_mib), which the server plans with.
+            described["memory_mib"] = float(context.node_config["memory-mib"])
         node["data"] = json.dumps(described)
     except ClientDataError as err:
         node["error"] = str(err)
