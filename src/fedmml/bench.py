@@ -35,6 +35,7 @@ from fedmml.config import BENCH_METHODS, Config, config_from_dict
 from fedmml.data.advance import collate as collate_pairs
 from fedmml.data.audio import FeatureSettings, feature_settings
 from fedmml.data.coco import collate_train
+from fedmml.data.missing import incomplete
 from fedmml.device import select_device
 from fedmml.federation.budgets import slice_method, slices_of
 from fedmml.federation.client import Client, Workspace
@@ -186,7 +187,8 @@ def bench_method(
     method = bcfg.run.method
     device = select_device(bcfg.run.device)
     torch.manual_seed(bcfg.run.seed)
-    model = build_model(bcfg.model, load_weights=False, adapters=method == "lora").to(device)
+    lora, missing = method == "lora", incomplete(bcfg)
+    model = build_model(bcfg.model, load_weights=False, adapters=lora, missing=missing).to(device)
     totals = {m: enc.total_blocks for m, enc in model.encoders.items()}
     stages = plan_stages(bcfg.active_schedule, stages_of or method, totals)
     workspace = Workspace(bcfg, device)

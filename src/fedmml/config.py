@@ -156,6 +156,12 @@ class DataConfig:
     # image-audio: class names in label order, the same on every client; []: the class folders of the training
     # split under root (or of its test split when root holds only that)
     classes: list[str] = field(default_factory=list)
+    # Incomplete data (image-audio; fedmml.data.missing): per modality, the seeded fraction of each client's
+    # training samples that lack it, and the fraction of clients whose samples hold only it; incomplete:
+    # "use" trains on incomplete samples too, "drop" on complete pairs only
+    missing_rate: dict[str, float] = field(default_factory=dict)
+    unimodal_clients: dict[str, float] = field(default_factory=dict)
+    incomplete: str = "use"
 
 
 @dataclass
@@ -468,6 +474,35 @@ def _validate_budgets(fed: FederationConfig) -> None:
         )
 
 
+def _validate_incomplete(cfg: Config) -> None:
+    d = cfg.data
+    _choice(d.incomplete, ("use", "drop"), "data.incomplete")
+    # A missing rate below 1 leaves some complete pairs; a whole federation of unimodal clients is allowed.
+    for name, table, closed in (
+        ("missing_rate", d.missing_rate, False),
+        ("unimodal_clients", d.unimodal_clients, True),
+    ):
+        for modality, value in table.items():
+            if modality not in cfg.model.modalities:
+                raise ConfigError(
+                    f"data.{name}.{modality}: not a modality of task {cfg.model.task!r} "
+                    f"({', '.join(cfg.model.modalities)})"
+                )
+            if not (0 <= value <= 1 if closed else 0 <= value < 1):
+                raise ConfigError(
+                    f"data.{name}.{modality} must be in [0, 1{']' if closed else ')'}, got {value}"
+                )
+        if sum(table.values()) > 1:
+            raise ConfigError(f"data.{name} adds up to {sum(table.values()):g}, more than 1")
+    if cfg.model.task == "image-text" and any(
+        v > 0 for v in (*d.missing_rate.values(), *d.unimodal_clients.values())
+    ):
+        raise ConfigError(
+            "data.missing_rate and data.unimodal_clients are for image-audio tasks; image-text has no "
+            "unimodal training term yet"
+        )
+
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -530,6 +565,7 @@ def validate(cfg: Config) -> None:
     if not 1 <= fed.min_clients <= fed.num_clients:
         raise ConfigError(f"federation.min_clients must be between 1 and {fed.num_clients}")
     _validate_budgets(fed)
+    _validate_incomplete(cfg)
     for name in ("crash_rate", "straggler_rate"):
         if not 0 <= getattr(cfg.faults, name) <= 1:
             raise ConfigError(f"faults.{name} must be a probability between 0 and 1")

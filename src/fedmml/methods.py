@@ -99,6 +99,13 @@ def trainable_prefixes(model: nn.Module, method: str, stage: Stage) -> list[str]
     return prefixes
 
 
+def without_towers(keys: list[str], absent: list[str]) -> list[str]:
+    """``keys`` less the encoder and projection head of each ``absent`` modality: what a client whose data
+    holds none of those modalities trains and sends (it cannot change them)."""
+    roots = tuple(f"{root}{m}." for m in absent for root in (ENCODER_PREFIX, "heads."))
+    return [k for k in keys if not k.startswith(roots)]
+
+
 def _matches(key: str, prefixes: list[str]) -> bool:
     return any(
         key == p or (p.endswith(".") and key.startswith(p)) or (p == LORA_MARK and LORA_MARK in key)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from fedmml import report
 from fedmml.accounting import memory_method
 from fedmml.config import Config, config_from_dict
+from fedmml.data.missing import incomplete
 from fedmml.device import select_device
 from fedmml.events import Event, Listener, Phase, RoundDone
 from fedmml.federation import budgets
@@ -52,7 +53,9 @@ def save_model(model: MultimodalModel, path: Path) -> None:
 def load_run_model(run_dir: Path, device: torch.device | None = None) -> tuple[Config, MultimodalModel]:
     """The config and final global model of a finished run."""
     cfg = read_run_config(run_dir)
-    model = build_model(cfg.model, load_weights=False, adapters=cfg.run.method == "lora")
+    model = build_model(
+        cfg.model, load_weights=False, adapters=cfg.run.method == "lora", missing=incomplete(cfg)
+    )
     for modality, depth in final_depth(cfg).items():
         model.encoders[modality].grow_to(depth)
     model.load_state_dict(load_file(str(run_dir / "model.safetensors")), strict=True)
@@ -141,7 +144,16 @@ def train_data_summary(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
     for counts in sources.values():
         for key, count in counts.items():
             skipped[key] = skipped.get(key, 0) + count
-    return {"train_images": sum(r["num_samples"] for r in reports.values()), "train_skipped": skipped}
+    summary = {"train_images": sum(r["num_samples"] for r in reports.values()), "train_skipped": skipped}
+    # Incomplete data (fedmml.data.missing): per modality, the training samples that lack it, used or dropped.
+    for key in ("incomplete_samples", "incomplete_dropped"):
+        counts: dict[str, int] = {}
+        for client in reports.values():
+            for modality, count in client.get(key, {}).items():
+                counts[modality] = counts.get(modality, 0) + count
+        if counts:
+            summary[key] = counts
+    return summary
 
 
 def finish_run(
@@ -186,6 +198,7 @@ def finish_run(
             },
             "test": test.skipped if test is not None else {},
         },
+        **{k: data[k] for k in ("incomplete_samples", "incomplete_dropped") if k in data},
         "client_samples": {str(c): r["num_samples"] for c, r in server.clients.items()},
         "setup_failures": {str(c): r for c, r in server.setup_failures.items()},
         # server: whole-split scores on the server's test split; federated: combined from the clients' own

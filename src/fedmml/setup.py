@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from fedmml.bench import slice_peaks
 from fedmml.client_data import ClientDataError, open_client_data, source_of
 from fedmml.config import Config
+from fedmml.data.missing import incomplete
 from fedmml.device import apply_threads, select_device
 from fedmml.events import Listener, Phase, ignore
 from fedmml.federation.client import Client, Workspace, derive_seed
@@ -31,7 +32,8 @@ from fedmml.tasks import task_for
 def global_model(cfg: Config, device: torch.device) -> MultimodalModel:
     """The server's model with pretrained weights; heads seeded by the run seed."""
     torch.manual_seed(derive_seed(cfg.run.seed, 0))
-    return build_model(cfg.model, load_weights=True, adapters=cfg.run.method == "lora").to(device)
+    lora = cfg.run.method == "lora"
+    return build_model(cfg.model, load_weights=True, adapters=lora, missing=incomplete(cfg)).to(device)
 
 
 def final_depth(cfg: Config) -> dict[str, int]:

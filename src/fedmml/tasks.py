@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from fedmml.config import Config, ConfigError
-from fedmml.data import fashion_mnist
+from fedmml.data import fashion_mnist, missing
 from fedmml.data.advance import AdvanceDataset, AdvanceIndex, read_advance_index, read_classes
 from fedmml.data.audio import feature_settings
 from fedmml.data.coco import CaptionDataset, CaptionIndex, read_caption_index
@@ -34,7 +34,7 @@ from fedmml.evaluation.classification import (
     plot_confusion,
 )
 from fedmml.evaluation.scoring import retrieval_chance, retrieval_scores, zeroshot_score
-from fedmml.models.multimodal import MultimodalModel
+from fedmml.models.multimodal import PRESENT, MultimodalModel
 
 CONFUSION_PNG = "confusion.png"
 
@@ -356,12 +356,35 @@ class ImageAudio(Task):
         classes = cfg.data.classes
         where = "test split" if test is not None else "the clients' test splits"
         plot_confusion(confusion, classes, out_dir / CONFUSION_PNG, title=f"{cfg.run.method}: {where}")
-        return {
+        summary = {
             "majority_rate": majority_rate(confusion),
             "per_class_f1": dict(zip(classes, per_class_f1(confusion), strict=True)),
             "classes": list(classes),
             "confusion": final["confusion"],
         }
+        conditions = missing.robustness_conditions(cfg)
+        if conditions and test is not None:
+            summary["missing_test"] = {
+                name: self._score_missing(model, test, cfg, modality, rate)
+                for name, (modality, rate) in conditions.items()
+            }
+        return summary
+
+    def _score_missing(
+        self, model: MultimodalModel, test: AdvanceDataset, cfg: Config, modality: str, rate: float
+    ) -> dict[str, float]:
+        """Accuracy and macro-F1 when a seeded ``rate`` of the test samples lack ``modality``."""
+        present = missing.held_out_presence(cfg, modality, rate, len(test))
+        loader = DataLoader(test, batch_size=cfg.eval.batch_size, collate_fn=test.collate)
+        batches = (
+            {
+                **batch,
+                PRESENT: {m: torch.from_numpy(p[i : i + len(batch["labels"])]) for m, p in present.items()},
+            }
+            for batch, i in zip(loader, range(0, len(test), cfg.eval.batch_size), strict=True)
+        )
+        metrics, _ = evaluate_classifier(model, batches)
+        return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (ImageText(), ImageAudio())}

@@ -20,12 +20,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from fedmml.accounting import StepMeter, count_flops
 from fedmml.client_data import ClientData
 from fedmml.config import Config
+from fedmml.data import missing
 from fedmml.federation import neck_fit
 from fedmml.federation.payload import Message, PayloadError, lossy, pack, to_delta, unpack
 from fedmml.federation.prefix_cache import CacheShelf, PrefixCache
-from fedmml.methods import Stage, configure, frozen_modules, param_group, set_train_mode
+from fedmml.methods import Stage, configure, frozen_modules, param_group, set_train_mode, without_towers
 from fedmml.models.build import build_model
-from fedmml.models.multimodal import MultimodalModel
+from fedmml.models.multimodal import PRESENT, MultimodalModel, present_rows, take_rows
 from fedmml.precision import autocast, grad_scaler
 from fedmml.tasks import task_for
 
@@ -54,8 +55,9 @@ class Workspace:
 
     def __init__(self, cfg: Config, device: torch.device, cache_dir: Path | None = None) -> None:
         self.device = device
+        lora = cfg.run.method == "lora"
         self.model: MultimodalModel = build_model(
-            cfg.model, load_weights=False, adapters=cfg.run.method == "lora"
+            cfg.model, load_weights=False, adapters=lora, missing=missing.incomplete(cfg)
         ).to(device)
         # Measured FLOPs and peak memory, cached per stage and shared by the clients of this process.
         self.meter = StepMeter(device)
@@ -177,9 +179,24 @@ def loader_workers(cfg: Config, device: torch.device) -> int:
     return 0 if cores < 8 else min(4, cores // 4)
 
 
+def batch_presence(present: dict[str, np.ndarray], indices: list[int]) -> dict[str, torch.Tensor]:
+    """Which rows of a batch (its dataset ``indices``) hold each modality. A modality only one row holds
+    counts as absent from that row too: a projection head's BatchNorm cannot take a batch of one."""
+    masks = {m: torch.from_numpy(mask[indices]) for m, mask in present.items()}
+    return {m: mask if int(mask.sum()) != 1 else torch.zeros_like(mask) for m, mask in masks.items()}
+
+
 def input_shapes(model: MultimodalModel, batch: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
-    """The shapes that fix a full step's FLOPs: each modality's first input tensor (e.g. padded token ids)."""
-    return tuple(tuple(next(iter(enc.prepare(batch[m]).values())).shape) for m, enc in model.encoders.items())
+    """The shapes that fix a full step's FLOPs: each modality's first input tensor (e.g. padded token ids),
+    over the rows that hold the modality."""
+    shapes = []
+    for m, enc in model.encoders.items():
+        rows = present_rows(batch, m)
+        if rows is not None and not len(rows):
+            shapes.append((0,))
+            continue
+        shapes.append(tuple(next(iter(enc.prepare(take_rows(batch[m], rows)).values())).shape))
+    return tuple(shapes)
 
 
 def train_epochs(
@@ -192,12 +209,14 @@ def train_epochs(
     meter: StepMeter | None = None,
     cache: PrefixCache | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    present: dict[str, np.ndarray] | None = None,
 ) -> tuple[float, int, int]:
     """Local training of the configured model; returns (mean loss over steps, steps, unreadable images
     passed over).
 
     With a ``cache`` the frozen prefix is read from it instead of being run: same batches, same result.
-    Forward passes run under ``run.precision``'s autocast; fp16 steps go through ``scaler``.
+    Forward passes run under ``run.precision``'s autocast; fp16 steps go through ``scaler``. ``present``:
+    per modality, which dataset indices hold it (incomplete data; each batch then says which rows do).
     """
     method = meta["method"]
     seed = meta["seed"]
@@ -238,6 +257,8 @@ def train_epochs(
             unreadable += data["unreadable"]
             if len(data["index"]) < 2:  # a contrastive batch needs negatives; BatchNorm needs two samples
                 continue
+            if present is not None:
+                data[PRESENT] = batch_presence(present, data["index"])
             if meter is None:
                 step = nullcontext()
             else:
@@ -269,9 +290,18 @@ class Client:
         self.cfg = cfg
         self.data = data
         self.dataset = data.dataset
-        self.indices = list(range(len(data.dataset)))
         self.workspace = workspace
         self.store: dict[str, torch.Tensor] = {}
+        # Incomplete data (fedmml.data.missing): which samples hold each modality, drawn from the run's seed;
+        # under data.incomplete = "drop" the incomplete ones are left out of training instead.
+        self.present = missing.presence(cfg, cid, len(data.dataset))
+        self.used = cfg.data.incomplete == "use"
+        self.indices = list(range(len(data.dataset)))
+        # Modalities none of its samples hold (a unimodal client): their towers are not its to train.
+        self.absent = [m for m, mask in (self.present or {}).items() if self.used and not mask.any()]
+        if self.present is not None and not self.used:
+            complete = np.logical_and.reduce(list(self.present.values()))
+            self.indices = [i for i in self.indices if complete[i]]
 
     @property
     def num_samples(self) -> int:
@@ -279,8 +309,13 @@ class Client:
         return len(self.indices)
 
     def describe(self) -> dict[str, Any]:
-        """What the server learns of this client's data at set-up: sizes and skip counts, no samples."""
-        return self.data.describe()
+        """What the server learns of this client's data at set-up: sizes and skip counts, no samples; with
+        incomplete data, how many samples lack each modality and which modalities it holds."""
+        return {
+            **self.data.describe(),
+            "num_samples": self.num_samples,
+            **missing.describe(self.present, self.used),
+        }
 
     def _load(
         self, message: Message, received: dict[str, torch.Tensor] | None = None
@@ -290,7 +325,7 @@ class Client:
         meta = message.meta
         stage = stage_from_meta(meta["stage"])
         model = self.workspace.at_depth(stage.depth)
-        trainable = set(configure(model, meta["method"], stage))
+        trainable = set(without_towers(configure(model, meta["method"], stage), self.absent))
         expected = model.state_dict()
         if received is None:
             # Whatever the wire dtype, the model is loaded with its own (float32) dtypes.
@@ -322,15 +357,17 @@ class Client:
         previous = {k: received.pop(k) for k in [k for k in received if k.startswith(neck_fit.PREVIOUS)]}
         _, model, _, _ = self._load(message, received)
         meta = message.meta
-        limit = min(self.cfg.model.neck_fit_samples, self.num_samples)
+        olds = {m: int(d) for m, d in meta["neck_fit"].items()}
+        # Only samples that hold every modality whose neck is fitted.
+        indices = [i for i in self.indices if self.present is None or all(self.present[m][i] for m in olds)]
+        limit = min(self.cfg.model.neck_fit_samples, len(indices))
         epoch = meta["round"] * meta["local_epochs"]
         loader = DataLoader(
-            IndexedSamples(self.dataset, self.indices),
+            IndexedSamples(self.dataset, indices),
             batch_size=self.cfg.federation.batch_size,
             sampler=[(position, epoch) for position in range(limit)],
             collate_fn=indexed_collate(self.dataset.collate),
         )
-        olds = {m: int(d) for m, d in meta["neck_fit"].items()}
         (sums, seen), flops = count_flops(lambda: neck_fit.statistics(model, loader, olds, previous, limit))
         return Message({"cid": self.cid, "neck_fit_samples": seen, "flops": flops}, pack(sums, "float32"))
 
@@ -347,7 +384,15 @@ class Client:
         shelf = self.workspace.caches
         method = meta["method"]
         cache = shelf.get(
-            self.cid, model, method, stage, self.cfg, self.dataset, self.indices, frozen_received
+            self.cid,
+            model,
+            method,
+            stage,
+            self.cfg,
+            self.dataset,
+            self.indices,
+            frozen_received,
+            self.present,
         )
         meter = self.workspace.meter
         loss, steps, unreadable = train_epochs(
@@ -360,6 +405,7 @@ class Client:
             meter,
             cache,
             self.workspace.scaler(self.cid),
+            self.present if self.used else None,
         )
         current = model.state_dict()
         update = {k: current[k] for k in sorted(trainable)}

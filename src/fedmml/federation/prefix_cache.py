@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from fedmml.accounting.flops import FlopsByKey
 from fedmml.methods import Stage, configure, set_train_mode
-from fedmml.models.multimodal import MultimodalModel
+from fedmml.models.multimodal import MultimodalModel, present_rows, take_rows
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # Rows are grouped into chunks of this many inputs for the fill pass (the prefix runs in eval mode, so the
@@ -172,21 +172,37 @@ class PrefixCache:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 
-    def fill(self, model: MultimodalModel, dataset: Dataset, indices: list[int], views: int = 1) -> None:
-        """Run the frozen prefix (eval mode, no gradients) over every input of the client's samples."""
+    def fill(
+        self,
+        model: MultimodalModel,
+        dataset: Dataset,
+        indices: list[int],
+        views: int = 1,
+        present: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        """Run the frozen prefix (eval mode, no gradients) over every input of the client's samples (with
+        ``present``, of those that hold the input's modality)."""
         try:
             with torch.no_grad():
-                self._fill(model, dataset, indices, views)
+                self._fill(model, dataset, indices, views, present)
         except CacheTooLarge:
             self.close()
             raise
         for store in self.stores.values():
             store.seal()
 
-    def _fill(self, model: MultimodalModel, dataset: Dataset, indices: list[int], views: int) -> None:
+    def _fill(
+        self,
+        model: MultimodalModel,
+        dataset: Dataset,
+        indices: list[int],
+        views: int,
+        present: dict[str, np.ndarray] | None,
+    ) -> None:
         for m, start in self.starts.items():
             encoder = model.encoders[m]
-            for keys, raws in _chunks(dataset, indices, m, views, self.views[m]):
+            held = indices if present is None else [i for i in indices if present[m][i]]
+            for keys, raws in _chunks(dataset, held, m, views, self.views[m]):
                 inputs = model.inputs(m, _stack(raws))
                 shapes = tuple(tuple(v.shape) for v in inputs.values())
                 key = ("prefix", m, start, shapes)
@@ -245,10 +261,13 @@ class PrefixCache:
             self.views[m] = dict(old.views[m])
 
     def _positions(self, modality: str, batch: dict[str, Any], epoch: int) -> list[int]:
+        """Stored rows of the batch's samples that hold ``modality``."""
         positions = self.positions[modality]
         views = self.views[modality]
+        rows = present_rows(batch, modality)
         out = []
-        for i, raw in zip(batch["index"], batch[modality], strict=True):
+        indices, raws = take_rows(batch["index"], rows), take_rows(batch[modality], rows)
+        for i, raw in zip(indices, raws, strict=True):
             # A caption is found by its text; a tensor input by the view this epoch uses.
             out.append(positions[(i, raw if isinstance(raw, str) else epoch % views[i])])
         return out
@@ -258,7 +277,7 @@ class PrefixCache:
         shapes = []
         for m in self.starts:
             rows = [self.stores[m].shape(p) for p in self._positions(m, batch, epoch)]
-            shapes.append((len(rows), *np.max(np.array(rows), axis=0).tolist()))
+            shapes.append((len(rows), *np.max(np.array(rows), axis=0).tolist()) if rows else (0,))
         return tuple(shapes)
 
     def features(self, model: MultimodalModel, batch: dict[str, Any], epoch: int) -> dict[str, torch.Tensor]:
@@ -267,6 +286,8 @@ class PrefixCache:
         for m, start in self.starts.items():
             encoder = model.encoders[m]
             rows = [self.stores[m].get(p).to(model.device) for p in self._positions(m, batch, epoch)]
+            if not rows:
+                continue  # no sample of the batch holds this modality
             hidden, context = encoder.rebatch(rows)
             features[m] = encoder.forward_suffix(hidden, context, start)
         return features
@@ -323,10 +344,12 @@ class CacheShelf:
         dataset: Dataset,
         indices: list[int],
         frozen_received: list[str],
+        present: dict[str, np.ndarray] | None = None,
     ) -> PrefixCache | None:
         """The client's cache for ``stage``: kept, extended from an earlier stage's, or filled now.
 
-        ``frozen_received``: keys of the frozen tensors that arrived with this round's message. None: no cache
+        ``frozen_received``: keys of the frozen tensors that arrived with this round's message; ``present``:
+        which samples hold each modality (incomplete data), the only ones cached. None: no cache
         this time (not ``lw`` past its first stage, cache off, or refused; see :meth:`why`).
         """
         starts = cache_starts(model, method, stage) if cfg.cache.frozen_prefix else None
@@ -338,7 +361,7 @@ class CacheShelf:
             set_train_mode(model, method, stage)
 
         def fill(cache: PrefixCache) -> None:
-            cache.fill(model, dataset, indices, cfg.cache.views)
+            cache.fill(model, dataset, indices, cfg.cache.views, present)
 
         lost = self.lost.pop(cid, None)
         if lost is not None and cid not in self.caches and key is not None:

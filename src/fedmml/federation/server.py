@@ -43,7 +43,7 @@ from fedmml.federation.payload import (
     upload_parts,
     validate,
 )
-from fedmml.methods import Stage, configure, trainable_keys
+from fedmml.methods import Stage, configure, trainable_keys, without_towers
 from fedmml.models.multimodal import MultimodalModel
 from fedmml.tasks import task_for
 
@@ -228,8 +228,13 @@ class Server:
             )
 
     def _pool(self) -> list[int]:
-        """Set-up clients that train in the current stage (a client whose budget fits nothing sits out)."""
-        return [c for c in sorted(self.clients) if self.plan.get(c) != budgets.OUT]
+        """Set-up clients that train in the current stage: not those whose budget fits nothing, nor those
+        with no training sample (a unimodal client when incomplete samples are dropped)."""
+        return [
+            c
+            for c, report in sorted(self.clients.items())
+            if self.plan.get(c) != budgets.OUT and report.get("num_samples", 1) > 0
+        ]
 
     def plan_budgets(self) -> None:
         """Plan every stage's slice per client from the clients' budgets and the slices' measured peaks;
@@ -250,15 +255,22 @@ class Server:
 
     def narrow(self, stage: Stage, trainable: list[str]) -> list[str]:
         """The stage's trainable keys once each client has its slice: per client in :attr:`client_keys`, and
-        for the global model the deepest slice planned (slices nest, so it holds every other)."""
+        for the global model the deepest slice planned (slices nest, so it holds every other). A client whose
+        data lacks a modality entirely trains nothing of that modality's tower."""
         self.plan = self.plans.get(stage.index, {})
         self.client_keys = {}
         planned = [s for s in budgets.slices_of(self.cfg.run.method) if s in self.plan.values()]
-        if not planned:
-            return trainable
-        keys = {s: trainable_keys(self.model, budgets.slice_method(s), stage) for s in planned}
-        self.client_keys = {c: keys[s] for c, s in self.plan.items() if s != budgets.OUT}
-        return configure(self.model, budgets.slice_method(planned[0]), stage)
+        if planned:
+            keys = {s: trainable_keys(self.model, budgets.slice_method(s), stage) for s in planned}
+            self.client_keys = {c: keys[s] for c, s in self.plan.items() if s != budgets.OUT}
+            trainable = configure(self.model, budgets.slice_method(planned[0]), stage)
+        for cid, report in self.clients.items():
+            absent = [
+                m for m in self.model.encoders if m not in report.get("modalities", self.model.encoders)
+            ]
+            if absent:
+                self.client_keys[cid] = without_towers(self.client_keys.get(cid, trainable), absent)
+        return trainable
 
     def message_for(
         self,

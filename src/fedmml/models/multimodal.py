@@ -19,6 +19,28 @@ from fedmml.config import ModelConfig
 from fedmml.models.heads import ProjectionHead
 from fedmml.models.staged import StagedEncoder
 
+# Optional batch key: per modality, a bool tensor [batch], True where the sample holds that modality (see
+# fedmml.data.missing). An encoder runs on its modality's present rows only, so no absent sample reaches
+# its BatchNorm statistics; a batch without the key is complete.
+PRESENT = "present"
+
+
+def present_rows(batch: dict[str, Any], modality: str) -> torch.Tensor | None:
+    """Indices of ``batch``'s rows that hold ``modality``; None when every row does."""
+    mask = batch.get(PRESENT, {}).get(modality)
+    if mask is None or bool(mask.all()):
+        return None
+    return mask.nonzero().flatten()
+
+
+def take_rows(raw: Any, rows: torch.Tensor | None) -> Any:
+    """``rows`` of a batch's raw inputs (a tensor or a list); all of them when ``rows`` is None."""
+    if rows is None:
+        return raw
+    if isinstance(raw, torch.Tensor):
+        return raw[rows]
+    return [raw[i] for i in rows.tolist()]
+
 
 def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over a batch of L2-normalised embeddings (mean of both directions)."""
@@ -44,8 +66,14 @@ class MultimodalModel(nn.Module):
         return {k: v.to(device, non_blocking=True) for k, v in self.encoders[modality].prepare(raw).items()}
 
     def features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Every encoder's output feature for ``batch``."""
-        return {m: enc(self.inputs(m, batch[m])) for m, enc in self.encoders.items()}
+        """Every encoder's output feature for the rows of ``batch`` that hold its modality (a modality no
+        row holds has none)."""
+        features = {}
+        for m, enc in self.encoders.items():
+            rows = present_rows(batch, m)
+            if rows is None or len(rows):
+                features[m] = enc(self.inputs(m, take_rows(batch[m], rows)))
+        return features
 
     def loss_from_features(self, features: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
         """The task's training loss, given the encoders' features."""

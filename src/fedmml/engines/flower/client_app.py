@@ -83,7 +83,9 @@ def setup(msg: Message, context: Context) -> Message:
     pid, n = _partition(context)
     node: dict[str, Any] = {"partition-id": pid, "num-partitions": n}
     try:
-        described = _loaded(context.run_id, config_json).client_data(pid, _data_root(context)).describe()
+        loaded = _loaded(context.run_id, config_json)
+        data = loaded.client_data(pid, _data_root(context))
+        described = Client(pid, loaded.cfg, data, loaded.workspace).describe()
         if context.node_config.get("memory-mib") is not None:
             # The device's own memory budget (federation.client_memory_mib), which the server plans with.
             described["memory_mib"] = float(context.node_config["memory-mib"])
