@@ -28,8 +28,9 @@ def test_adapters_on_projections_and_pointwise_convolutions_only() -> None:
     )
 
 
-def test_fresh_adapters_compute_what_the_model_without_them_does() -> None:
-    cfg = load_config("tiny")
+@pytest.mark.parametrize("preset", ["tiny", "emoji"])  # ViT + BERT; EfficientNet-Lite + MiniLM
+def test_fresh_adapters_compute_what_the_model_without_them_does(preset: str) -> None:
+    cfg = load_config(preset)
     torch.manual_seed(0)
     plain = _grown(build_model(cfg.model, load_weights=False))
     torch.manual_seed(0)

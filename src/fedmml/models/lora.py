@@ -26,10 +26,33 @@ def adapted_layers(block: nn.Module) -> list[str]:
     ]
 
 
+def _plain_pointwise(block: nn.Module, names: list[str]) -> None:
+    """Make each adapted convolution a plain ``nn.Conv2d`` holding the same parameters.
+
+    peft builds a convolution's adapter with the layer's own class, and EfficientNet-Lite's
+    ``Conv2dStaticSamePadding`` cannot be built without an image size. Its 1x1, stride-1 convolutions pad
+    nothing, so a plain convolution computes exactly what they do.
+    """
+    for name in names:
+        conv = block.get_submodule(name)
+        if not isinstance(conv, nn.Conv2d) or type(conv) is nn.Conv2d:
+            continue
+        if tuple(conv.kernel_size) != (1, 1) or tuple(conv.stride) != (1, 1):
+            raise ValueError(
+                f"cannot adapt {type(conv).__name__} {name}: only its 1x1, stride-1 form pads nothing"
+            )
+        plain = nn.Conv2d(
+            conv.in_channels, conv.out_channels, 1, groups=conv.groups, bias=conv.bias is not None
+        )
+        plain.weight, plain.bias = conv.weight, conv.bias
+        block.set_submodule(name, plain)
+
+
 def add_adapters(model: MultimodalModel, cfg: ModelConfig) -> None:
     """Inject an adapter of rank ``model.lora_rank`` into every block of every encoder, grown or not."""
     for encoder in model.encoders.values():
         for block in encoder.block_pool:
+            _plain_pointwise(block, adapted_layers(block))
             settings = LoraConfig(
                 r=cfg.lora_rank,
                 lora_alpha=cfg.lora_alpha,
