@@ -86,7 +86,7 @@ def test_flops_are_counted_once_per_batch_shape() -> None:
         model.encoders[modality].grow_to(depth)
     configure(model, "e2e", stage)
     set_train_mode(model, "e2e", stage)
-    opt = make_optimizer(model, stage, cfg)
+    opt = make_optimizer(model, stage, cfg, cfg.run.method)
     meter = StepMeter(torch.device("cpu"))
     meter.start("e2e", stage)
     batch = {"image": torch.rand(4, 3, 32, 32), "text": ["a red apple", "a cat", "two dogs", "a green tree"]}
