@@ -1,6 +1,6 @@
-"""Incomplete image + audio data (data.missing_rate, data.unimodal_clients): seeded draws, encoders that never
-see an absent modality's rows, the learned missing embedding, unimodal clients' uploads, the robustness
-score, and using incomplete samples against dropping them."""
+"""Incomplete data (data.missing_rate, data.unimodal_clients): seeded draws, encoders that never see an absent
+modality's rows, the classifier's learned missing embedding, the dual encoder's unimodal terms, unimodal
+clients' uploads, the robustness score, and using incomplete samples against dropping them."""
 
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def test_bad_rates_are_one_line_errors(overrides: list[str], message: str) -> No
     with pytest.raises(ConfigError, match=message) as err:
         _cfg(None, *overrides)
     assert "\n" not in str(err.value)
-    with pytest.raises(ConfigError, match="image-text has no unimodal training term"):
-        load_config("tiny", ["data.missing_rate.text=0.3"])
+    with pytest.raises(ConfigError, match="model.unimodal_weight must be >= 0"):
+        load_config("tiny", ["data.missing_rate.text=0.3", "model.unimodal_weight=-1"])
 
 
 def test_draws_are_seeded_disjoint_and_depend_only_on_seed_client_and_position() -> None:
@@ -105,13 +105,48 @@ def test_absent_rows_reach_neither_encoder_statistics_nor_fusion(tuxpaint_root: 
     assert model.missing["image"].grad is None or model.missing["image"].grad.abs().sum() == 0
 
 
+def test_a_caption_less_image_trains_its_tower_through_two_views_only() -> None:
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    model = build_model(cfg.model, load_weights=False)
+    for encoder in model.encoders.values():
+        encoder.grow_to(encoder.total_blocks)
+    model.eval()  # fixed statistics and no dropout: the terms can be compared exactly
+    g = torch.Generator().manual_seed(0)
+    texts = ["a red circle", "a blue cat", "two dogs", "a green car", "a tree", "the sea"]
+    batch = {"image": torch.randn(6, 3, 32, 32, generator=g), "text": texts, "index": list(range(6))}
+    pairs = {"image": batch["image"][:4], "text": texts[:4], "index": list(range(4))}
+    incomplete = {
+        **batch,
+        PRESENT: {"image": torch.ones(6).bool(), "text": torch.tensor([1, 1, 1, 1, 0, 0]).bool()},
+    }
+    model.unimodal_weight = 0.0
+    torch.testing.assert_close(model.loss(incomplete), model.loss(pairs))  # the caption-less rows add nothing
+    model.unimodal_weight = 1.0
+    torch.manual_seed(1)
+    with_views = model.loss(incomplete)
+    changed = {**incomplete, "image": incomplete["image"].clone()}
+    changed["image"][4:] += 1.0
+    torch.manual_seed(1)
+    assert not torch.allclose(model.loss(changed), with_views)  # now they train the image tower
+    changed_pairs = {**incomplete, "text": [*texts[:4], "x", "y"]}
+    torch.manual_seed(1)
+    torch.testing.assert_close(model.loss(changed_pairs), with_views)  # an absent caption is never read
+
+
 @pytest.mark.slow
-def test_lw_cache_stays_exact_with_missing_rows(tuxpaint_root: Path, same_trajectory) -> None:
+@pytest.mark.parametrize("task", ["image-audio", "image-text"])
+def test_lw_cache_stays_exact_with_missing_rows(
+    task: str, tuxpaint_root: Path, emoji_root: Path, same_trajectory
+) -> None:
     losses = {}
     for cached in ("true", "false"):
-        cfg = _cfg(
-            tuxpaint_root, 'run.method="lw"', "data.missing_rate.audio=0.3", f"cache.frozen_prefix={cached}"
-        )
+        if task == "image-audio":
+            cfg = _cfg(tuxpaint_root, "data.missing_rate.audio=0.3")
+        else:  # the unimodal terms run the whole encoder for their second view, cached or not
+            rates = ["data.missing_rate.text=0.3", "data.missing_rate.image=0.2"]
+            cfg = load_config("tiny", [f'data.root="{emoji_root}"', "run.threads=1", "eval.every=0", *rates])
+        cfg.run.method, cfg.cache.frozen_prefix = "lw", cached == "true"
         setup = build_setup(cfg)
         losses[cached] = [m["train_loss"] for m in setup.run_rounds()]
     steps = max(c.num_samples for c in setup.clients.values()) // cfg.federation.batch_size

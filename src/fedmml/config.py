@@ -84,6 +84,9 @@ class ModelConfig:
     audio: EncoderConfig = field(default_factory=lambda: EncoderConfig(backend="hf_ast"))
     head: HeadConfig = field(default_factory=HeadConfig)
     temperature: float = 0.05  # image-text
+    # image-text with incomplete pairs: weight per row of the unimodal contrastive term of a sample that holds
+    # one side only (two views of it, see fedmml.models.multimodal.second_view), against 1 per complete pair
+    unimodal_weight: float = 1.0
     learn_temperature: bool = False  # image-text
     predictor: PredictorConfig = field(default_factory=PredictorConfig)  # image-audio
     num_classes: int = 0  # image-audio; 0: the number of class folders in the training split
@@ -156,7 +159,7 @@ class DataConfig:
     # image-audio: class names in label order, the same on every client; []: the class folders of the training
     # split under root (or of its test split when root holds only that)
     classes: list[str] = field(default_factory=list)
-    # Incomplete data (image-audio; fedmml.data.missing): per modality, the seeded fraction of each client's
+    # Incomplete data (fedmml.data.missing): per modality, the seeded fraction of each client's
     # training samples that lack it, and the fraction of clients whose samples hold only it; incomplete:
     # "use" trains on incomplete samples too, "drop" on complete pairs only
     missing_rate: dict[str, float] = field(default_factory=dict)
@@ -494,13 +497,8 @@ def _validate_incomplete(cfg: Config) -> None:
                 )
         if sum(table.values()) > 1:
             raise ConfigError(f"data.{name} adds up to {sum(table.values()):g}, more than 1")
-    if cfg.model.task == "image-text" and any(
-        v > 0 for v in (*d.missing_rate.values(), *d.unimodal_clients.values())
-    ):
-        raise ConfigError(
-            "data.missing_rate and data.unimodal_clients are for image-audio tasks; image-text has no "
-            "unimodal training term yet"
-        )
+    if cfg.model.unimodal_weight < 0:
+        raise ConfigError("model.unimodal_weight must be >= 0")
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")

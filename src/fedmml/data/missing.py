@@ -4,9 +4,11 @@ samples hold one modality only.
 - ``data.missing_rate.<m>``: the fraction of each client's training samples that lack ``m``. The draws of
   different modalities are disjoint, so every sample keeps at least one modality.
 - ``data.unimodal_clients.<m>``: the fraction of clients whose samples hold only ``m``.
-- ``data.incomplete``: ``use`` trains on the incomplete samples too (an absent modality's projection is the
-  model's learned "missing" embedding); ``drop`` trains on complete pairs only, the baseline that discards
-  them (a unimodal client then holds nothing to train on and sits out).
+- ``data.incomplete``: ``use`` trains on the incomplete samples too; ``drop`` trains on complete pairs only,
+  the baseline that discards them (a unimodal client then holds nothing to train on and sits out). What an
+  incomplete sample trains: in the image + audio classifier, the fusion and its present tower, with a learned
+  "missing" embedding in place of the absent projection; in the image-text dual encoder, its present tower
+  through a unimodal contrastive term between two views of it (``model.unimodal_weight``).
 
 Every draw depends on ``run.seed``, the client id and a sample's position in its client's share only, so a
 run draws the same samples on every engine and in every process.
@@ -24,7 +26,7 @@ _SAMPLES, _CLIENTS, _TEST = 0x6D697373, 0x756E696D, 0x74657374  # stream tags of
 
 
 def incomplete(cfg: Config) -> bool:
-    """Whether the run simulates incomplete data (its model then holds learned "missing" embeddings)."""
+    """Whether the run simulates incomplete data (a classifier then holds learned "missing" embeddings)."""
     d = cfg.data
     return any(v > 0 for v in (*d.missing_rate.values(), *d.unimodal_clients.values()))
 

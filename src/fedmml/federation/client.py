@@ -244,8 +244,9 @@ def train_epochs(
     optimizer = make_optimizer(model, stage, cfg, method)
     precision = cfg.run.precision
     set_train_mode(model, method, stage)
-    # A cached client never runs its frozen modules, so their weights are not part of its working memory.
-    absent = frozen_modules(model, method, stage) if cache is not None else []
+    # A cached client never runs its frozen modules, so their weights are not part of its working memory;
+    # with incomplete data it may (an image-text unimodal term's second view runs the whole encoder).
+    absent = frozen_modules(model, method, stage) if cache is not None and present is None else []
     if meter is not None:
         meter.start(method, stage, measure_memory=bool(meta.get("measure_memory")))
     losses = []
@@ -264,6 +265,8 @@ def train_epochs(
             else:
                 cached = cache is not None
                 key = ("cached", cache.batch_shapes(data, epoch)) if cached else input_shapes(model, data)
+                # With incomplete rows the per-modality shapes alone do not fix which rows pair up.
+                key = (len(data["index"]), key) if present is not None else key
                 inputs = [v for v in data.values() if isinstance(v, torch.Tensor)]
                 step = meter.step(model, optimizer, key, inputs, absent)
             with step:

@@ -42,6 +42,23 @@ def take_rows(raw: Any, rows: torch.Tensor | None) -> Any:
     return [raw[i] for i in rows.tolist()]
 
 
+def second_view(modality: str, raw: Any) -> Any:
+    """Another view of a batch of one modality's raw inputs, for a unimodal contrastive term: each image
+    randomly cropped to 50-100 % of its side, resized back and flipped half the time (torch's global RNG,
+    seeded per round); text as it is (the encoder's dropout makes its second view)."""
+    if modality != "image":
+        return raw
+    size = raw.shape[-1]
+    views = []
+    for pixels in raw:
+        side = int(size * (0.5 + 0.5 * float(torch.rand(()))))
+        top, left = (int(torch.randint(0, size - side + 1, ())) for _ in range(2))
+        crop = pixels[:, top : top + side, left : left + side].unsqueeze(0)
+        view = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)[0]
+        views.append(view.flip(-1) if bool(torch.rand(()) < 0.5) else view)
+    return torch.stack(views)
+
+
 def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over a batch of L2-normalised embeddings (mean of both directions)."""
     logits = logit_scale * image_emb @ text_emb.t()
@@ -97,6 +114,7 @@ class DualEncoder(MultimodalModel):
                 for m, enc in self.encoders.items()
             }
         )
+        self.unimodal_weight = cfg.unimodal_weight
         scale = torch.tensor(math.log(1.0 / cfg.temperature))
         if cfg.learn_temperature:
             self.logit_scale = nn.Parameter(scale)
@@ -117,7 +135,42 @@ class DualEncoder(MultimodalModel):
         return self.embed("text", self.inputs("text", texts))
 
     def loss_from_features(self, features: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
-        """Contrastive loss of one batch of image-caption pairs."""
-        image, text = (F.normalize(self.heads[m](features[m]), dim=-1) for m in ("image", "text"))
-        scale = self.logit_scale.exp().clamp(max=100.0).to(image.device)
-        return clip_loss(image, text, scale)
+        """Contrastive loss of one batch of image-caption pairs; with incomplete pairs (``PRESENT``), the
+        complete ones' contrastive loss and, for the rows that hold one side only, that side's unimodal term
+        (:meth:`unimodal_loss`), weighted by ``model.unimodal_weight`` per row."""
+        scale = self.logit_scale.exp().clamp(max=100.0)
+        rows = {m: present_rows(batch, m) for m in ("image", "text")}
+        if rows["image"] is None and rows["text"] is None:
+            image, text = (F.normalize(self.heads[m](features[m]), dim=-1) for m in ("image", "text"))
+            return clip_loss(image, text, scale.to(image.device))
+        size = len(next(iter(batch[PRESENT].values())))
+        held = {m: torch.zeros(size, dtype=torch.bool) for m in rows}
+        for m, r in rows.items():
+            held[m][r if r is not None else slice(None)] = True
+        # Feature row of each batch row, per modality (features hold the present rows, in batch order).
+        place = {m: torch.cumsum(held[m].long(), 0) - 1 for m in rows}
+        terms: list[tuple[float, torch.Tensor]] = []
+        complete = (held["image"] & held["text"]).nonzero().flatten()
+        if len(complete) >= 2:
+            image, text = (
+                F.normalize(self.heads[m](features[m][place[m][complete]]), dim=-1) for m in ("image", "text")
+            )
+            terms.append((float(len(complete)), clip_loss(image, text, scale.to(image.device))))
+        for m, other in (("image", "text"), ("text", "image")):
+            alone = (held[m] & ~held[other]).nonzero().flatten()
+            if len(alone) >= 2 and self.unimodal_weight > 0:
+                loss = self.unimodal_loss(m, features[m][place[m][alone]], take_rows(batch[m], alone), scale)
+                terms.append((self.unimodal_weight * len(alone), loss))
+        if not terms:  # nothing this batch can learn from; a zero that still reaches every trainable tensor
+            return sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
+        return sum(w * t for w, t in terms) / sum(w for w, _ in terms)
+
+    def unimodal_loss(
+        self, modality: str, first: torch.Tensor, raw: Any, scale: torch.Tensor
+    ) -> torch.Tensor:
+        """The contrastive loss between two views of the same samples of one modality: ``first`` is their
+        feature as trained; the second view runs the whole encoder again, on a random crop and flip of the
+        pixels for images (SimCLR) and on the same tokens for text, whose dropout makes the view (SimCSE)."""
+        second = self.encoders[modality](self.inputs(modality, second_view(modality, raw)))
+        one, two = (F.normalize(self.heads[modality](f), dim=-1) for f in (first, second))
+        return clip_loss(one, two, scale.to(one.device))
