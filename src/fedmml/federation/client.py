@@ -186,6 +186,18 @@ def batch_presence(present: dict[str, np.ndarray], indices: list[int]) -> dict[s
     return {m: mask if int(mask.sum()) != 1 else torch.zeros_like(mask) for m, mask in masks.items()}
 
 
+def one_sided_shapes(model: MultimodalModel, batch: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
+    """Per modality, the input shape of the rows that hold it alone (what a unimodal term runs again)."""
+    present = batch[PRESENT]
+    shapes = []
+    for m, enc in model.encoders.items():
+        others = [mask for o, mask in present.items() if o != m]
+        rows = (present[m] & ~torch.stack(others).any(0)).nonzero().flatten()
+        raw = take_rows(batch[m], rows)
+        shapes.append(tuple(next(iter(enc.prepare(raw).values())).shape) if len(rows) else (0,))
+    return tuple(shapes)
+
+
 def input_shapes(model: MultimodalModel, batch: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
     """The shapes that fix a full step's FLOPs: each modality's first input tensor (e.g. padded token ids),
     over the rows that hold the modality."""
@@ -265,8 +277,8 @@ def train_epochs(
             else:
                 cached = cache is not None
                 key = ("cached", cache.batch_shapes(data, epoch)) if cached else input_shapes(model, data)
-                # With incomplete rows the per-modality shapes alone do not fix which rows pair up.
-                key = (len(data["index"]), key) if present is not None else key
+                if present is not None:  # which rows pair up, and the inputs of one-sided rows' second views
+                    key = (len(data["index"]), key, one_sided_shapes(model, data))
                 inputs = [v for v in data.values() if isinstance(v, torch.Tensor)]
                 step = meter.step(model, optimizer, key, inputs, absent)
             with step:
