@@ -150,13 +150,21 @@ def set_train_mode(model: nn.Module, method: str, stage: Stage) -> None:
 
 def centralize(cfg: Config) -> Config:
     """``centralized``'s federation: one client, sampled every round, holding the whole training split of a
-    shared dataset; the schedule (rounds x local epochs) and everything else as configured."""
+    shared dataset, without a memory budget; the schedule (rounds x local epochs) and everything else as
+    configured."""
     if cfg.run.method != "centralized":
         return cfg
     if cfg.partition.kind == "local":
         raise ConfigError("run.method centralized needs one shared dataset, not partition.kind local")
     raw = cfg.to_dict()
-    federation = {**raw["federation"], "num_clients": 1, "clients_per_round": 0, "min_clients": 1}
+    # The upper bound is one machine, not a device: no memory budget.
+    federation = {
+        **raw["federation"],
+        "num_clients": 1,
+        "clients_per_round": 0,
+        "min_clients": 1,
+        "client_memory_mib": 0.0,
+    }
     partition = {**raw["partition"], "kind": "iid"}
     return config_from_dict({**raw, "federation": federation, "partition": partition})
 

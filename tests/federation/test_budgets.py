@@ -15,6 +15,7 @@ from fedmml.federation.aggregate import RunningMean, coordinate_median, trimmed_
 from fedmml.federation.budgets import MIB, OUT, check_plans, client_budgets, plan_stage
 from fedmml.federation.client import Client
 from fedmml.federation.payload import unpack
+from fedmml.methods import centralize
 from fedmml.runs import read_metrics
 
 MiB = float(MIB)
@@ -41,6 +42,11 @@ def test_each_client_gets_the_deepest_slice_its_budget_fits() -> None:
     check_plans({0: plan}, {0: peaks}, min_clients=4)
     with pytest.raises(SetupFailed, match=r"stage 1: 4 of 5 clients .* the smallest, heads, needs 0.5 MiB"):
         check_plans({0: plan}, {0: peaks}, min_clients=5)
+
+
+def test_centralized_is_one_machine_without_a_budget() -> None:
+    cfg = load_config("tiny", ['run.method="centralized"', "federation.client_memory_mib=[0, 300, 300]"])
+    assert centralize(cfg).federation.client_memory_mib == 0.0  # a per-client list would not fit one client
 
 
 def test_a_nodes_declared_budget_wins_over_the_config() -> None:
