@@ -86,6 +86,33 @@ def test_server_app_on_an_inprocess_grid_matches_the_inprocess_engine(
         assert "fedmml-state" in context.state.config_records  # the frozen-tensor store lives in the node
 
 
+def test_nodes_declare_their_memory_budgets_and_hetero_plans_with_them(
+    emoji_root: Path, tmp_path: Path, local_grid
+) -> None:
+    from flwr.app import Context, RecordDict
+
+    from fedmml.engines.flower.client_app import app as client_app
+    from fedmml.engines.flower.server_app import main
+
+    grid = local_grid(client_app, num_nodes=3)
+    # Node 1 fits LW's slice (2.2 MiB from stage 2 on) but not Prog's (19 MiB); node 2 only the heads (0.45).
+    budgets = {1: 11.6, 2: 1.0}
+    for context in grid.contexts.values():
+        pid = context.node_config["partition-id"]
+        if pid in budgets:
+            context.node_config["memory-mib"] = budgets[pid]
+    overrides = _overrides(emoji_root, 'run.method="hetero"', "eval.every=0")
+    run_config = {"preset": "tiny", "overrides": ";".join(overrides), "run-dir": str(tmp_path)}
+    main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    plans = [r["client_plans"] for r in read_metrics(tmp_path)]
+    assert plans == [{"0": "prog", "1": "heads", "2": "heads"}, {"0": "prog", "1": "lw", "2": "heads"}]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["budgets"]["client_memory_mib"] == {"0": 0.0, "1": 11.6, "2": 1.0}
+    assert (
+        summary["budgets"]["client_rounds_within_budget"] == summary["budgets"]["client_rounds_measured"] == 6
+    )
+
+
 def test_the_generated_app_and_the_repository_app_share_the_run_config(tmp_path: Path) -> None:
     import tomllib
 
