@@ -258,7 +258,8 @@ def train_epochs(
     set_train_mode(model, method, stage)
     # A cached client never runs its frozen modules, so their weights are not part of its working memory;
     # with incomplete data it may (an image-text unimodal term's second view runs the whole encoder).
-    absent = frozen_modules(model, method, stage) if cache is not None and present is None else []
+    reruns = present is not None and model.reruns_encoders
+    absent = frozen_modules(model, method, stage) if cache is not None and not reruns else []
     if meter is not None:
         meter.start(method, stage, measure_memory=bool(meta.get("measure_memory")))
     losses = []

@@ -92,6 +92,10 @@ class MultimodalModel(nn.Module):
                 features[m] = enc(self.inputs(m, take_rows(batch[m], rows)))
         return features
 
+    # Whether a batch with incomplete rows runs whole encoders again inside the loss (a second view), so a
+    # client with a frozen-prefix cache still needs its frozen weights.
+    reruns_encoders = False
+
     def loss_from_features(self, features: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
         """The task's training loss, given the encoders' features."""
         raise NotImplementedError
@@ -121,6 +125,11 @@ class DualEncoder(MultimodalModel):
         else:
             # A plain attribute, not a buffer: a fixed temperature is configuration, not state to exchange.
             self.logit_scale = scale
+
+    @property
+    def reruns_encoders(self) -> bool:
+        """A one-sided sample's unimodal term runs its encoder again (when it has a weight)."""
+        return self.unimodal_weight > 0
 
     def embed(self, modality: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """L2-normalised projection of one modality's inputs."""
