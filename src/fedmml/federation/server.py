@@ -244,8 +244,9 @@ class Server:
         slices = budgets.slices_of(self.cfg.run.method)
         if not self.budgeted and len(slices) == 1:
             return  # every client trains the method's own slice
-        peaks: SlicePeaks = {}
-        if self.budgeted and self.measure_slices is not None:
+        if self.budgeted:
+            if self.measure_slices is None:
+                raise ValueError("memory budgets need the server's measure_slices")
             self.listener(Phase("measuring the client memory of each slice"))
             peaks = self.measure_slices()
         else:  # no budget: every client trains the deepest slice, and nothing needs measuring
