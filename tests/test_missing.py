@@ -147,6 +147,7 @@ def test_lw_cache_stays_exact_with_missing_rows(
             rates = ["data.missing_rate.text=0.3", "data.missing_rate.image=0.2"]
             cfg = load_config("tiny", [f'data.root="{emoji_root}"', "run.threads=1", "eval.every=0", *rates])
         cfg.run.method, cfg.cache.frozen_prefix = "lw", cached == "true"
+        cfg.active_schedule.rounds = [1, 1, 0]  # the cache serves from the second stage on
         setup = build_setup(cfg)
         losses[cached] = [m["train_loss"] for m in setup.run_rounds()]
     steps = max(c.num_samples for c in setup.clients.values()) // cfg.federation.batch_size
