@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,8 @@ def test_tune_chooses_on_validation_and_compare_runs_the_choice(
     assert (cmp_out / "lw" / "summary.json").stat().st_mtime_ns == mtime
     assert main([*args, "--quiet", "--resume", "--set", "run.seed=5"]) == 2
     assert "holds a run of another config (differs at run.seed)" in capsys.readouterr().err
+    # A run stopped before its first checkpoint has nothing to continue from: --resume starts it again.
+    shutil.rmtree(cmp_out / "lw" / "checkpoints")
+    (cmp_out / "lw" / "summary.json").unlink()
+    assert main([*args, "--quiet", "--resume"]) == 0
+    assert (cmp_out / "lw" / "summary.json").is_file()

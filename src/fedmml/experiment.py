@@ -18,6 +18,7 @@ from fedmml.config import Config, config_from_dict
 from fedmml.device import select_device
 from fedmml.engines.inprocess import InProcessEngine
 from fedmml.events import Listener, MethodStarted, Phase, ignore
+from fedmml.federation.checkpoint import latest_checkpoint
 from fedmml.federation.client import Client, Workspace
 from fedmml.methods import centralize
 from fedmml.runs import (
@@ -113,8 +114,9 @@ def resume_experiment(run_dir: Path, listener: Listener | None = None) -> dict[s
 
 def continue_experiment(cfg: Config, run_dir: Path, listener: Listener | None = None) -> dict[str, Any]:
     """The summary of ``cfg``'s run in ``run_dir``: read when it finished, continued from its newest
-    checkpoint when it stopped, started when the directory holds none. A run of another config is refused
-    (a series of runs — a grid, a comparison — continues only where it left off)."""
+    checkpoint when it stopped, started (again) when the directory holds none or no checkpoint yet. A run
+    of another config is refused (a series of runs — a grid, a comparison — continues only where it left
+    off)."""
     if not holds_run(run_dir):
         return run_experiment(cfg, run_dir, listener)
     stored = {}
@@ -129,6 +131,9 @@ def continue_experiment(cfg: Config, run_dir: Path, listener: Listener | None = 
         )
     if (run_dir / "summary.json").is_file():
         return json.loads((run_dir / "summary.json").read_text())
+    if latest_checkpoint(run_dir / CHECKPOINTS) is None:
+        # Stopped before its first round ended: nothing to continue from, so it starts again.
+        return run_experiment(cfg, run_dir, listener, overwrite=True)
     return resume_experiment(run_dir, listener)
 
 
