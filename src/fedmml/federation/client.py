@@ -26,7 +26,7 @@ from fedmml.federation.payload import Message, PayloadError, lossy, pack, to_del
 from fedmml.federation.prefix_cache import CacheShelf, PrefixCache
 from fedmml.methods import Stage, configure, frozen_modules, param_group, set_train_mode, without_towers
 from fedmml.models.build import build_model
-from fedmml.models.multimodal import PRESENT, MultimodalModel, present_rows, take_rows
+from fedmml.models.multimodal import PRESENT, MultimodalModel, one_sided_rows, present_rows, take_rows
 from fedmml.precision import autocast, grad_scaler
 from fedmml.tasks import task_for
 
@@ -186,29 +186,25 @@ def batch_presence(present: dict[str, np.ndarray], indices: list[int]) -> dict[s
     return {m: mask if int(mask.sum()) != 1 else torch.zeros_like(mask) for m, mask in masks.items()}
 
 
+def _input_shape(encoder: Any, raw: Any, rows: torch.Tensor | None) -> tuple[int, ...]:
+    """The shape of ``encoder``'s first input tensor for ``rows`` of a batch's raw inputs ((0,): no row)."""
+    if rows is not None and not len(rows):
+        return (0,)
+    return tuple(next(iter(encoder.prepare(take_rows(raw, rows)).values())).shape)
+
+
 def one_sided_shapes(model: MultimodalModel, batch: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
     """Per modality, the input shape of the rows that hold it alone (what a unimodal term runs again)."""
-    present = batch[PRESENT]
-    shapes = []
-    for m, enc in model.encoders.items():
-        others = [mask for o, mask in present.items() if o != m]
-        rows = (present[m] & ~torch.stack(others).any(0)).nonzero().flatten()
-        raw = take_rows(batch[m], rows)
-        shapes.append(tuple(next(iter(enc.prepare(raw).values())).shape) if len(rows) else (0,))
-    return tuple(shapes)
+    modalities = list(model.encoders)
+    return tuple(
+        _input_shape(enc, batch[m], one_sided_rows(batch, m, modalities)) for m, enc in model.encoders.items()
+    )
 
 
 def input_shapes(model: MultimodalModel, batch: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
     """The shapes that fix a full step's FLOPs: each modality's first input tensor (e.g. padded token ids),
     over the rows that hold the modality."""
-    shapes = []
-    for m, enc in model.encoders.items():
-        rows = present_rows(batch, m)
-        if rows is not None and not len(rows):
-            shapes.append((0,))
-            continue
-        shapes.append(tuple(next(iter(enc.prepare(take_rows(batch[m], rows)).values())).shape))
-    return tuple(shapes)
+    return tuple(_input_shape(enc, batch[m], present_rows(batch, m)) for m, enc in model.encoders.items())
 
 
 def train_epochs(
@@ -399,16 +395,10 @@ class Client:
         frozen_received = [k for k in received if k not in trainable]
         shelf = self.workspace.caches
         method = meta["method"]
+        # Under data.incomplete = "drop" the training samples are complete: no row needs a presence mask.
+        present = self.present if self.used else None
         cache = shelf.get(
-            self.cid,
-            model,
-            method,
-            stage,
-            self.cfg,
-            self.dataset,
-            self.indices,
-            frozen_received,
-            self.present,
+            self.cid, model, method, stage, self.cfg, self.dataset, self.indices, frozen_received, present
         )
         meter = self.workspace.meter
         loss, steps, unreadable = train_epochs(
@@ -421,7 +411,7 @@ class Client:
             meter,
             cache,
             self.workspace.scaler(self.cid),
-            self.present if self.used else None,
+            present,
         )
         current = model.state_dict()
         update = {k: current[k] for k in sorted(trainable)}

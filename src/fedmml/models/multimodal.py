@@ -33,6 +33,22 @@ def present_rows(batch: dict[str, Any], modality: str) -> torch.Tensor | None:
     return mask.nonzero().flatten()
 
 
+def held_mask(batch: dict[str, Any], modality: str) -> torch.Tensor:
+    """Which rows of an incomplete ``batch`` hold ``modality`` (all, when its mask is not given)."""
+    masks = batch[PRESENT]
+    return masks.get(modality, torch.ones(len(next(iter(masks.values()))), dtype=torch.bool))
+
+
+def one_sided_rows(batch: dict[str, Any], modality: str, modalities: list[str]) -> torch.Tensor:
+    """Indices of an incomplete ``batch``'s rows that hold ``modality`` and none of the other
+    ``modalities``."""
+    alone = held_mask(batch, modality).clone()
+    for other in modalities:
+        if other != modality:
+            alone &= ~held_mask(batch, other)
+    return alone.nonzero().flatten()
+
+
 def take_rows(raw: Any, rows: torch.Tensor | None) -> Any:
     """``rows`` of a batch's raw inputs (a tensor or a list); all of them when ``rows`` is None."""
     if rows is None:
@@ -152,10 +168,7 @@ class DualEncoder(MultimodalModel):
         if rows["image"] is None and rows["text"] is None:
             image, text = (F.normalize(self.heads[m](features[m]), dim=-1) for m in ("image", "text"))
             return clip_loss(image, text, scale.to(image.device))
-        size = len(next(iter(batch[PRESENT].values())))
-        held = {m: torch.zeros(size, dtype=torch.bool) for m in rows}
-        for m, r in rows.items():
-            held[m][r if r is not None else slice(None)] = True
+        held = {m: held_mask(batch, m) for m in rows}
         # Feature row of each batch row, per modality (features hold the present rows, in batch order).
         place = {m: torch.cumsum(held[m].long(), 0) - 1 for m in rows}
         terms: list[tuple[float, torch.Tensor]] = []
@@ -165,8 +178,8 @@ class DualEncoder(MultimodalModel):
                 F.normalize(self.heads[m](features[m][place[m][complete]]), dim=-1) for m in ("image", "text")
             )
             terms.append((float(len(complete)), clip_loss(image, text, scale.to(image.device))))
-        for m, other in (("image", "text"), ("text", "image")):
-            alone = (held[m] & ~held[other]).nonzero().flatten()
+        for m in rows:
+            alone = one_sided_rows(batch, m, list(rows))
             if len(alone) >= 2 and self.unimodal_weight > 0:
                 loss = self.unimodal_loss(m, features[m][place[m][alone]], take_rows(batch[m], alone), scale)
                 terms.append((self.unimodal_weight * len(alone), loss))
