@@ -10,6 +10,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread in the test process and in every process it starts (Flower's included). The tests
+# train tiny models, which two threads do not speed up on an idle machine; on a busy one two threads spin
+# against the other load: the fast tests took 385 s with two threads and 141 s with one while another run
+# was training, and one tiny run inside them 147 s against 6 s.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from fedmml.data.prepare.emoji import default_cache_dir, fetch_tarball, prepare_emoji  # noqa: E402
 

@@ -126,30 +126,6 @@ def test_the_generated_app_and_the_repository_app_share_the_run_config(tmp_path:
     assert repo["tool"]["flwr"]["app"]["components"] == generated["tool"]["flwr"]["app"]["components"]
 
 
-def test_flwr_run_on_the_repository_app(emoji_root: Path, tmp_path: Path) -> None:
-    """What a Flower user types: `flwr run .` in this repository, against a simulation SuperLink."""
-    from fedmml.engines.flower import control
-    from fedmml.engines.flower.launch import CONNECTION, start_superlink
-    from fedmml.engines.flower.processes import ProcessGroup, flower_env
-
-    out, home = tmp_path / "run", tmp_path / "flwr"
-    env = flower_env(home)
-    overrides = ";".join([*_overrides(emoji_root), "schedules.uniform.rounds=[1, 0, 0]", "eval.every=0"])
-    with ProcessGroup(home / "logs", env) as procs:
-        port = start_superlink(procs, home, ["--insecure", "--simulation"])
-        control.write_connection(home, CONNECTION, f"127.0.0.1:{port}", None)
-        run_config = {"preset": "tiny", "overrides": overrides, "run-dir": str(out)}
-        repo = Path(__file__).parents[2]
-        federation = "num-supernodes=3 client-resources-num-cpus=1"
-        run_id = control.submit(repo, CONNECTION, env, run_config, federation)
-        info = control.wait_for_run(run_id, CONNECTION, env, timeout=300)
-    assert info["status"] == "finished:completed"
-    records = read_metrics(out)
-    assert len(records) == 1 and records[0]["clients"] == [0, 1, 2]
-    assert json.loads((out / "summary.json").read_text())["rounds"] == 1
-    assert not (repo / "run-config.toml").exists()
-
-
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds processes through /proc")
 def test_ctrl_c_stops_the_simulation_and_resume_finishes_it_as_the_inprocess_engine(
     emoji_root: Path, inprocess: Path, tmp_path: Path
