@@ -159,9 +159,12 @@ def test_unimodal_clients_upload_only_their_tower_and_runs_report_incomplete_dat
     tuxpaint_root: Path, tmp_path: Path, monkeypatch
 ) -> None:
     uploads: dict[int, set[str]] = {}
+    downloads: dict[int, set[str]] = {}
     handle = Client.handle
 
     def spy(self, message):
+        if not message.meta.get("evaluate"):
+            downloads.setdefault(self.cid, set()).update(unpack(message.blob))
         reply = handle(self, message)
         uploads.setdefault(self.cid, set()).update(unpack(reply.blob))
         return reply
@@ -173,11 +176,13 @@ def test_unimodal_clients_upload_only_their_tower_and_runs_report_incomplete_dat
     assert sorted(roles.values()) == ["audio", "image"]
     for cid, role in roles.items():
         other = "audio" if role == "image" else "image"
-        assert not any(k.startswith((f"encoders.{other}.", f"heads.{other}.")) for k in uploads[cid])
+        for sent in (uploads[cid], downloads[cid]):  # the other tower neither trains nor travels
+            assert not any(k.startswith((f"encoders.{other}.", f"heads.{other}.")) for k in sent)
         assert any(k.startswith(f"encoders.{role}.") for k in uploads[cid])
         assert f"missing.{other}" in uploads[cid]  # it trains the fusion with the stand-in
     complete = next(c for c in range(3) if c not in roles)
     assert any(k.startswith("encoders.audio.") for k in uploads[complete])
+    assert any(k.startswith("encoders.image.") for k in downloads[complete])
     samples = summary["client_samples"]
     assert summary["incomplete_samples"] == {
         "image": samples[str(next(c for c, r in roles.items() if r == "audio"))],
@@ -190,3 +195,23 @@ def test_unimodal_clients_upload_only_their_tower_and_runs_report_incomplete_dat
     for record in read_metrics(tmp_path / "drop"):
         assert record["clients"] == [complete]
     assert 0 <= dropped["missing_test"]["audio_missing_1"]["accuracy"] <= 100
+
+
+def test_a_unimodal_client_receives_the_other_tower_only_to_evaluate(tuxpaint_root: Path) -> None:
+    cfg = _cfg(tuxpaint_root, "data.unimodal_clients.image=0.34", 'eval.where="federated"')
+    setup = build_setup(cfg)
+    server = setup.server
+    server.open_clients(setup.engine)
+    stage = server.stages[0]
+    trainable = server.narrow(stage, server.enter_stage(stage))
+    (cid,) = missing.unimodal_roles(cfg)
+    train, _ = server.message_for(cid, stage, 1, trainable)
+    scored, _ = server.message_for(cid, stage, 1, trainable, evaluate=True)
+    assert not any(k.startswith(("encoders.audio.", "heads.audio.")) for k in unpack(train.blob))
+    assert any(k.startswith(("encoders.audio.", "heads.audio.")) for k in unpack(scored.blob))
+    # The client trains on what it was sent, and scores its complete held-out pairs with the server's towers.
+    client = setup.clients[cid]
+    assert client.handle(train).meta["cid"] == cid
+    assert "scores" in client.evaluate(scored).meta
+    held, want = client.workspace.model.state_dict(), server.model.state_dict()
+    assert all(torch.equal(held[k], want[k]) for k in want if k.startswith("encoders.audio."))

@@ -343,6 +343,11 @@ class Client:
             # Whatever the wire dtype, the model is loaded with its own (float32) dtypes.
             received = unpack(message.blob, {k: v.dtype for k, v in expected.items()})
         state = {**{k: v for k, v in self.store.items() if k in expected}, **received}
+        if self.absent and not meta.get("evaluate"):
+            # The server does not send a training client the towers of modalities it lacks: it never runs
+            # them, so they keep whatever values they hold.
+            unsent = set(expected) - set(without_towers(list(expected), self.absent))
+            state = {**{k: expected[k] for k in unsent if k not in state}, **state}
         missing = sorted(set(expected) - set(state))
         if missing:
             raise PayloadError(f"client {self.cid} lacks {len(missing)} tensors, e.g. {missing[:3]}")

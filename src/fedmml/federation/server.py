@@ -186,6 +186,7 @@ class Server:
         self._parts_by_stage: dict[int, dict[str, int]] = {}
         # What each client reported at set-up (only sizes and skip counts), and why others could not start.
         self.clients: dict[int, dict[str, Any]] = {}
+        self.absent: dict[int, list[str]] = {}
         self.setup_failures: dict[int, str] = {}
         self._engine_state: dict[str, Any] | None = None  # a checkpoint's engine state, until run() starts
         # A client's peak training memory, measured once per stage by the client the server asks (the first of
@@ -217,6 +218,12 @@ class Server:
         reports = engine.setup()
         self.clients = {cid: r for cid, r in sorted(reports.items()) if "error" not in r}
         self.setup_failures = {cid: str(r["error"]) for cid, r in sorted(reports.items()) if "error" in r}
+        # The modalities none of a client's samples hold (a unimodal client), for the clients lacking any.
+        towers = {
+            cid: [m for m in self.model.encoders if m not in report.get("modalities", self.model.encoders)]
+            for cid, report in self.clients.items()
+        }
+        self.absent = {cid: absent for cid, absent in towers.items() if absent}
         for cid, reason in self.setup_failures.items():
             self.listener(ClientDropped(cid, reason))
         need = self.cfg.federation.min_clients
@@ -265,12 +272,8 @@ class Server:
             keys = {s: trainable_keys(self.model, budgets.slice_method(s), stage) for s in planned}
             self.client_keys = {c: keys[s] for c, s in self.plan.items() if s != budgets.OUT}
             trainable = configure(self.model, budgets.slice_method(planned[0]), stage)
-        for cid, report in self.clients.items():
-            absent = [
-                m for m in self.model.encoders if m not in report.get("modalities", self.model.encoders)
-            ]
-            if absent:
-                self.client_keys[cid] = without_towers(self.client_keys.get(cid, trainable), absent)
+        for cid, absent in self.absent.items():
+            self.client_keys[cid] = without_towers(self.client_keys.get(cid, trainable), absent)
         return trainable
 
     def message_for(
@@ -291,6 +294,10 @@ class Server:
         trainable = self.client_keys.get(cid, trainable)
         trainable_set = set(trainable)
         frozen = [k for k in state if k not in trainable_set]
+        if not evaluate:
+            # A unimodal client never runs the other towers when it trains: they are sent only when it
+            # evaluates (on its complete held-out pairs).
+            frozen = without_towers(frozen, self.absent.get(cid, []))
         missing_frozen = self.ledger.lacking(cid, frozen)
         tensors = {k: state[k] for k in trainable + missing_frozen}
         if neck_fit is not None:
