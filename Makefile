@@ -41,12 +41,13 @@ $(EMOJI): $(VENV)/.installed
 demo: install data
 	$(BIN)/fedmml compare --preset emoji --out runs/demo --overwrite
 
+# One worker per core (pytest-xdist), each test file on one worker so that its module fixtures are built once.
 test: install data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # The tests not marked slow (no Flower runtimes, no long end-to-end runs): a minute or two while developing.
 test-fast: install data
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
 
 lint: install
 	$(BIN)/ruff check src tests scripts benchmarks
