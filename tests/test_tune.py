@@ -20,6 +20,18 @@ def test_a_grid_larger_than_allowed_is_refused_before_training(tmp_path: Path, c
     assert "the grid needs 15 runs (3 methods, 2 schedules, 3 encoder scales, 1 head scales)" in err
     assert "--max-runs 5" in err and "Traceback" not in err
     assert not (tmp_path / "t").exists()
+    vary = ["--vary", "federation.local_epochs=1", "--vary", "federation.local_epochs=2"]
+    assert main([*args[:-1], "--methods", "lw", "--schedules", "uniform", *vary]) == 2
+    assert "needs 6 runs (1 methods, 1 schedules, 3 encoder scales, 1 head scales, 2 values of " in (
+        capsys.readouterr().err
+    )
+    # A varied key that is not a setting, or a value given twice, fails in one line before any training.
+    assert main([*args, "--vary", "federation.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert "epochs" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main([*args, *vary[:2], *vary[:2]]) == 2
+    assert "--vary federation.local_epochs=1 is given twice" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
 
 
 @pytest.mark.slow  # three short training runs
@@ -86,3 +98,30 @@ def test_tune_chooses_on_validation_and_compare_runs_the_choice(
     (cmp_out / "lw" / "summary.json").unlink()
     assert main([*args, "--quiet", "--resume"]) == 0
     assert (cmp_out / "lw" / "summary.json").is_file()
+
+
+@pytest.mark.slow  # two short training runs
+def test_a_varied_setting_is_a_grid_axis_and_its_choice_goes_into_the_preset(
+    emoji_root: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "tuned"
+    args = ["tune", "--preset", "tiny", "--methods", "lw", "--encoder-scales", "1", "--schedules", "uniform"]
+    args += ["--set", f'data.root="{emoji_root}"', "--set", "schedules.uniform.rounds=[1, 0, 0]"]
+    args += ["--set", "run.threads=1", "--proxy", "data.limit_train=150", "--out", str(out), "--quiet"]
+    args += ["--vary", "federation.local_epochs=1", "--vary", "federation.local_epochs=2"]
+    assert main(args) == 0
+    result = json.loads((out / "grid.json").read_text())
+    runs = [p["run"] for p in result["points"]]
+    assert runs == ["lw-uniform-enc1-heads1-local_epochs1", "lw-uniform-enc1-heads1-local_epochs2"]
+    for point in result["points"]:
+        used = json.loads((out / "runs" / point["run"] / "config.json").read_text())
+        assert [["federation.local_epochs", used["federation"]["local_epochs"]]] == point["vary"]
+    best = result["best"]["lw"]
+    assert (
+        load_config(str(out / "lw.toml")).federation.local_epochs
+        == dict(best["vary"])["federation.local_epochs"]
+    )
+    assert "`federation.local_epochs`" in (out / "grid.md").read_text()
+    # Extended with --resume, the varied points are read back, not trained again.
+    assert main([*args, "--resume"]) == 0
+    assert [p["run"] for p in json.loads((out / "grid.json").read_text())["points"]] == runs

@@ -199,6 +199,14 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a setting for the grid's runs only (e.g. data.limit_train=1000), not for the presets written",
     )
+    tune.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one more grid axis: each value of KEY given (repeat per value, e.g. --vary "
+        "model.unimodal_weight=1 --vary model.unimodal_weight=0.25); the chosen value goes into the preset",
+    )
     tune.add_argument("--max-runs", type=int, default=24, help="refuse a grid that needs more runs than this")
     tune.add_argument("--out", type=Path, help="output directory (default runs/tune-<preset>-<time>)")
     _series_args(tune, "grid (also extends it: new points are added, earlier ones read back)")
@@ -424,10 +432,13 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 
 def _cmd_tune(args: argparse.Namespace) -> None:
-    from fedmml.tune import grid, tune
+    from fedmml.config import load_config
+    from fedmml.tune import axes, grid, tune
 
     cfg = _resolve(args)
     overrides = _extra_overrides(args)
+    for item in args.vary:  # a varied key or value that is not valid fails before any training
+        load_config(args.preset, [*overrides, item])
     schedules = tuple(args.schedules or cfg.schedules)
     points = grid(
         cfg,
@@ -436,6 +447,7 @@ def _cmd_tune(args: argparse.Namespace) -> None:
         tuple(args.head_scales),
         schedules,
         args.max_runs,
+        axes(args.vary),
     )
     out = _series_out(args, "tune", cfg.preset)
     display = _Display(args.quiet)

@@ -175,13 +175,9 @@ def write_comparison(
 def write_grid(out_dir: Path, result: Mapping[str, Any]) -> Path:
     """``grid.md``: every tuning point with its validation score and costs, each method's choice marked."""
     score = result["score"]
-    headers = [
-        "method",
-        "schedule",
-        "encoder lr ×",
-        "heads lr ×",
-        _label(score.removeprefix("val_")) + " (val)",
-    ]
+    varied = list(dict.fromkeys(key for p in result["points"] for key, _ in p.get("vary", [])))
+    headers = ["method", "schedule", "encoder lr ×", "heads lr ×", *(f"`{key}`" for key in varied)]
+    headers += [_label(score.removeprefix("val_")) + " (val)"]
     headers += ["client peak memory", "client FLOPs", "bytes up", "wall time", "chosen"]
     rows = [
         [
@@ -189,6 +185,7 @@ def write_grid(out_dir: Path, result: Mapping[str, Any]) -> Path:
             p["schedule"],
             f"{p['encoder_scale']:g}",
             f"{p['head_scale']:g}",
+            *(str(dict(p.get("vary", [])).get(key, "")) for key in varied),
             _fmt(score.removeprefix("val_"), p[score]),
             *(_fmt(k, p[k]) for k in ("client_peak_mem_bytes", "client_flops_total", "bytes_up_total")),
             _fmt("wall_s", p["wall_s"]),

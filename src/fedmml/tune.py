@@ -26,25 +26,52 @@ from fedmml.tasks import task_for
 
 @dataclass(frozen=True)
 class Point:
-    """One grid point: a method on a named schedule with its learning rates scaled."""
+    """One grid point: a method on a named schedule with its learning rates scaled, and a value for each
+    further setting the grid varies (``--vary``), as (dotted key, value) pairs."""
 
     method: str
     schedule: str
     encoder_scale: float
     head_scale: float
+    vary: tuple[tuple[str, Any], ...] = ()
 
     @property
     def name(self) -> str:
-        return f"{self.method}-{self.schedule}-enc{self.encoder_scale:g}-heads{self.head_scale:g}"
+        name = f"{self.method}-{self.schedule}-enc{self.encoder_scale:g}-heads{self.head_scale:g}"
+        for key, value in self.vary:
+            name += (
+                f"-{key.rsplit('.', 1)[-1]}{value:g}"
+                if _number(value)
+                else f"-{key.rsplit('.', 1)[-1]}{value}"
+            )
+        return name
 
     def settings(self, cfg: Config) -> dict[str, Any]:
-        """Dotted key -> value: this point's method, schedule and that schedule's scaled rates."""
+        """Dotted key -> value: this point's method, schedule, that schedule's scaled rates and the varied
+        settings."""
         rates = cfg.schedules[self.schedule].lr
         lr = {
             group: [r * (self.head_scale if group == "heads" else self.encoder_scale) for r in values]
             for group, values in rates.items()
         }
-        return {"run.method": self.method, "schedule": self.schedule, f"schedules.{self.schedule}.lr": lr}
+        chosen = {"run.method": self.method, "schedule": self.schedule, f"schedules.{self.schedule}.lr": lr}
+        return chosen | dict(self.vary)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def axes(vary: list[str]) -> dict[str, list[Any]]:
+    """``--vary KEY=VALUE`` items grouped into one axis per key, values in the order given."""
+    grouped: dict[str, list[Any]] = {}
+    for item in vary:
+        path, value = parse_override(item)
+        key = ".".join(path)
+        if value in grouped.setdefault(key, []):
+            raise ConfigError(f"--vary {key}={value!r} is given twice")
+        grouped[key].append(value)
+    return grouped
 
 
 def grid(
@@ -54,25 +81,31 @@ def grid(
     head_scales: tuple[float, ...],
     schedules: tuple[str, ...],
     max_runs: int,
+    vary: dict[str, list[Any]] | None = None,
 ) -> list[Point]:
-    """Every point, method by method; refused before any training if it needs more than ``max_runs``."""
+    """Every point, method by method (``vary``: further axes, dotted key -> values); refused before any
+    training if it needs more than ``max_runs``."""
     if bad := [m for m in methods if m not in METHODS]:
         raise ConfigError(f"unknown method {bad[0]!r}; valid choices: {', '.join(METHODS)}")
     unknown = [s for s in schedules if s not in cfg.schedules]
     if unknown:
         raise ConfigError(f"unknown schedule {unknown[0]!r}; the preset has: {', '.join(cfg.schedules)}")
+    vary = vary or {}
     points: list[Point] = []
     for method, schedule in itertools.product(methods, schedules):
         if method in FULL_DEPTH and any(_same_full_depth(cfg, schedule, p.schedule) for p in points):
             continue  # a full-depth method trains the same way on both: one is enough
+        varied = [tuple(zip(vary, values, strict=True)) for values in itertools.product(*vary.values())]
         points += [
-            Point(method, schedule, *scales) for scales in itertools.product(encoder_scales, head_scales)
+            Point(method, schedule, enc, heads, extra)
+            for enc, heads, extra in itertools.product(encoder_scales, head_scales, varied)
         ]
     if len(points) > max_runs:
         raise ConfigError(
             f"the grid needs {len(points)} runs ({len(methods)} methods, {len(schedules)} schedules, "
-            f"{len(encoder_scales)} encoder scales, {len(head_scales)} head scales), more than --max-runs "
-            f"{max_runs}"
+            f"{len(encoder_scales)} encoder scales, {len(head_scales)} head scales"
+            + "".join(f", {len(v)} values of {k}" for k, v in vary.items())
+            + f"), more than --max-runs {max_runs}"
         )
     return points
 
@@ -97,8 +130,13 @@ def _earlier_points(out_dir: Path, proxy: list[str]) -> list[Point]:
             f"{out_dir} holds a grid with proxy settings {earlier.get('proxy')}, not {proxy}; "
             "extend it with the same --proxy, or choose another --out"
         )
-    fields = ("method", "schedule", "encoder_scale", "head_scale")
-    return [Point(*(row[f] for f in fields)) for row in earlier["points"]]
+    return [_point(row) for row in earlier["points"]]
+
+
+def _point(row: dict[str, Any]) -> Point:
+    """The point a grid row records."""
+    vary = tuple((key, value) for key, value in row.get("vary", []))
+    return Point(row["method"], row["schedule"], row["encoder_scale"], row["head_scale"], vary)
 
 
 def _toml(value: Any) -> str:
@@ -163,7 +201,7 @@ def tune(
         if row["method"] not in best or row[f"val_{score_key}"] > best[row["method"]][f"val_{score_key}"]:
             best[row["method"]] = row
     for method, row in best.items():
-        point = Point(method, row["schedule"], row["encoder_scale"], row["head_scale"])
+        point = _point(row)
         chosen = point.settings(cfg)
         # The user's own settings (data root, clients, ...) stay; the point's replace any they overlap.
         kept = {".".join(path): value for path, value in map(parse_override, overrides)}
