@@ -254,7 +254,7 @@ def slice_peaks(cfg: Config, steps: int = 2, progress: Progress | None = None) -
     ``cfg.run.method`` may train (fedmml.federation.budgets), from the real client on synthetic batches."""
     method = cfg.run.method
     peaks: dict[int, dict[str, int]] = {}
-    for name in slices_of(method):
+    for name in slices_of(cfg):
         growth = method if method == "hetero" else ""
         # The caller's torch RNG stream (its model's initialisation, its clients' draws) stays as it was.
         with torch.random.fork_rng(devices=[]):

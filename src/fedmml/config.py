@@ -20,6 +20,7 @@ from typing import Any
 from fedmml.data.audio import FEATURES as AUDIO_FEATURES
 
 METHODS = ("e2e", "lw", "prog", "frozen", "centralized", "lora", "hetero")  # see fedmml.methods
+HETERO_SLICES = ("prog", "lw", "heads")  # what hetero may give a client, deepest first (federation.budgets)
 # What `fedmml bench resources` measures: lw-nocache is lw without its frozen-prefix cache (see fedmml.bench).
 BENCH_METHODS = ("e2e", "lw", "lw-nocache", "prog", "lora")
 ENGINES = ("inprocess", "flower-sim", "flower")  # flower-sim: Flower simulation; flower: deployment
@@ -205,6 +206,9 @@ class FederationConfig:
     # "hetero" gives each client the deepest slice that fits (fedmml.federation.budgets). A deployment's
     # SuperNode may declare its own (node config memory-mib), which wins.
     client_memory_mib: float | list[float] = 0.0
+    # The slices "hetero" may give a client, of "prog", "lw" and "heads" (always tried deepest first): leaving
+    # one out (chosen on validation, e.g. with `fedmml tune --vary`) skips it for every client.
+    hetero_slices: list[str] = field(default_factory=lambda: ["prog", "lw", "heads"])
 
 
 @dataclass
@@ -474,6 +478,12 @@ def _validate_budgets(fed: FederationConfig) -> None:
         raise ConfigError(
             f"federation.client_memory_mib lists {len(budgets)} budgets for federation.num_clients = "
             f"{fed.num_clients}; give one per client, or one number for all"
+        )
+    slices = fed.hetero_slices
+    if not slices or any(s not in HETERO_SLICES for s in slices) or len(set(slices)) != len(slices):
+        raise ConfigError(
+            f"federation.hetero_slices must name each of {', '.join(HETERO_SLICES)} at most once (at least "
+            f"one), got {slices!r}"
         )
 
 

@@ -169,3 +169,30 @@ def test_other_methods_leave_out_clients_their_peak_exceeds_and_too_small_budget
     with pytest.raises(SetupFailed, match=r"stage 1: 0 of 3 clients fit .* the smallest, heads, needs"):
         run_experiment(_cfg(emoji_root, "hetero", "0.01"), tmp_path / "small")
     assert read_metrics(tmp_path / "small") == []
+
+
+@pytest.mark.parametrize("value", ["[]", '["lw", "lw"]', '["deep"]'])
+def test_bad_hetero_slices_are_one_line_errors(value: str) -> None:
+    with pytest.raises(
+        ConfigError, match="federation.hetero_slices must name each of prog, lw, heads"
+    ) as err:
+        load_config("tiny", [f"federation.hetero_slices={value}"])
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_hetero_without_the_prog_slice_and_without_budgets_is_lw(emoji_root, tmp_path) -> None:
+    two = "schedules.uniform.rounds=[1, 1, 0]"
+    lw = run_experiment(_cfg(emoji_root, "lw", "0", two), tmp_path / "lw")
+    only = 'federation.hetero_slices=["heads", "lw"]'
+    hetero = run_experiment(_cfg(emoji_root, "hetero", "0", two, only), tmp_path / "hetero")
+    assert [r["client_plans"] for r in read_metrics(tmp_path / "hetero")] == [
+        {"0": "lw", "1": "lw", "2": "lw"}
+    ] * 2
+    for a, b in zip(read_metrics(tmp_path / "lw"), read_metrics(tmp_path / "hetero"), strict=True):
+        assert (a["train_loss"], a["bytes_up"], a["bytes_down"]) == (
+            b["train_loss"],
+            b["bytes_up"],
+            b["bytes_down"],
+        )
+    assert hetero["rsum"] == lw["rsum"]

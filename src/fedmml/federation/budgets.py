@@ -8,7 +8,8 @@ A slice is what a client trains and uploads in a stage, named by the method whos
 - ``heads``: the necks and heads on frozen encoders (the ``frozen`` method's slice);
 - ``out``: nothing fits, and the client sits the stage out.
 
-Under ``run.method = "hetero"`` each client gets the deepest slice whose peak training memory fits its budget;
+Under ``run.method = "hetero"`` each client gets the deepest slice whose peak training memory fits its budget
+(of those ``federation.hetero_slices`` allows);
 under any other method a client trains that method's slice or sits out (what a federation must do with its
 weak devices when it cannot mix methods). A slice's peak is measured, not estimated: the real client trains
 a few steps of it on synthetic batches of the run's shapes, once per stage (:func:`fedmml.bench.slice_peaks`).
@@ -18,11 +19,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedmml.config import Config
+from fedmml.config import HETERO_SLICES, Config
 from fedmml.federation import SetupFailed
 
 OUT = "out"
-HETERO_SLICES = ("prog", "lw", "heads")  # deepest first
 # The method a client runs for a slice (the client needs nothing else to train it).
 _SLICE_METHOD = {"heads": "frozen"}
 MIB = 2**20
@@ -32,9 +32,12 @@ class BudgetError(SetupFailed):
     """Too few clients' budgets fit a slice of some stage for its rounds to run."""
 
 
-def slices_of(method: str) -> tuple[str, ...]:
-    """The slices a client of ``method`` may be given, deepest first."""
-    return HETERO_SLICES if method == "hetero" else (method,)
+def slices_of(cfg: Config) -> tuple[str, ...]:
+    """The slices a client of ``cfg.run.method`` may be given, deepest first (hetero: those of
+    ``federation.hetero_slices``)."""
+    if cfg.run.method != "hetero":
+        return (cfg.run.method,)
+    return tuple(s for s in HETERO_SLICES if s in cfg.federation.hetero_slices)
 
 
 def slice_method(name: str) -> str:

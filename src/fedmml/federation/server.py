@@ -248,8 +248,8 @@ class Server:
         fails before training when a stage would have too few clients."""
         self.limits = limits = budgets.client_budgets(self.cfg, self.clients)
         self.budgeted = budgets.limited(limits)
-        slices = budgets.slices_of(self.cfg.run.method)
-        if not self.budgeted and len(slices) == 1:
+        slices = budgets.slices_of(self.cfg)
+        if not self.budgeted and slices == (self.cfg.run.method,):
             return  # every client trains the method's own slice
         if self.budgeted:
             if self.measure_slices is None:
@@ -267,7 +267,7 @@ class Server:
         data lacks a modality entirely trains nothing of that modality's tower."""
         self.plan = self.plans.get(stage.index, {})
         self.client_keys = {}
-        planned = [s for s in budgets.slices_of(self.cfg.run.method) if s in self.plan.values()]
+        planned = [s for s in budgets.slices_of(self.cfg) if s in self.plan.values()]
         if planned:
             keys = {s: trainable_keys(self.model, budgets.slice_method(s), stage) for s in planned}
             self.client_keys = {c: keys[s] for c, s in self.plan.items() if s != budgets.OUT}
