@@ -38,13 +38,7 @@ class Point:
     @property
     def name(self) -> str:
         name = f"{self.method}-{self.schedule}-enc{self.encoder_scale:g}-heads{self.head_scale:g}"
-        for key, value in self.vary:
-            name += (
-                f"-{key.rsplit('.', 1)[-1]}{value:g}"
-                if _number(value)
-                else f"-{key.rsplit('.', 1)[-1]}{value}"
-            )
-        return name
+        return name + "".join(f"-{key.rsplit('.', 1)[-1]}{_tag(value)}" for key, value in self.vary)
 
     def settings(self, cfg: Config) -> dict[str, Any]:
         """Dotted key -> value: this point's method, schedule, that schedule's scaled rates and the varied
@@ -58,8 +52,13 @@ class Point:
         return chosen | dict(self.vary)
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def _tag(value: Any) -> str:
+    """A varied value as a run's name shows it: ``0.25``, ``lw+heads``, ``drop``, ``true``."""
+    if isinstance(value, list):
+        return "+".join(_tag(v) for v in value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, int | float) else str(value)
 
 
 def axes(vary: list[str]) -> dict[str, list[Any]]:
