@@ -505,6 +505,8 @@ def _plot(
         for label, xs, ys in lines:
             ax.plot(xs, ys, label=label, marker="o" if len(xs) <= 40 else None, markersize=3)
         ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        if xlabel == "round":
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if len(lines) > 1:
             ax.legend(fontsize=8)
@@ -525,6 +527,14 @@ def _mark_stages(ax: Any, metrics: Sequence[Record]) -> None:
         x = first - 0.5
         if i:
             ax.axvline(x, color="grey", linestyle="--", linewidth=0.8)
+        # Clipped: a stage that starts before the first plotted round must not push the layout out.
         ax.text(
-            x, 0.98, f" stage {stage}", transform=ax.get_xaxis_transform(), fontsize=8, color="grey", va="top"
+            x,
+            0.98,
+            f" stage {stage}",
+            transform=ax.get_xaxis_transform(),
+            fontsize=8,
+            color="grey",
+            va="top",
+            clip_on=True,
         )
