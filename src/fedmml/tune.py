@@ -90,11 +90,11 @@ def grid(
     if unknown:
         raise ConfigError(f"unknown schedule {unknown[0]!r}; the preset has: {', '.join(cfg.schedules)}")
     vary = vary or {}
+    varied = [tuple(zip(vary, values, strict=True)) for values in itertools.product(*vary.values())]
     points: list[Point] = []
     for method, schedule in itertools.product(methods, schedules):
         if method in FULL_DEPTH and any(_same_full_depth(cfg, schedule, p.schedule) for p in points):
             continue  # a full-depth method trains the same way on both: one is enough
-        varied = [tuple(zip(vary, values, strict=True)) for values in itertools.product(*vary.values())]
         points += [
             Point(method, schedule, enc, heads, extra)
             for enc, heads, extra in itertools.product(encoder_scales, head_scales, varied)
