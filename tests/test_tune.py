@@ -20,6 +20,10 @@ def test_a_grid_larger_than_allowed_is_refused_before_training(tmp_path: Path, c
     assert "the grid needs 15 runs (3 methods, 2 schedules, 3 encoder scales, 1 head scales)" in err
     assert "--max-runs 5" in err and "Traceback" not in err
     assert not (tmp_path / "t").exists()
+    # Listed after a staged method, e2e still gets its grid (one schedule: it trains the same on both).
+    after = ["--methods", "lw", "e2e", "--encoder-scales", "1", "--max-runs", "2"]
+    assert main([*args[:5], *after, "--quiet"]) == 2
+    assert "the grid needs 3 runs (2 methods, 2 schedules" in capsys.readouterr().err
     vary = ["--vary", "federation.local_epochs=1", "--vary", "federation.local_epochs=2"]
     assert main([*args[:-1], "--methods", "lw", "--schedules", "uniform", *vary]) == 2
     assert "needs 6 runs (1 methods, 1 schedules, 3 encoder scales, 1 head scales, 2 values of " in (

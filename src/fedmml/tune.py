@@ -93,7 +93,8 @@ def grid(
     varied = [tuple(zip(vary, values, strict=True)) for values in itertools.product(*vary.values())]
     points: list[Point] = []
     for method, schedule in itertools.product(methods, schedules):
-        if method in FULL_DEPTH and any(_same_full_depth(cfg, schedule, p.schedule) for p in points):
+        same = [p.schedule for p in points if p.method == method]
+        if method in FULL_DEPTH and any(_same_full_depth(cfg, schedule, s) for s in same):
             continue  # a full-depth method trains the same way on both: one is enough
         points += [
             Point(method, schedule, enc, heads, extra)
