@@ -53,7 +53,7 @@ examples:
   fedmml run --method lw                    LW-FedMML on the default preset (emoji)
   fedmml run --method e2e --set federation.num_clients=5 --set schedules.uniform.rounds=[1,1,1,1,1,1]
   fedmml compare --preset tiny              e2e, lw and prog side by side
-  fedmml tune --preset emoji --proxy data.limit_train=1000 --out runs/tuned
+  fedmml tune --preset emoji --proxy federation.clients_per_round=2 --out runs/tuned
                                             learning rates and schedule per method, chosen on validation
   fedmml compare --tuned runs/tuned --seeds 0 1 2
                                             the tuned methods side by side
@@ -197,7 +197,9 @@ def _build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a setting for the grid's runs only (e.g. data.limit_train=1000), not for the presets written",
+        help="a setting for the grid's runs only, not for the presets written; keep each client's steps per "
+        "round (e.g. federation.clients_per_round=2): a smaller data.limit_train gives fewer steps per round "
+        "and favours larger learning rates than the full set's",
     )
     tune.add_argument(
         "--vary",

@@ -4,8 +4,10 @@ For every method a grid — a scale on the encoders' learning rates, a scale on 
 schedules — is trained with ``eval.split = "val"`` (the test split is never read) and scored by the task's
 headline score. Each method's best point is written as a preset file, ``<out>/<method>.toml``, that
 ``fedmml run --preset`` and ``fedmml compare --tuned <out>`` take, next to a table of every point
-(``grid.md``, ``grid.json``). Proxy settings (``--proxy key=value``, e.g. a smaller ``data.limit_train``)
-apply to the grid's runs only, so a grid can fit a time budget; the presets keep the full setting.
+(``grid.md``, ``grid.json``). Proxy settings (``--proxy key=value``) apply to the grid's runs only, so a grid
+can fit a time budget; the presets keep the full setting. A proxy should keep what a learning rate acts on,
+each client's optimizer steps per round: fewer clients per round does (on emoji it chose LW's full-set
+point), a smaller ``data.limit_train`` does not (it chose rates that wreck the full set's run).
 """
 
 from __future__ import annotations
