@@ -97,8 +97,9 @@ class ModelConfig:
     lora_dropout: float = 0.0
     # Growth that changes a CNN encoder's width rebuilds its final norm and neck: "fresh" starts the neck at
     # random (the paper); "fit" solves it by federated least squares on up to neck_fit_samples training
-    # samples per client, so the heads keep the input they were trained on (fedmml.federation.neck_fit)
-    neck_init: str = "fresh"
+    # samples per client, so the heads keep the input they were trained on (fedmml.federation.neck_fit);
+    # "auto" fits for Prog only (fedmml.federation.neck_fit.enabled says why)
+    neck_init: str = "auto"
     neck_fit_samples: int = 512
 
     @property
@@ -582,7 +583,7 @@ def validate(cfg: Config) -> None:
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     _choice(cfg.run.precision, PRECISIONS, "run.precision")
-    _choice(cfg.model.neck_init, ("fresh", "fit"), "model.neck_init")
+    _choice(cfg.model.neck_init, ("auto", "fresh", "fit"), "model.neck_init")
     if cfg.model.neck_fit_samples < 1:
         raise ConfigError("model.neck_fit_samples must be at least 1")
     if cfg.data.workers < -1:

@@ -11,7 +11,7 @@ import torch
 
 from fedmml.config import ConfigError, EncoderConfig, load_config
 from fedmml.experiment import run_experiment
-from fedmml.federation.neck_fit import NeckFit, solve, statistics
+from fedmml.federation.neck_fit import NeckFit, enabled, solve, statistics
 from fedmml.models.build import build_model
 
 
@@ -119,3 +119,18 @@ def test_neck_init_is_checked() -> None:
         load_config("tiny", ['model.neck_init="random"'])
     with pytest.raises(ConfigError, match="neck_fit_samples"):
         load_config("tiny", ["model.neck_fit_samples=0"])
+
+
+@pytest.mark.parametrize(
+    ("method", "neck_init", "fits"),
+    [
+        ("prog", None, True),
+        ("lw", None, False),
+        ("e2e", None, False),
+        ("lw", "fit", True),
+        ("prog", "fresh", False),
+    ],
+)
+def test_by_default_only_prog_fits_its_necks(method: str, neck_init: str | None, fits: bool) -> None:
+    overrides = [f'run.method="{method}"'] + ([f'model.neck_init="{neck_init}"'] if neck_init else [])
+    assert enabled(load_config("tiny", overrides)) is fits

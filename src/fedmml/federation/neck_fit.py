@@ -18,11 +18,22 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from fedmml.config import Config
 from fedmml.models.multimodal import MultimodalModel
 from fedmml.models.staged import StagedEncoder
 
 PREVIOUS = "previous."  # prefix of the previous stage's norm and neck tensors in a fit message
 RIDGE = 1e-4  # of the mean diagonal of X^T X: keeps the system solvable with fewer samples than features
+
+
+def enabled(cfg: Config) -> bool:
+    """Whether a run fits the necks its growth rebuilds: always with ``model.neck_init = "fit"``, never with
+    "fresh", and with "auto" (the default) for Prog only. Prog retrains the whole encoder and gained from the
+    fit on each of three paired seeds (uniform schedule, emoji: +22.6, +9.3 and +53.8 validation rsum); LW
+    did not (one seed, -8.0), and the fit costs a download of the model at every widening, the kind of cost
+    LW exists to save (benchmarks/RESULTS.md, "Why Prog trails")."""
+    mode = cfg.model.neck_init
+    return mode == "fit" or (mode == "auto" and cfg.run.method == "prog")
 
 
 @dataclass

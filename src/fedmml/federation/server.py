@@ -406,7 +406,7 @@ class Server:
             if round_no + stage.rounds < self.done_rounds:
                 round_no += stage.rounds
                 continue
-            if self.cfg.model.neck_init == "fit" and round_no > 0:
+            if neck_fit.enabled(self.cfg) and round_no > 0:
                 # Necks this growth rebuilds are fitted to the last trained ones at the next round trained
                 # (stages without rounds in between keep the target).
                 fit.add(self.model, stage.depth)
