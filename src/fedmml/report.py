@@ -369,8 +369,8 @@ def _summary_order(key: str) -> tuple[int, int, int]:
 
 def _stage_table(metrics: Sequence[Record]) -> str:
     """Per stage: its rounds, bytes each way, its last evaluation, (under memory budgets) which slice each
-    client trained, and (model.neck_init = "fit") how well the necks its growth rebuilt reproduce the
-    previous ones."""
+    client trained, and (where necks were fitted, neck_fit.enabled) how well the necks its growth rebuilt
+    reproduce the previous ones."""
     keys = _eval_keys(metrics)
     fitted = any("neck_fit" in r for r in metrics)
     planned = any("client_plans" in r for r in metrics)

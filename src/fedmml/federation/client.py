@@ -368,7 +368,7 @@ class Client:
         return Message({"cid": self.cid, "scores": scores}, pack({}, transport))
 
     def fit_necks(self, message: Message) -> Message:
-        """The sums of the server's least-squares fit of the necks a stage rebuilt (model.neck_init = "fit"),
+        """The sums of the server's least-squares fit of the necks a stage rebuilt (neck_fit.enabled),
         over this client's first training samples as the round's first epoch presents them."""
         received = unpack(message.blob)
         previous = {k: received.pop(k) for k in [k for k in received if k.startswith(neck_fit.PREVIOUS)]}
