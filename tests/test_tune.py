@@ -24,6 +24,14 @@ def test_a_grid_larger_than_allowed_is_refused_before_training(tmp_path: Path, c
     after = ["--methods", "lw", "e2e", "--encoder-scales", "1", "--max-runs", "2"]
     assert main([*args[:5], *after, "--quiet"]) == 2
     assert "the grid needs 3 runs (2 methods, 2 schedules" in capsys.readouterr().err
+    # Confirming each method's two best points on two more seeds counts too, and must leave out the grid's.
+    confirm = ["--methods", "lw", "--schedules", "uniform", "--confirm-top", "2", "--confirm-seeds", "1", "2"]
+    assert main([*args, *confirm]) == 2
+    assert "the grid needs 7 runs (1 methods, 1 schedules, 3 encoder scales, 1 head scales; 4 to confirm" in (
+        capsys.readouterr().err
+    )
+    assert main([*args, *confirm[:-2], "0", "1"]) == 2
+    assert "--confirm-seeds must leave out run.seed (0)" in capsys.readouterr().err
     vary = ["--vary", "federation.local_epochs=1", "--vary", "federation.local_epochs=2"]
     assert main([*args[:-1], "--methods", "lw", "--schedules", "uniform", *vary]) == 2
     assert "needs 6 runs (1 methods, 1 schedules, 3 encoder scales, 1 head scales, 2 values of " in (
@@ -63,7 +71,8 @@ def test_tune_chooses_on_validation_and_compare_runs_the_choice(
     assert len(scores) == 2 and result["best"]["lw"]["val_rsum"] == max(scores)
     for point in result["points"]:
         summary = json.loads((out / "runs" / point["run"] / "summary.json").read_text())
-        assert summary["eval_split"] == "val" and summary["train_images"] < 150  # proxy, less val
+        # The proxy's limit draws from outside the validation split.
+        assert summary["eval_split"] == "val" and summary["train_images"] == 150
     assert "✓" in (out / "grid.md").read_text()
     # The preset keeps the user's settings and the chosen rates; the proxy stays out of it.
     chosen = load_config(str(out / "lw.toml"))
@@ -83,7 +92,19 @@ def test_tune_chooses_on_validation_and_compare_runs_the_choice(
     for run, mtime in trained.items():
         assert (out / "runs" / run / "summary.json").stat().st_mtime_ns == mtime
     assert extended["best"]["lw"]["val_rsum"] == max(p["val_rsum"] for p in extended["points"])
-    scale = extended["best"]["lw"]["encoder_scale"]
+    # Confirmed on a second seed, the two best points train again and the choice goes by their mean.
+    assert main([*args[:6], "4", "8", *args[8:], "--resume", "--confirm-top", "2"]) == 0
+    confirmed = json.loads((out / "grid.json").read_text())
+    means = {p["run"]: p["val_rsum_mean"] for p in confirmed["points"] if "seeds" in p}
+    assert len(means) == 2
+    assert all((out / "runs" / f"{run}-seed1" / "summary.json").is_file() for run in means)
+    for point in confirmed["points"]:
+        if "seeds" in point:
+            assert set(point["seeds"]) == {"0", "1"} and point["seeds"]["0"] == point["val_rsum"]
+    assert confirmed["best"]["lw"]["run"] == max(means, key=means.get)
+    assert "mean over seeds (val)" in (out / "grid.md").read_text()
+    assert "over seeds 0, 1" in (out / "lw.toml").read_text()
+    scale = confirmed["best"]["lw"]["encoder_scale"]
     want = [r * scale for r in base.schedules["uniform"].lr["image"]]
     cmp_out = tmp_path / "cmp"
     args = ["compare", "--tuned", str(out), "--methods", "lw", "--preset", "tiny", "--out", str(cmp_out)]

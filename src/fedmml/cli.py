@@ -209,6 +209,22 @@ def _build_parser() -> argparse.ArgumentParser:
         help="one more grid axis: each value of KEY given (repeat per value, e.g. --vary "
         "model.unimodal_weight=1 --vary model.unimodal_weight=0.25); the chosen value goes into the preset",
     )
+    tune.add_argument(
+        "--confirm-top",
+        type=int,
+        default=0,
+        metavar="K",
+        help="train each method's K best points again on --confirm-seeds and choose by the mean over seeds "
+        "(a small validation split ranks points a few score apart by chance)",
+    )
+    tune.add_argument(
+        "--confirm-seeds",
+        nargs="+",
+        type=int,
+        default=[1],
+        metavar="SEED",
+        help="the further run.seed values of --confirm-top (default: 1)",
+    )
     tune.add_argument("--max-runs", type=int, default=24, help="refuse a grid that needs more runs than this")
     tune.add_argument("--out", type=Path, help="output directory (default runs/tune-<preset>-<time>)")
     _series_args(tune, "grid (also extends it: new points are added, earlier ones read back)")
@@ -450,15 +466,29 @@ def _cmd_tune(args: argparse.Namespace) -> None:
         schedules,
         args.max_runs,
         axes(args.vary),
+        (args.confirm_top, tuple(args.confirm_seeds)),
     )
     out = _series_out(args, "tune", cfg.preset)
     display = _Display(args.quiet)
     with display.live():
-        result = tune(args.preset, overrides, args.proxy, points, out, display, args.overwrite, args.resume)
-    for method, row in result["best"].items():
-        console.print(
-            f"{method}: {row['run']} ({result['score']} {row[result['score']]:.2f}) -> {out / method}.toml"
+        result = tune(
+            args.preset,
+            overrides,
+            args.proxy,
+            points,
+            out,
+            display,
+            args.overwrite,
+            args.resume,
+            args.confirm_top,
+            tuple(args.confirm_seeds),
         )
+    score = result["score"]
+    for method, row in result["best"].items():
+        shown = f"{score} {row[score]:.2f}" + (
+            f", mean over seeds {row[f'{score}_mean']:.2f}" if "seeds" in row else ""
+        )
+        console.print(f"{method}: {row['run']} ({shown}) -> {out / method}.toml")
     console.print(f"grid written to {out / 'grid.md'}")
 
 

@@ -141,6 +141,7 @@ class DataConfig:
     # val_fraction of the training identities carved out of train. An identity is the image record's (or
     # the sample's meta.json) identity_key field, e.g. an emoji in every vendor style or a Tux Paint stamp in
     # every language, so one never sits on both sides; samples without it are identities of their own.
+    # The carve is cut before limit_train (which then draws from the rest); limit_test limits it.
     val_split: str = "val"
     val_fraction: float = 0.1
     identity_key: str = ""

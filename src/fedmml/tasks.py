@@ -23,7 +23,7 @@ from fedmml.data import fashion_mnist, missing
 from fedmml.data.advance import AdvanceDataset, AdvanceIndex, read_advance_index, read_classes
 from fedmml.data.audio import feature_settings
 from fedmml.data.coco import CaptionDataset, CaptionIndex, read_caption_index
-from fedmml.data.partition import carve, partition, partition_by_group
+from fedmml.data.partition import carve, partition, partition_by_group, stratified_subset
 from fedmml.data.store import ImagesConfig
 from fedmml.evaluation.classification import (
     accuracy,
@@ -53,8 +53,9 @@ class Task:
     score_key = ""  # the headline metric: a run's final score and what comparisons rank by
     summary_keys: tuple[str, ...] = ()  # metrics of the last evaluation copied into summary.json
 
-    def read_index(self, cfg: Config, root: str, split: str, train: bool) -> Any:
-        """The metadata of one split under ``root`` (ids, labels, groups): nothing is decoded."""
+    def read_index(self, cfg: Config, root: str, split: str, limit: int) -> Any:
+        """The metadata of one split under ``root`` (ids, labels, groups): nothing is decoded. With ``limit``
+        > 0, a seeded subset of that many samples, each label keeping its share (``data.limit_seed``)."""
         raise NotImplementedError
 
     def load_split(
@@ -84,37 +85,48 @@ class Task:
     def train_index(self, cfg: Config, root: str) -> Any:
         """The training split's metadata under ``root``, less the identities carved out for validation when
         ``eval.split = "val"`` and the folder has no validation split of its own."""
-        index = self.read_index(cfg, root, cfg.data.train_split, train=True)
         if not self._carves_val(cfg, root):
-            return index
-        val = set(carve(index.identities, cfg.data.val_fraction))
-        return index.subset([i for i in range(len(index)) if i not in val])
+            return self.read_index(cfg, root, cfg.data.train_split, cfg.data.limit_train)
+        return self._limited(cfg, self._carved(cfg, root, val=False), cfg.data.limit_train)
 
     def held_out(self, cfg: Config, root: str) -> tuple[str, Any]:
         """(split, metadata) of what a run scores on (``eval.split``): the test split, or the validation split
         — the folder's own, else the identities carved out of its training split. The test split is never
-        read for validation."""
+        read for validation. ``data.limit_test`` limits either."""
         d = cfg.data
         if cfg.eval.split == "test":
-            return d.test_split, self.read_index(cfg, root, d.test_split, train=False)
+            return d.test_split, self.read_index(cfg, root, d.test_split, d.limit_test)
         if not self._carves_val(cfg, root):
-            index = self.read_index(cfg, root, d.val_split, train=False)
+            index = self.read_index(cfg, root, d.val_split, d.limit_test)
             self._check_disjoint(cfg, root, index)
             return d.val_split, index
-        whole = self.read_index(cfg, root, d.train_split, train=True)
-        index = whole.subset(carve(whole.identities, d.val_fraction))
+        index = self._carved(cfg, root, val=True)
         if not len(index):
+            identities = len(set(self.read_index(cfg, root, d.train_split, 0).identities))
             raise ConfigError(
                 f"the validation split is empty: data.val_fraction = {d.val_fraction} of the "
-                f"{len(set(whole.identities))} identities of {Path(root) / d.train_split} carved none"
+                f"{identities} identities of {Path(root) / d.train_split} carved none"
             )
-        return d.train_split, index
+        return d.train_split, self._limited(cfg, index, d.limit_test)
+
+    def _carved(self, cfg: Config, root: str, val: bool) -> Any:
+        """The training split's samples inside (``val``) or outside the carved identities. The carve is cut
+        from the whole split, before any limit, so that the validation split is the same whatever
+        ``data.limit_train`` keeps (a limit would otherwise shrink it too, to a size too small to rank a
+        grid's points: 78 samples of Tux Paint at ``limit_train = 1000``), and a limit draws from the rest."""
+        whole = self.read_index(cfg, root, cfg.data.train_split, 0)
+        carved = set(carve(whole.identities, cfg.data.val_fraction))
+        return whole.subset([i for i in range(len(whole)) if (i in carved) == val])
+
+    def _limited(self, cfg: Config, index: Any, limit: int) -> Any:
+        keep = stratified_subset(self.labels(index), limit, cfg.data.limit_seed)
+        return index if len(keep) == len(index) else index.subset(keep)
 
     def _check_disjoint(self, cfg: Config, root: str, val: Any) -> None:
         """A validation split of the folder's own shares no identity with its training or test split."""
         for split in (cfg.data.train_split, cfg.data.test_split):
             if self.has_split(root, split):
-                other = self.read_index(cfg, root, split, train=split == cfg.data.train_split)
+                other = self.read_index(cfg, root, split, 0)
                 if both := sorted(set(val.identities) & set(other.identities)):
                     shown = ", ".join(both[:5]) + (", ..." if len(both) > 5 else "")
                     raise ConfigError(
@@ -187,9 +199,8 @@ class ImageText(Task):
     score_key = "rsum"
     summary_keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
-    def read_index(self, cfg: Config, root: str, split: str, train: bool) -> CaptionIndex:
+    def read_index(self, cfg: Config, root: str, split: str, limit: int) -> CaptionIndex:
         d = cfg.data
-        limit = d.limit_train if train else d.limit_test
         return read_caption_index(
             root, split, d.images_dir, limit, limit_seed=d.limit_seed, identity_key=d.identity_key
         )
@@ -271,13 +282,13 @@ class ImageAudio(Task):
     score_key = "accuracy"
     summary_keys = ("accuracy", "macro_f1")
 
-    def read_index(self, cfg: Config, root: str, split: str, train: bool) -> AdvanceIndex:
+    def read_index(self, cfg: Config, root: str, split: str, limit: int) -> AdvanceIndex:
         d = cfg.data
         return read_advance_index(
             root,
             split,
             classes=d.classes or None,
-            limit=d.limit_train if train else d.limit_test,
+            limit=limit,
             limit_seed=d.limit_seed,
             group_key=cfg.partition.group,
             identity_key=d.identity_key,

@@ -83,9 +83,14 @@ def grid(
     schedules: tuple[str, ...],
     max_runs: int,
     vary: dict[str, list[Any]] | None = None,
+    confirm: tuple[int, tuple[int, ...]] = (0, ()),
 ) -> list[Point]:
     """Every point, method by method (``vary``: further axes, dotted key -> values); refused before any
-    training if it needs more than ``max_runs``."""
+    training if it needs more than ``max_runs``, counting ``confirm`` = (top points, further seeds) per
+    method (see :func:`tune`)."""
+    top, seeds = confirm
+    if top > 0 and cfg.run.seed in seeds:
+        raise ConfigError(f"--confirm-seeds must leave out run.seed ({cfg.run.seed}): the grid trains on it")
     if bad := [m for m in methods if m not in METHODS]:
         raise ConfigError(f"unknown method {bad[0]!r}; valid choices: {', '.join(METHODS)}")
     unknown = [s for s in schedules if s not in cfg.schedules]
@@ -102,11 +107,13 @@ def grid(
             Point(method, schedule, enc, heads, extra)
             for enc, heads, extra in itertools.product(encoder_scales, head_scales, varied)
         ]
-    if len(points) > max_runs:
+    confirming = sum(min(top, sum(p.method == m for p in points)) * len(seeds) for m in methods)
+    if len(points) + confirming > max_runs:
         raise ConfigError(
-            f"the grid needs {len(points)} runs ({len(methods)} methods, {len(schedules)} schedules, "
-            f"{len(encoder_scales)} encoder scales, {len(head_scales)} head scales"
+            f"the grid needs {len(points) + confirming} runs ({len(methods)} methods, {len(schedules)} "
+            f"schedules, {len(encoder_scales)} encoder scales, {len(head_scales)} head scales"
             + "".join(f", {len(v)} values of {k}" for k, v in vary.items())
+            + (f"; {confirming} to confirm the best on more seeds" if confirming else "")
             + f"), more than --max-runs {max_runs}"
         )
     return points
@@ -169,39 +176,58 @@ def tune(
     listener: Listener | None = None,
     overwrite: bool = False,
     resume: bool = False,
+    confirm_top: int = 0,
+    confirm_seeds: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     """Train every point on the validation split, write the grid table and one preset per method (its best
     point); returns ``{"points": [...], "best": {method: point}}``.
+
+    With ``confirm_top`` > 0 each method's that many best points train again on every seed of
+    ``confirm_seeds``, and the method's choice is the best mean over those seeds and the grid's own: points a
+    few score apart on one seed are a draw on a small validation split (on emoji LW's single-seed choice
+    scored below the preset's own rates on the test split).
 
     With ``resume`` points already trained in ``out_dir`` are read back (a stopped one is continued), and the
     grid table and presets cover those of earlier grids in ``out_dir`` too, with the same settings: a grid
     is extended without training any point twice."""
     cfg = load_config(preset, overrides)
-    score_key = task_for(cfg).score_key
+    key = task_for(cfg).score_key
+    score = f"val_{key}"
     rows = []
     if resume:
         earlier = {p.name: p for p in _earlier_points(out_dir, proxy)}
         points = [*earlier.values(), *(p for p in points if p.name not in earlier)]
-    for point in points:
+
+    def train(point: Point, extra: list[str], name: str) -> dict[str, Any]:
         settings = point.settings(cfg)
         run_overrides = [*overrides, *proxy, *(f"{k}={_toml(v)}" for k, v in settings.items())]
-        run_cfg = load_config(preset, [*run_overrides, 'eval.split="val"'])
+        run_cfg = load_config(preset, [*run_overrides, 'eval.split="val"', *extra])
         if listener is not None:
-            listener(MethodStarted(point.name))
-        summary = run_or_continue(run_cfg, out_dir / "runs" / point.name, listener, overwrite, resume)
+            listener(MethodStarted(name))
+        return run_or_continue(run_cfg, out_dir / "runs" / name, listener, overwrite, resume)
+
+    for point in points:
+        summary = train(point, [], point.name)
         rows.append(
             {
                 **asdict(point),
                 "run": point.name,
-                f"val_{score_key}": summary[score_key],
+                score: summary[key],
                 **{k: summary[k] for k in ("client_peak_mem_bytes", "client_flops_total", "bytes_up_total")},
                 "wall_s": summary["wall_s"],
             }
         )
-    best: dict[str, dict[str, Any]] = {}
-    for row in rows:  # of equal scores, the earlier point wins
-        if row["method"] not in best or row[f"val_{score_key}"] > best[row["method"]][f"val_{score_key}"]:
-            best[row["method"]] = row
+    if confirm_top > 0 and confirm_seeds:
+        for method in dict.fromkeys(row["method"] for row in rows):
+            ranked = sorted((r for r in rows if r["method"] == method), key=lambda r: -r[score])
+            for row in ranked[:confirm_top]:
+                seeds = {str(cfg.run.seed): row[score]}
+                for seed in confirm_seeds:
+                    again = train(_point(row), [f"run.seed={seed}"], f"{row['run']}-seed{seed}")
+                    seeds[str(seed)] = again[key]
+                row["seeds"] = seeds
+                row[f"{score}_mean"] = sum(seeds.values()) / len(seeds)
+    best = _choose(rows, score)
     for method, row in best.items():
         point = _point(row)
         chosen = point.settings(cfg)
@@ -209,9 +235,28 @@ def tune(
         kept = {".".join(path): value for path, value in map(parse_override, overrides)}
         kept = {k: v for k, v in kept.items() if not any(k == c or k.startswith(c + ".") for c in chosen)}
         settings = kept | chosen
-        comment = f"fedmml tune: {point.name}, validation {score_key} {row[f'val_{score_key}']:.2f} (grid.md)"
+        if "seeds" in row:
+            how = f"mean {row[f'{score}_mean']:.2f} over seeds {', '.join(row['seeds'])}"
+        else:
+            how = f"{row[score]:.2f}"
+        comment = f"fedmml tune: {point.name}, validation {key} {how} (grid.md)"
         write_preset(out_dir / f"{method}.toml", preset, settings, comment)
-    result = {"score": f"val_{score_key}", "proxy": proxy, "points": rows, "best": best}
+    result = {"score": score, "proxy": proxy, "points": rows, "best": best}
     (out_dir / "grid.json").write_text(json.dumps(result, indent=2) + "\n")
     report.write_grid(out_dir, result)
     return result
+
+
+def _choose(rows: list[dict[str, Any]], score: str) -> dict[str, dict[str, Any]]:
+    """Each method's best row: by the mean over seeds among its confirmed points when it has any, else by
+    the grid's score; of equal scores, the earlier point wins."""
+    best: dict[str, dict[str, Any]] = {}
+    confirmed = {row["method"] for row in rows if "seeds" in row}
+    for row in rows:
+        method = row["method"]
+        key = f"{score}_mean" if method in confirmed else score
+        if key not in row:
+            continue
+        if method not in best or row[key] > best[method][key]:
+            best[method] = row
+    return best

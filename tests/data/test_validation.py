@@ -38,7 +38,7 @@ def test_carving_keeps_every_identity_on_one_side() -> None:
 
 def test_a_carved_validation_split_on_emoji_identities(emoji_root: Path) -> None:
     global _opened
-    cfg = _cfg(emoji_root, "tiny", "data.limit_train=0")
+    cfg = _cfg(emoji_root, "tiny", "data.limit_train=0", "data.limit_test=0")
     task = task_for(cfg)
     train = task.train_index(cfg, str(emoji_root))
     _opened = []
@@ -50,9 +50,28 @@ def test_a_carved_validation_split_on_emoji_identities(emoji_root: Path) -> None
     assert split == "train" and len(held_out) == len(val) > 0
     assert set(val.identities).isdisjoint(train.identities)
     assert all(i.startswith("unified=") for i in val.identities)  # an emoji in every vendor style
-    whole = task.read_index(cfg, str(emoji_root), "train", train=True)
+    whole = task.read_index(cfg, str(emoji_root), "train", 0)
     assert len(train) + len(val) == len(whole)
     assert str((emoji_root / "captions_test.json").resolve()) not in opened
+
+
+def test_a_training_limit_leaves_the_validation_split_whole(emoji_root: Path) -> None:
+    # A limit on the training data (a quick tuning grid) must not shrink the split that ranks its points:
+    # the carve is cut before the limit, which then draws from the rest, each category keeping its share.
+    whole_cfg = _cfg(emoji_root, "emoji")
+    cfg = _cfg(emoji_root, "emoji", "data.limit_train=1000")
+    task = task_for(cfg)
+    _, val = task.held_out(cfg, str(emoji_root))
+    _, whole_val = task.held_out(whole_cfg, str(emoji_root))
+    train = task.train_index(cfg, str(emoji_root))
+    assert val.image_ids == whole_val.image_ids and len(val) > 200
+    assert len(train) == 1000 and set(train.identities).isdisjoint(val.identities)
+    rest = task.train_index(whole_cfg, str(emoji_root))
+    assert set(train.image_ids) <= set(rest.image_ids)
+    assert len(set(task.labels(train))) == len(set(task.labels(rest)))
+    # limit_test limits the validation split as it does the test split.
+    _, small = task.held_out(_cfg(emoji_root, "emoji", "data.limit_test=50"), str(emoji_root))
+    assert len(small) == 50 and set(small.image_ids) <= set(val.image_ids)
 
 
 def test_a_folder_with_its_own_validation_split(emoji_root: Path, tmp_path: Path) -> None:
@@ -82,8 +101,8 @@ def test_a_folder_with_its_own_validation_split(emoji_root: Path, tmp_path: Path
 
 
 def test_an_empty_carve_is_one_line(emoji_root: Path) -> None:
-    cfg = _cfg(emoji_root, "tiny", "data.limit_train=3", "data.val_fraction=0.0001")
-    with pytest.raises(ConfigError, match="the validation split is empty: data.val_fraction = 0.0001"):
+    cfg = _cfg(emoji_root, "tiny", "data.val_fraction=0.00001")  # below one hash bucket in 10,000
+    with pytest.raises(ConfigError, match="the validation split is empty: data.val_fraction = 1e-05"):
         task_for(cfg).held_out(cfg, str(emoji_root))
     with pytest.raises(ConfigError, match=r"data.val_fraction must be in \(0, 1\)"):
         _cfg(emoji_root, "tiny", "data.val_fraction=1.0")
