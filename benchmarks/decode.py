@@ -1,6 +1,6 @@
 """Per-image access cost of the ways a training sample can be read (issue 14's store decision).
 
-Measures, on synthetic 640x480 photographs (benchmarks/synth_coco.py), the time to get one training-ready
+Measures, on synthetic 640x480 photographs (fedmml.data.synthetic), the time to get one training-ready
 uint8 array (short side >= the crop's need at 224 px) by: PIL on the source JPEG; PIL in draft (DCT-scaled)
 mode; simplejpeg on the source; and from a prepared store (resized, re-encoded JPEG) read through a memory map
 with PIL or simplejpeg, or through a Hugging Face ``datasets`` Arrow file; plus the bytes each keeps.
@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import simplejpeg
 from PIL import Image
-from synth_coco import synth_jpeg
+
+from fedmml.data.synthetic import synth_jpeg
 
 SIZE = 224
 SIDE = math.ceil(SIZE / math.sqrt(0.5))  # the smallest crop (half the area) still needs no upsampling

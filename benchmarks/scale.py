@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/scale.py run --data /data/coco118k --workers 0 1 2 --steps 12
     .venv/bin/python benchmarks/scale.py retrieval --images 5000 --captions-per-image 5
 
-``synth`` writes a COCO-2017-shaped folder of synthetic 640x480 photographs (benchmarks/synth_coco.py).
+``synth`` writes a COCO-2017-shaped folder of synthetic 640x480 photographs (fedmml.data.synthetic).
 ``store`` times the preparation of the image store as a run's ten clients make it, each its own share.
 ``run`` measures ``fedmml run --preset paper-coco`` (random initialisation: offline) in a fresh process per
 setting: seconds from start to the first training step, peak RSS, and steady-state training samples/s with
@@ -52,7 +52,7 @@ def _config(data: str, method: str, workers: int, extra: list[str]):
 def _measure(args: argparse.Namespace) -> dict:
     """One setting, in this (fresh) process: patch the optimizer's step to take the time, run, stop."""
     from fedmml.experiment import run_experiment
-    from fedmml.federation import client
+    from fedmml.federation import training
 
     times: list[float] = []
     step = torch.optim.AdamW.step
@@ -66,7 +66,7 @@ def _measure(args: argparse.Namespace) -> dict:
 
     torch.optim.AdamW.step = timed
     if args.in_memory:
-        loader = client.DataLoader
+        loader = training.DataLoader
 
         class Preloaded:
             """The first batches of the real loader, read before training: the steps without loading."""
@@ -83,7 +83,7 @@ def _measure(args: argparse.Namespace) -> dict:
                 times.clear()  # the clock starts once the batches are in memory
                 return iter(self.batches)
 
-        client.DataLoader = Preloaded
+        training.DataLoader = Preloaded
     cfg = _config(args.data, args.method, args.workers, args.set)
     try:
         run_experiment(cfg, Path(args.out), overwrite=True)
@@ -196,7 +196,7 @@ def main() -> None:
         p.add_argument("--out", default="runs/scale")
     args = parser.parse_args()
     if args.command == "synth":
-        from synth_coco import write_folder
+        from fedmml.data.synthetic import write_folder
 
         write_folder(Path(args.out), args.train, args.test)
     elif args.command == "store":

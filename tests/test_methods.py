@@ -145,7 +145,7 @@ def test_centralized_is_one_client_with_every_training_sample(emoji_root, tmp_pa
 
 
 def test_prog_can_train_earlier_blocks_at_a_smaller_rate(tiny_model) -> None:
-    from fedmml.federation.client import make_optimizer
+    from fedmml.federation.training import make_optimizer
 
     stage = plan_stages(SCHEDULE, "prog", TOTALS)[1]  # image blocks 2-3 and text block 1 are new
     model = _grown(tiny_model, stage)

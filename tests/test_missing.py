@@ -13,8 +13,9 @@ import torch
 from fedmml.config import ConfigError, load_config
 from fedmml.data import missing
 from fedmml.experiment import build_setup, run_experiment
-from fedmml.federation.client import Client, batch_presence
+from fedmml.federation.client import Client
 from fedmml.federation.payload import unpack
+from fedmml.federation.training import batch_presence
 from fedmml.models.build import build_model
 from fedmml.models.multimodal import PRESENT
 from fedmml.runs import read_metrics

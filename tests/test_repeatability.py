@@ -15,7 +15,7 @@ from fedmml.runs import read_metrics
 pytestmark = pytest.mark.slow
 
 # Times are measurements of the machine, not results of the run.
-TIMES = {"wall_s", "eval_s", "client_s", "train_s", "aggregate_s"}
+TIMES = {"wall_s", "eval_s", "client_s", "client_train_s", "client_data_wait_s", "train_s", "aggregate_s"}
 
 
 def _figures(run: Path) -> tuple[dict, list[dict]]:

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +56,8 @@ Progress = Callable[[str], None]
 class _Fixed(Dataset):
     """Synthetic samples: the same every epoch, none unreadable."""
 
-    def take(self, i: int, epoch: int) -> tuple[Any, int]:
-        """What the training loop reads (see CaptionDataset.take)."""
+    def take(self, i: int, epoch: int, skip: Collection[str] = ()) -> tuple[Any, int]:
+        """What the training loop reads (see CaptionDataset.take; in memory, nothing to skip)."""
         return self[i], 0
 
 

@@ -16,7 +16,16 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedmml.config import BENCH_METHODS, ENGINES, METHODS, ConfigError, available_presets, load_config
+from fedmml.config import (
+    BENCH_METHODS,
+    ENGINES,
+    METHODS,
+    PRECISIONS,
+    SPEED_METHODS,
+    ConfigError,
+    available_presets,
+    load_config,
+)
 from fedmml.data import DataError
 from fedmml.engines.flower.control import FlowerError
 from fedmml.events import (
@@ -25,6 +34,7 @@ from fedmml.events import (
     ClientStarted,
     Event,
     MethodStarted,
+    Notice,
     Phase,
     RoundDone,
     RoundSkipped,
@@ -32,13 +42,16 @@ from fedmml.events import (
     StageStarted,
 )
 from fedmml.federation import SetupFailed
+from fedmml.federation.checkpoint import CheckpointDamaged
 from fedmml.federation.payload import PayloadError
 
 console = Console(stderr=True)
 
 # Errors caused by input the user controls (config, paths, data, payloads, clients that cannot start): one
 # line, no traceback.
+DEFAULT_PRESET = "emoji"
 USER_ERRORS: tuple[type[BaseException], ...] = (
+    CheckpointDamaged,
     ConfigError,
     DataError,
     OSError,
@@ -71,6 +84,9 @@ examples:
   fedmml config --preset paper-coco         print the fully resolved configuration
   fedmml bench resources --preset paper-coco --schedule late-heavy --json cost.json
                                             measured client memory, FLOPs and bytes of e2e, lw, prog
+  fedmml bench speed --precisions bf16 --parallel 1 4
+                                            training samples/s of e2e, lw and prog on paper-coco, and the
+                                            hours its full schedules take at those rates
 
 methods: e2e (FedMML, end to end), lw (LW-FedMML, layer-wise), prog (Prog-FedMML, progressive);
   reference rows: frozen (pretrained encoders untouched, only necks and heads train),
@@ -84,7 +100,9 @@ methods: e2e (FedMML, end to end), lw (LW-FedMML, layer-wise), prog (Prog-FedMML
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--preset", default="emoji", help=f"named preset or a .toml path ({', '.join(available_presets())})"
+        "--preset",
+        default=DEFAULT_PRESET,
+        help=f"named preset or a .toml path ({', '.join(available_presets())})",
     )
     p.add_argument("--schedule", help="named stage schedule of the preset, e.g. uniform or late-heavy")
     p.add_argument(
@@ -141,8 +159,15 @@ def _build_parser() -> argparse.ArgumentParser:
         "--resume",
         type=Path,
         metavar="RUN_DIR",
-        help="continue a stopped run from its newest checkpoint (its config.json is used as is)",
+        help="continue a stopped run from its newest checkpoint that reads (its config.json is used as is: "
+        "no other option goes with it)",
     )
+    run.add_argument(
+        "--allow-data-change",
+        action="store_true",
+        help="with --resume: go on although the clients' training data changed since the run started",
+    )
+    run.set_defaults(preset=None)  # to tell an explicit --preset from the default (refused with --resume)
 
     cmp_ = sub.add_parser("compare", help="run several methods with the same seeds and round budget")
     _config_args(cmp_)
@@ -277,6 +302,53 @@ def _build_parser() -> argparse.ArgumentParser:
         "--no-rss-check", action="store_true", help="skip the peak-RSS cross-check in a fresh process"
     )
 
+    speed = bench_sub.add_parser(
+        "speed",
+        help="training samples/s of e2e, lw and prog (fp32/bf16, real loader/in memory, one client/several "
+        "at once) and the projected wall time of the preset's full schedules",
+        description="Each setting runs in a fresh process through a run's own code path on the preset's "
+        "architecture: round 1 warms up, round 2 is timed. lw and prog train their last late-heavy stage. "
+        "Without --data the preset's data folder is read, or synthetic COCO-shaped photographs are written "
+        "once under ~/.cache/fedmml. One JSON line per setting, then Markdown tables.",
+    )
+    _config_args(speed)
+    speed.set_defaults(preset="paper-coco")
+    speed.add_argument("--methods", nargs="+", choices=SPEED_METHODS, default=list(SPEED_METHODS))
+    speed.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=["fp32", "bf16"])
+    speed.add_argument(
+        "--loaders",
+        nargs="+",
+        choices=("real", "memory"),
+        default=["real", "memory"],
+        help="real: the run's loader over the folder; memory: the same batches read beforehand (one client)",
+    )
+    speed.add_argument(
+        "--parallel",
+        nargs="+",
+        type=int,
+        default=[1, 0],
+        help="clients trained at once, each in its own process (0: chosen from the device); default 1 0",
+    )
+    speed.add_argument(
+        "--compile",
+        choices=("off", "on", "both"),
+        default="off",
+        help="settings with run.compile (default off)",
+    )
+    speed.add_argument("--steps", type=int, default=30, help="batches per client and round (default 30)")
+    speed.add_argument("--data", type=Path, help="folder to read (default: the preset's, else synthetic)")
+    speed.add_argument(
+        "--samples",
+        type=int,
+        default=0,
+        help="training samples of the projection (default: COCO's 118,287 for paper-coco, else the folder's)",
+    )
+    speed.add_argument(
+        "--profile", type=Path, help="profile a third round of each one-client setting into DIR"
+    )
+    speed.add_argument("--json", type=Path, help="also write the JSON lines to this file")
+    speed.add_argument("--markdown", type=Path, help="also write the Markdown tables to this file")
+
     cfg = sub.add_parser("config", help="print the fully resolved configuration as JSON")
     _config_args(cfg)
     cfg.add_argument("--method", choices=METHODS)
@@ -296,7 +368,7 @@ def _extra_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _resolve(args: argparse.Namespace) -> Any:
-    return load_config(args.preset, _extra_overrides(args))
+    return load_config(args.preset or DEFAULT_PRESET, _extra_overrides(args))
 
 
 class _Display:
@@ -331,6 +403,8 @@ class _Display:
             self._describe(f"{self.stage} client {event.position}/{event.of} (#{event.client})")
         elif isinstance(event, Phase):
             self._describe(event.text)
+        elif isinstance(event, Notice):
+            console.print(f"[yellow]note:[/] {event.text}", soft_wrap=True)  # quiet or not: it matters
         elif isinstance(event, ClientDropped):
             self._say(f"  [yellow]client {event.client} dropped:[/] {event.reason}")
         elif isinstance(event, Backfill):
@@ -384,22 +458,54 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from fedmml.experiment import resume_experiment, run_experiment
 
     if args.resume is not None:
+        _check_resume_alone(args)
+        args.run_dir = args.resume
+        finished = args.resume / "summary.json"
+        if finished.is_file():
+            _print_summary(json.loads(finished.read_text()))
+            console.print(f"{args.resume} holds a finished run: nothing to continue, nothing changed")
+            return
         display = _Display(args.quiet)
         with display.live():
-            summary = resume_experiment(args.resume, display)
+            summary = resume_experiment(args.resume, display, args.allow_data_change)
         _print_summary(summary)
         console.print(f"run resumed and finished in {args.resume}")
         return
+    if args.allow_data_change:
+        raise ConfigError("--allow-data-change goes with --resume")
     cfg = _resolve(args)
     if args.print_config:
         print(cfg.to_json())
     out = args.out or Path("runs") / f"{cfg.preset}-{cfg.run.method}-{_stamp()}"
+    args.run_dir = out
     display = _Display(args.quiet)
     display.method = cfg.run.method
     with display.live():
         summary = run_experiment(cfg, out, display, overwrite=args.overwrite)
     _print_summary(summary)
     console.print(f"run written to {out} (report: {out / 'report.md'})")
+
+
+def _check_resume_alone(args: argparse.Namespace) -> None:
+    """--resume continues a run exactly as it was configured: an option that would change it is refused."""
+    given = [
+        option
+        for option, value in (
+            ("--set", args.overrides),
+            ("--preset", args.preset),
+            ("--schedule", args.schedule),
+            ("--method", args.method),
+            ("--engine", args.engine),
+            ("--out", args.out),
+            ("--overwrite", args.overwrite),
+        )
+        if value
+    ]
+    if given:
+        raise ConfigError(
+            f"--resume continues {args.resume} as its config.json says; {', '.join(given)} cannot change it "
+            "(start a new run with --out for other settings)"
+        )
 
 
 def _series_args(parser: argparse.ArgumentParser, what: str) -> None:
@@ -521,9 +627,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from fedmml.device import select_device
     from fedmml.runs import load_run_model
     from fedmml.setup import evaluate_on
-    from fedmml.tasks import task_for
+    from fedmml.tasks import LAYOUTS, task_for, task_of_folder
 
     cfg, model = load_run_model(args.run)
+    found = task_of_folder(args.data)
+    if found is not None and found != cfg.model.task:
+        raise ConfigError(
+            f"{args.data} holds {found} data ({LAYOUTS[found]} layout), but the run in {args.run} is an "
+            f"{cfg.model.task} model: give it a folder of its own task"
+        )
     model = model.to(select_device(cfg.run.device))
     cfg.data.root = str(args.data)
     data = task_for(cfg).load_split(cfg, args.split, train=False)
@@ -548,6 +660,9 @@ def _cmd_data(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
+    if args.bench_command == "speed":
+        _cmd_speed(args)
+        return
     from fedmml.bench import render_markdown, run_bench
 
     if args.steps < 1:
@@ -566,6 +681,41 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
         console.print(f"JSON written to {args.json}")
+
+
+def _cmd_speed(args: argparse.Namespace) -> None:
+    from fedmml import speed
+
+    if args.steps < 2:
+        raise ConfigError("--steps must be at least 2 (a contrastive batch needs company)")
+    cfg = _resolve(args)
+    compiled = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    chosen = speed.settings(cfg, args.methods, args.precisions, args.loaders, args.parallel, compiled)
+    lines: list[str] = []
+
+    def emit(row: dict[str, Any]) -> None:
+        lines.append(json.dumps(row))
+        print(lines[-1], flush=True)
+
+    with console.status("measuring training speed") as status:
+        result = speed.run_speed(
+            cfg, chosen, args.steps, args.data, args.samples, args.profile, lambda m: status.update(m), emit
+        )
+    table = speed.render_markdown(result)
+    print(table)
+    for path, text in ((args.json, "\n".join(lines) + "\n"), (args.markdown, table)):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+
+
+def _how_to_continue(args: argparse.Namespace) -> str:
+    """What continues an interrupted command."""
+    if args.command == "run" and getattr(args, "run_dir", None) is not None:
+        return f"continue with `fedmml run --resume {args.run_dir}`"
+    if args.command in ("compare", "tune"):
+        return f"continue with the same `fedmml {args.command}` command and --resume"
+    return "every finished round is checkpointed in its run directory"
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -595,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
             handlers[args.command](args)
     except KeyboardInterrupt:
         # Every finished round is already checkpointed, so nothing but the round in flight is lost.
-        console.print("interrupted; continue with `fedmml run --resume <run dir>`")
+        console.print(f"interrupted; {_how_to_continue(args)}", soft_wrap=True)
         return 130
     except USER_ERRORS as err:
         if args.debug:

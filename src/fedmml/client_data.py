@@ -13,6 +13,7 @@ as folders trains exactly as the partition itself.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,14 +41,19 @@ class ClientData:
     test_missing: str = ""  # why it has none
 
     def describe(self) -> dict[str, Any]:
-        """Sizes and skip counts only: what the server may know of a client's data."""
-        return {
+        """Sizes, skip counts and a digest of which samples these are (a resumed run checks that they did not
+        change): what the server may know of a client's data."""
+        described = {
             "num_samples": len(self.dataset),
             "skipped": dict(self.dataset.skipped),
-            "source": self.source,
+            # Which clients share a source (its malformed entries count once), without its path.
+            "source": hashlib.sha256(self.source.encode()).hexdigest()[:16],
             "source_skipped": dict(self.source_skipped),
             "test_samples": len(self.test) if self.test is not None else 0,
         }
+        if hasattr(self.dataset, "fingerprint"):
+            described["fingerprint"] = self.dataset.fingerprint()
+        return described
 
 
 class SharedSplit:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -23,6 +24,7 @@ METHODS = ("e2e", "lw", "prog", "frozen", "centralized", "lora", "hetero")  # se
 HETERO_SLICES = ("prog", "lw", "heads")  # what hetero may give a client, deepest first (federation.budgets)
 # What `fedmml bench resources` measures: lw-nocache is lw without its frozen-prefix cache (see fedmml.bench).
 BENCH_METHODS = ("e2e", "lw", "lw-nocache", "prog", "lora")
+SPEED_METHODS = ("e2e", "lw", "prog")  # what `fedmml bench speed` measures (see fedmml.speed)
 ENGINES = ("inprocess", "flower-sim", "flower")  # flower-sim: Flower simulation; flower: deployment
 # group: whole groups (e.g. spoken languages) per client; local: each client reads a whole folder of its own
 PARTITIONS = ("iid", "dirichlet", "group", "local")
@@ -51,6 +53,9 @@ class EncoderConfig:
     neck_dim: int = 0  # 0: no neck (constant-width encoders)
     tokenizer: str = "package"  # text encoders only
     max_length: int = 32  # text encoders only
+    # text encoders only: a batch's token length rounded up to a multiple of this (0: its longest text), so
+    # run.compile sees a few shapes; max_length must be a multiple of it
+    pad_multiple: int = 0
     pooling: str = "cls"  # text encoders only: cls (the paper) or mean (sentence-transformers models)
     image_size: int = 64  # image encoders only
 
@@ -202,6 +207,10 @@ class FederationConfig:
     # shortfall within the same round (0: aggregate whoever survived, as the paper's setting assumes).
     backfill: int = 0
     client_timeout_s: float = 0.0  # a reply slower than this is dropped; 0: no deadline
+    # In-process runs: clients trained at once, each in its own worker process sharing the device
+    # (fedmml.engines.parallel); 0: chosen from the device (one on a CPU, where they would share its cores);
+    # 1: one after another in the run's own process
+    parallel_clients: int = 0
     max_update_norm: float = 0.0  # reject an update whose change exceeds this x the global norm; 0: off
     # Peak training memory each client may use, in MiB: one number for all or a list of num_clients; 0: no
     # limit. A client whose budget its method's measured peak exceeds sits the stage out; run.method =
@@ -228,7 +237,9 @@ class CacheConfig:
     """
 
     frozen_prefix: bool = True
-    store: str = "memory"  # memory | disk (files under the run directory, read back per batch)
+    # memory: host RAM; device: the training device's memory (a GPU's: no copy per step; the CPU's: as
+    # memory); disk: files under the run directory, read back per batch
+    store: str = "memory"
     dtype: str = "float32"  # float32 (exact) | float16 (half the size)
     max_mib: float = 2048.0  # per client; a cache that would grow past this is dropped: train without it
     views: int = 4  # with data.augment: augmented views cached per image (those of epochs 0..views-1)
@@ -272,6 +283,9 @@ class RunConfig:
     # Training and evaluation under autocast: fp32 | bf16 | fp16 (fp16 with a gradient scaler); the weights,
     # optimizer state, checkpoints and what travels stay float32
     precision: str = "fp32"
+    # torch.compile the encoders' stems and blocks and the heads (fedmml.federation.training); the first
+    # steps of each shape take the compile's time
+    compile: bool = False
     keep_checkpoints: int = 2  # per-round checkpoints kept in <run>/checkpoints; 0 keeps all
 
 
@@ -556,6 +570,10 @@ def validate(cfg: Config) -> None:
                 f"schedule {name!r}: lr must name heads and every modality in blocks "
                 f"({', '.join(sched.blocks)})"
             )
+        for group, rates in sched.lr.items():
+            bad = [r for r in rates if not math.isfinite(r) or r < 0]
+            if bad:
+                raise ConfigError(f"schedule {name!r}: lr.{group} must be finite and >= 0, got {bad[0]}")
     _validate_client_roots(cfg)
     fed = cfg.federation
     if fed.num_clients < 1 or fed.local_epochs < 1 or fed.batch_size < 2:
@@ -564,7 +582,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"federation.clients_per_round must be between 0 and {fed.num_clients}")
     _choice(fed.aggregator, ("fedavg", "median", "trimmed_mean"), "federation.aggregator")
     _choice(cfg.transport.dtype, TRANSPORT_DTYPES, "transport.dtype")
-    _choice(cfg.cache.store, ("memory", "disk"), "cache.store")
+    _choice(cfg.cache.store, ("memory", "device", "disk"), "cache.store")
     _choice(cfg.cache.dtype, ("float32", "float16"), "cache.dtype")
     if cfg.cache.views < 1:
         raise ConfigError("cache.views must be at least 1")
@@ -591,3 +609,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.workers must be >= 0, or -1 to choose from the machine")
     if cfg.eval.every < 0:
         raise ConfigError("eval.every must be >= 0")
+    if not (math.isfinite(cfg.model.temperature) and cfg.model.temperature > 0):
+        raise ConfigError(f"model.temperature must be > 0, got {cfg.model.temperature}")
+    if fed.parallel_clients < 0:
+        raise ConfigError("federation.parallel_clients must be >= 0 (0: chosen from the device)")
+    for modality in cfg.model.modalities:
+        enc = cfg.model.encoder(modality)
+        if enc.pad_multiple < 0 or (enc.pad_multiple and enc.max_length % enc.pad_multiple):
+            raise ConfigError(
+                f"model.{modality}.pad_multiple must be >= 0 and divide max_length ({enc.max_length}), "
+                f"got {enc.pad_multiple}"
+            )

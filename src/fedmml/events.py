@@ -19,6 +19,14 @@ class Phase:
 
 
 @dataclass(frozen=True)
+class Notice:
+    """Something the person running the command should know and keep in view (e.g. a damaged checkpoint
+    passed over)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class MethodStarted:
     """A comparison moves on to the next method (and, over several seeds, names the seed)."""
 
@@ -87,6 +95,7 @@ class RoundDone:
 
 Event = (
     Phase
+    | Notice
     | MethodStarted
     | StageStarted
     | RoundStarted

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,8 @@ from fedmml.comparison import combine
 from fedmml.config import Config, config_from_dict
 from fedmml.device import select_device
 from fedmml.engines.inprocess import InProcessEngine
+from fedmml.engines.parallel import ParallelEngine, parallel_clients
 from fedmml.events import Listener, MethodStarted, Phase, ignore
-from fedmml.federation.checkpoint import latest_checkpoint
 from fedmml.federation.client import Client, Workspace
 from fedmml.methods import centralize
 from fedmml.runs import (
@@ -30,6 +30,7 @@ from fedmml.runs import (
     read_metrics,
     read_run_config,
     reopen_run,
+    run_lock,
     start_run,
 )
 from fedmml.setup import ServerSide, build_server, open_clients
@@ -38,18 +39,20 @@ from fedmml.tasks import resolve_classes, task_for
 
 @dataclass
 class Setup(ServerSide):
-    """Everything an in-process run needs: the server side plus every client and the engine."""
+    """Everything an in-process run needs: the server side and the engine; when clients train one after
+    another in this process, the clients and their workspace too (with ``federation.parallel_clients`` > 1
+    they live in the engine's worker processes)."""
 
-    clients: dict[int, Client]
-    engine: InProcessEngine
-    workspace: Workspace
+    engine: InProcessEngine | ParallelEngine
+    clients: dict[int, Client] = field(default_factory=dict)
+    workspace: Workspace | None = None
 
     def run_rounds(self) -> list[dict[str, Any]]:
-        """Run the server's rounds on the in-process engine; frozen-prefix caches are dropped at the end."""
+        """Run the server's rounds on the engine; its clients' caches (and worker processes) end with them."""
         try:
             return self.server.run(self.engine)
         finally:
-            self.workspace.caches.close()
+            self.engine.close()
 
 
 def build_setup(cfg: Config, listener: Listener | None = None, checkpoint_dir: Path | None = None) -> Setup:
@@ -59,11 +62,16 @@ def build_setup(cfg: Config, listener: Listener | None = None, checkpoint_dir: P
     side = build_server(cfg, emit, checkpoint_dir)
     # A disk-backed frozen-prefix cache lives beside the checkpoints, in the run directory.
     cache_dir = checkpoint_dir.parent / "prefix-cache" if checkpoint_dir is not None else None
-    workspace = Workspace(cfg, select_device(cfg.run.device), cache_dir)
+    device = select_device(cfg.run.device)
+    workers = parallel_clients(cfg, device)
+    if workers > 1:
+        emit(Phase(f"starting {workers} client worker processes"))
+        return Setup(side.test, side.server, ParallelEngine(cfg, workers, emit, cache_dir))
+    workspace = Workspace(cfg, device, cache_dir)
     emit(Phase("opening the clients' data"))
     clients, failures = open_clients(cfg, workspace)
     engine = InProcessEngine(clients, failures, cfg, workspace, emit)
-    return Setup(side.test, side.server, clients, engine, workspace)
+    return Setup(side.test, side.server, engine, clients, workspace)
 
 
 def _run_elsewhere(cfg: Config, out_dir: Path, listener: Listener | None, resume: bool) -> dict[str, Any]:
@@ -90,33 +98,39 @@ def run_experiment(
     A directory that already holds a run is refused unless ``overwrite``.
     """
     cfg = _as_run(cfg)
-    claim_run_dir(out_dir, overwrite)
-    if cfg.run.engine != "inprocess":
-        return _run_elsewhere(cfg, out_dir, listener, resume=False)
-    started = time.perf_counter()
-    emit = start_run(cfg, out_dir, listener)
-    setup = build_setup(cfg, emit, out_dir / CHECKPOINTS)
-    metrics = setup.run_rounds()
-    return finish_run(cfg, out_dir, setup, metrics, started, emit)
+    with run_lock(out_dir):
+        claim_run_dir(out_dir, overwrite)
+        if cfg.run.engine != "inprocess":
+            return _run_elsewhere(cfg, out_dir, listener, resume=False)
+        started = time.perf_counter()
+        emit = start_run(cfg, out_dir, listener)
+        setup = build_setup(cfg, emit, out_dir / CHECKPOINTS)
+        metrics = setup.run_rounds()
+        return finish_run(cfg, out_dir, setup, metrics, started, emit)
 
 
-def resume_experiment(run_dir: Path, listener: Listener | None = None) -> dict[str, Any]:
-    """Continue a stopped run from its newest checkpoint (in-process: exactly as if it had never stopped)."""
+def resume_experiment(
+    run_dir: Path, listener: Listener | None = None, allow_data_change: bool = False
+) -> dict[str, Any]:
+    """Continue a stopped run from its newest checkpoint (in-process: exactly as if it had never stopped);
+    on training data that changed since it started only with ``allow_data_change``."""
     started = time.perf_counter()
-    cfg, (tensors, state), emit = reopen_run(run_dir, listener)
-    if cfg.run.engine != "inprocess":
-        return _run_elsewhere(cfg, run_dir, listener, resume=True)
-    setup = build_setup(cfg, emit, run_dir / CHECKPOINTS)
-    setup.server.resume(tensors, state)
-    metrics = setup.run_rounds()
-    return finish_run(cfg, run_dir, setup, metrics, started, emit)
+    with run_lock(run_dir):
+        cfg, (tensors, state), emit = reopen_run(run_dir, listener)
+        if cfg.run.engine != "inprocess":
+            return _run_elsewhere(cfg, run_dir, listener, resume=True)
+        setup = build_setup(cfg, emit, run_dir / CHECKPOINTS)
+        setup.server.resume(tensors, state)
+        setup.server.allow_data_change = allow_data_change
+        metrics = setup.run_rounds()
+        return finish_run(cfg, run_dir, setup, metrics, started, emit)
 
 
 def continue_experiment(cfg: Config, run_dir: Path, listener: Listener | None = None) -> dict[str, Any]:
     """The summary of ``cfg``'s run in ``run_dir``: read when it finished, continued from its newest
-    checkpoint when it stopped, started (again) when the directory holds none or no checkpoint yet. A run
-    of another config is refused (a series of runs — a grid, a comparison — continues only where it left
-    off)."""
+    checkpoint when it stopped, started (again) when the directory holds none or no checkpoint yet (see
+    :func:`fedmml.runs.holds_run`). A run of another config is refused (a series of runs — a grid, a
+    comparison — continues only where it left off)."""
     if not holds_run(run_dir):
         return run_experiment(cfg, run_dir, listener)
     stored = {}
@@ -131,9 +145,6 @@ def continue_experiment(cfg: Config, run_dir: Path, listener: Listener | None = 
         )
     if (run_dir / "summary.json").is_file():
         return json.loads((run_dir / "summary.json").read_text())
-    if latest_checkpoint(run_dir / CHECKPOINTS) is None:
-        # Stopped before its first round ended: nothing to continue from, so it starts again.
-        return run_experiment(cfg, run_dir, listener, overwrite=True)
     return resume_experiment(run_dir, listener)
 
 

@@ -78,11 +78,24 @@ def write_run_report(
         "## Summary\n\n" + _table(["metric", "value"], _summary_rows(summary, metrics)),
         "## Stages\n\n" + _stage_table(metrics),
         *_upload_section(metrics),
+        *_missed_section(summary),
         "## Plots\n\n" + _images(plots, run_dir),
     ]
     path = run_dir / "report.md"
     path.write_text("\n\n".join(sections) + "\n")
     return path
+
+
+def _missed_section(summary: Mapping[str, Any]) -> list[str]:
+    """The clients (nodes) that missed rounds they were asked to train, and when they came back."""
+    missed = summary.get("missed_rounds", {})
+    if not missed:
+        return []
+    rows = [
+        [cid, ", ".join(map(str, m["missed"])), ", ".join(map(str, m["rejoined"])) or "–"]
+        for cid, m in missed.items()
+    ]
+    return ["## Clients that missed rounds\n\n" + _table(["client", "missed rounds", "back in round"], rows)]
 
 
 def _evaluation_note(summary: Mapping[str, Any]) -> list[str]:

@@ -8,12 +8,18 @@ is continued with :func:`reopen_run`.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fedmml import report
@@ -21,9 +27,9 @@ from fedmml.accounting import memory_method
 from fedmml.config import Config, config_from_dict
 from fedmml.data.missing import incomplete
 from fedmml.device import select_device
-from fedmml.events import Event, Listener, Phase, RoundDone
+from fedmml.events import Event, Listener, Notice, Phase, RoundDone, ignore
 from fedmml.federation import budgets
-from fedmml.federation.checkpoint import latest_checkpoint, load_checkpoint
+from fedmml.federation.checkpoint import CheckpointDamaged, checkpoints, latest_checkpoint, load_checkpoint
 from fedmml.models.build import build_model
 from fedmml.models.multimodal import MultimodalModel
 from fedmml.precision import autocast
@@ -32,12 +38,54 @@ from fedmml.tasks import task_for
 
 CHECKPOINTS = "checkpoints"
 Checkpoint = tuple[dict[str, torch.Tensor], dict[str, Any]]
-# What marks a directory as holding a run (a run writes config.json first).
+# What a run writes into its directory (config.json first); a new run clears them.
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", CHECKPOINTS)
 
 
 class RunExists(FileExistsError):
     """The output directory already holds a run."""
+
+
+class RunBusy(RunExists):
+    """Another process is writing the run directory."""
+
+
+LOCK = ".fedmml-lock"  # held (flock) by the one process that writes the run directory
+OWNER = ".fedmml-owner.json"  # which process that is
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir``'s writer lock for the block. A second writer (a run into the same --out, a resume
+    of a run still going) is refused in one line naming the process that holds it; the lock goes with its
+    process however that ends, a kill included."""
+    lock = FileLock(str(run_dir / LOCK), is_singleton=False)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunBusy(
+            f"{run_dir} is being written by {_owner(run_dir)}; wait for it to end or stop it"
+        ) from None
+    except OSError as err:
+        raise OSError(f"cannot write to the run directory {run_dir}: {err.strerror}") from None
+    owner = run_dir / OWNER
+    owner.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
+    try:
+        yield
+    finally:
+        owner.unlink(missing_ok=True)
+        lock.release()
+
+
+def _owner(run_dir: Path) -> str:
+    """The process that holds ``run_dir``'s lock, in words."""
+    try:
+        owner = json.loads((run_dir / OWNER).read_text())
+    except (OSError, ValueError):
+        return "another process"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner["since"]))
+    return f"process {owner['pid']} on {owner['host']} (since {since})"
 
 
 def read_run_config(run_dir: Path) -> Config:
@@ -58,7 +106,12 @@ def load_run_model(run_dir: Path, device: torch.device | None = None) -> tuple[C
     )
     for modality, depth in final_depth(cfg).items():
         model.encoders[modality].grow_to(depth)
-    model.load_state_dict(load_file(str(run_dir / "model.safetensors")), strict=True)
+    path = run_dir / "model.safetensors"
+    try:
+        weights = load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise CheckpointDamaged(f"{path} cannot be read ({err}); it is written when a run finishes") from None
+    model.load_state_dict(weights, strict=True)
     return cfg, model.to(device or torch.device("cpu"))
 
 
@@ -83,24 +136,25 @@ class MetricsWriter:
 
 
 def holds_run(out_dir: Path) -> bool:
-    """Whether ``out_dir`` already holds (part of) a run."""
-    return any((out_dir / name).exists() for name in RUN_FILES)
+    """Whether ``out_dir`` holds a run worth protecting: a finished one, or one with a checkpoint to continue
+    from. A folder a run left before its first round ended (its set-up failed, or it was stopped) holds
+    nothing a new run would lose."""
+    return (out_dir / "summary.json").exists() or latest_checkpoint(out_dir / CHECKPOINTS) is not None
 
 
 def claim_run_dir(out_dir: Path, overwrite: bool = False) -> None:
     """Make ``out_dir`` ready for a new run; one holding a run is refused, or cleared with ``overwrite``."""
-    if holds_run(out_dir):
-        if not overwrite:
-            raise RunExists(
-                f"{out_dir} already holds a run; continue it with `fedmml run --resume {out_dir}`, "
-                "choose another --out, or pass --overwrite to replace it"
-            )
-        for name in RUN_FILES:
-            path = out_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+    if holds_run(out_dir) and not overwrite:
+        raise RunExists(
+            f"{out_dir} already holds a run; continue it with `fedmml run --resume {out_dir}`, "
+            "choose another --out, or pass --overwrite to replace it"
+        )
+    for name in RUN_FILES:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
     probe = out_dir / ".write-test"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -119,15 +173,33 @@ def start_run(cfg: Config, out_dir: Path, listener: Listener | None = None) -> L
 
 
 def reopen_run(run_dir: Path, listener: Listener | None = None) -> tuple[Config, Checkpoint, Listener]:
-    """A stopped run's config and newest checkpoint, and a listener that appends to its metrics.jsonl.
+    """A stopped run's config and newest checkpoint that reads, and a listener that appends to its
+    metrics.jsonl. A damaged checkpoint (torn by a crash or a full disk) is passed over, saying so.
 
     Rounds after the checkpoint are redone, so their lines are dropped from metrics.jsonl.
     """
     cfg = read_run_config(run_dir)
-    found = latest_checkpoint(run_dir / CHECKPOINTS)
-    if found is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir / CHECKPOINTS}; start the run again instead")
-    tensors, state = load_checkpoint(found)
+    say = listener or ignore
+    found = checkpoints(run_dir / CHECKPOINTS)
+    if not found:
+        raise FileNotFoundError(
+            f"{run_dir} has no checkpoint (it stopped before its first round ended): run the same command "
+            "again, without --resume, to start it again"
+        )
+    damaged = []
+    for path in found:
+        try:
+            tensors, state = load_checkpoint(path)
+        except CheckpointDamaged as err:
+            damaged.append(str(err))
+            continue
+        if damaged:
+            say(
+                Notice(f"passed over a damaged checkpoint: {'; '.join(damaged)}; continuing from {path.name}")
+            )
+        break
+    else:
+        raise CheckpointDamaged(f"no checkpoint in {run_dir / CHECKPOINTS} can be read: {'; '.join(damaged)}")
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in state["metrics"]))
     return cfg, (tensors, state), MetricsWriter(run_dir / "metrics.jsonl", listener)
 
@@ -154,6 +226,21 @@ def train_data_summary(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
         if counts:
             summary[key] = counts
     return summary
+
+
+def missed_rounds(metrics: list[dict[str, Any]]) -> dict[str, dict[str, list[int]]]:
+    """Per client (a node) that failed a round it was asked to train: those rounds, and the rounds in which
+    it came back (trained again after missing one)."""
+    out: dict[str, dict[str, list[int]]] = {}
+    away: set[int] = set()
+    for record in metrics:
+        for cid in record.get("failed_clients", []):
+            out.setdefault(str(cid), {"missed": [], "rejoined": []})["missed"].append(record["round"])
+            away.add(cid)
+        for cid in sorted(away & set(record.get("clients", []))):
+            out[str(cid)]["rejoined"].append(record["round"])
+            away.discard(cid)
+    return out
 
 
 def finish_run(
@@ -201,6 +288,7 @@ def finish_run(
         **{k: data[k] for k in ("incomplete_samples", "incomplete_dropped") if k in data},
         "client_samples": {str(c): r["num_samples"] for c, r in server.clients.items()},
         "setup_failures": {str(c): r for c, r in server.setup_failures.items()},
+        "missed_rounds": missed_rounds(metrics),
         # server: whole-split scores on the server's test split; federated: combined from the clients' own
         # held-out splits (retrieval then is local-gallery recall, see tasks.ImageText.combine_scores)
         "evaluation": cfg.eval.where,

@@ -401,6 +401,21 @@ class ImageAudio(Task):
 TASKS: dict[str, Task] = {t.name: t for t in (ImageText(), ImageAudio())}
 
 
+LAYOUTS = {
+    "image-text": "COCO captions (captions_<split>.json)",
+    "image-audio": "ADVANCE (<split>/vision, sound)",
+}
+
+
+def task_of_folder(root: Path) -> str | None:
+    """The task whose layout the folder ``root`` has, by its files alone; None when neither shows."""
+    if any(root.glob("captions_*.json")):
+        return "image-text"
+    if any(root.glob("*/vision")) or any(root.glob("*/sound")):
+        return "image-audio"
+    return None
+
+
 def task_for(cfg: Config) -> Task:
     """The task of ``cfg`` (``model.task``)."""
     return TASKS[cfg.model.task]

@@ -11,7 +11,7 @@ from fedmml.accounting.memory import CPU_METHOD
 from fedmml.accounting.meter import MEMORY_STEPS, stage_key
 from fedmml.config import load_config
 from fedmml.experiment import build_setup, run_experiment
-from fedmml.federation.client import input_shapes, make_optimizer
+from fedmml.federation.training import input_shapes, make_optimizer
 from fedmml.methods import configure, plan_stages, set_train_mode
 from fedmml.models.build import build_model
 
@@ -91,7 +91,7 @@ def test_flops_are_counted_once_per_batch_shape() -> None:
     meter.start("e2e", stage)
     batch = {"image": torch.rand(4, 3, 32, 32), "text": ["a red apple", "a cat", "two dogs", "a green tree"]}
     for _ in range(3):
-        with meter.step(model, opt, input_shapes(model, batch), [batch["image"]]):
+        with meter.step(model, opt, input_shapes(model, model.prepare(batch)), [batch["image"]]):
             loss = model.loss(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()

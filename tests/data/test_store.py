@@ -80,6 +80,20 @@ def test_a_changed_source_is_prepared_again_never_served_stale(folder: Path) -> 
     )
 
 
+def test_a_truncated_shard_is_made_again_and_a_killed_builds_leftovers_are_removed(folder: Path) -> None:
+    geometry = Geometry(16, augment=False)
+    store_dir = folder.parent / ".fedmml-store"
+    want = open_store(folder, NAMES, geometry, store_dir).read("2.jpg")
+    [index] = _shards(folder, geometry)
+    blob = index.with_suffix(".bin")
+    blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 3])  # a full disk, a copy cut short
+    orphan = index.parent / "0123456789abcdef.bin"  # a build killed before its index was written
+    orphan.write_bytes(b"")
+    again = open_store(folder, NAMES, geometry, store_dir)
+    assert np.array_equal(again.read("2.jpg"), want) and all(again.read(n) is not None for n in NAMES[:4])
+    assert not blob.exists() and not orphan.exists() and len(_shards(folder, geometry)) == 1
+
+
 def test_two_processes_opening_one_store_at_once_make_it_once(folder: Path, tmp_path: Path) -> None:
     context = multiprocessing.get_context("spawn")
     outs = [str(tmp_path / f"{n}.npy") for n in range(2)]

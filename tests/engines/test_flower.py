@@ -130,6 +130,8 @@ def test_the_generated_app_and_the_repository_app_share_the_run_config(tmp_path:
 def test_ctrl_c_stops_the_simulation_and_resume_finishes_it_as_the_inprocess_engine(
     emoji_root: Path, inprocess: Path, tmp_path: Path
 ) -> None:
+    import contextlib
+    import os
     import signal
     import subprocess
     import sys
@@ -142,20 +144,29 @@ def test_ctrl_c_stops_the_simulation_and_resume_finishes_it_as_the_inprocess_eng
     for item in _overrides(emoji_root):
         cmd += ["--set", item]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Every Flower and Ray process of this run has the run's Flower home in its environment.
+    marker = f"FLWR_HOME={out / 'flwr'}"
     try:
         deadline = time.monotonic() + 240
         first = out / "checkpoints" / "round-000001.safetensors"
         while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert proc.poll() is None, "the run ended before it could be interrupted"
-        # Every Flower and Ray process of this run has the run's Flower home in its environment.
-        marker = f"FLWR_HOME={out / 'flwr'}"
-        assert len(processes_with(marker)) >= 4  # SuperLink, SuperExec, simulation runtime, Ray
+        flower = processes_with(marker)
+        assert len(flower) >= 4  # SuperLink, SuperExec, simulation runtime, Ray
+        # The interrupt must land while the run is unfinished: its Flower processes are paused until it has
+        # (the round left took 2.4 s, and a fast machine finished it before the signal came).
+        for pid in flower:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130
     finally:
         if proc.poll() is None:
             proc.kill()
+        for pid in processes_with(marker):  # a paused process left over would never end
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
     # Gone within a bounded wait: Ray's workers exit after the process that owned them, which on a loaded
     # 2-core machine has taken over 30 s.
     settle = time.monotonic() + 90

@@ -101,6 +101,7 @@ def test_a_run_fits_the_rebuilt_neck_with_the_rounds_clients(emoji_root: Path, t
         "data.limit_test=40",
         "federation.num_clients=3",
         "federation.clients_per_round=2",
+        "federation.batch_size=16",  # 20 samples per client
         "eval.every=0",
         "run.threads=1",
         "schedules.uniform.rounds=[1, 1, 0, 0, 0, 0]",

@@ -79,6 +79,8 @@ def test_cache_is_accounted(cached: list[dict], uncached: list[dict]) -> None:
 def test_disk_store_is_exact_and_float16_is_close(emoji_root: Path, cached: list[dict]) -> None:
     disk = _run(emoji_root, 'cache.store="disk"')
     assert _losses(disk) == _losses(cached)  # the same rows, only stored elsewhere: the same arithmetic
+    device = _run(emoji_root, 'cache.store="device"')  # on a CPU the device's memory is host RAM
+    assert _losses(device) == _losses(cached)
     half = _run(emoji_root, 'cache.dtype="float16"')
     assert half[-1]["client_cache_bytes"] * 2 == cached[-1]["client_cache_bytes"]
     assert _losses(half) == pytest.approx(_losses(cached), rel=0.05)  # rounding, then training drifts

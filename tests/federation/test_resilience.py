@@ -21,7 +21,7 @@ from fedmml.federation.payload import Message, deserialize, serialize
 RUN_ARGS = ["--preset", "tiny", "--method", "lw", "--quiet", "--set", "run.threads=1"]
 RUN_ARGS += ["--set", "schedules.uniform.rounds=[1, 2, 2]", "--set", "run.keep_checkpoints=0"]
 # Timings, and memory measured once per stage.
-VOLATILE = {"wall_s", "client_s", "eval_s", "client_peak_mem_bytes"}
+VOLATILE = {"wall_s", "client_s", "client_train_s", "client_data_wait_s", "eval_s", "client_peak_mem_bytes"}
 
 
 def _records(run: Path) -> list[dict]:
@@ -79,6 +79,12 @@ def test_crashes_and_stragglers_are_dropped_and_the_run_completes(emoji_root: Pa
     assert sum(len(r["failed_clients"]) for r in records) > 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert math.isfinite(summary["rsum"])
+    # Which clients missed which rounds, and when they came back, in the summary and the report too.
+    missed = {str(c): [r["round"] for r in records if c in r["failed_clients"]] for c in range(6)}
+    assert {c: m["missed"] for c, m in summary["missed_rounds"].items()} == {
+        c: m for c, m in missed.items() if m
+    }
+    assert "## Clients that missed rounds" in (tmp_path / "report.md").read_text()
 
 
 class Poisoned:

@@ -48,6 +48,7 @@ def text_cfg(**kw) -> types.SimpleNamespace:
         "neck_dim": 0,
         "tokenizer": "package",
         "max_length": 16,
+        "pad_multiple": 0,
         "pooling": "cls",
     }
     return types.SimpleNamespace(**{**base, **kw})

@@ -7,7 +7,9 @@ multiply-accumulate. Not counted: element-wise ops, norms, softmax, embedding lo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+import sys
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -65,15 +67,30 @@ CPU_ATTENTION_FLOPS = {
 CUSTOM_FLOPS = {**CPU_ATTENTION_FLOPS, aten.convolution_backward: _conv_backward_flop}
 
 
-def flop_counter() -> FlopCounterMode:
-    """A silent ``FlopCounterMode`` that also counts CPU attention and grouped-convolution backward right."""
-    return FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOPS)
+@contextmanager
+def eager() -> Iterator[None]:
+    """Modules compiled by ``run.compile`` run as written: what the accounting measures is the model's own
+    arithmetic and memory, whether or not a run compiles it (a counter also sees no op inside a compiled
+    kernel)."""
+    if "torch._dynamo" not in sys.modules:  # nothing is compiled; importing the compiler costs seconds
+        yield
+        return
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
+@contextmanager
+def flop_counter() -> Iterator[FlopCounterMode]:
+    """A silent ``FlopCounterMode`` that also counts CPU attention and grouped-convolution backward right,
+    over the eager ops (see :func:`eager`)."""
+    counter = FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOPS)
+    with eager(), counter:
+        yield counter
 
 
 def count_flops(fn: Callable[[], T]) -> tuple[T, int]:
     """Run ``fn`` once and return its result and the FLOPs it executed."""
-    counter = flop_counter()
-    with counter:
+    with flop_counter() as counter:
         result = fn()
     return result, int(counter.get_total_flops())
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedmml.accounting.flops import flop_counter
+from fedmml.accounting.flops import eager, flop_counter
 from fedmml.accounting.memory import MemoryPeak, measure_memory, memory_method
 from fedmml.methods import Stage
 
@@ -81,11 +81,10 @@ class StepMeter:
         measure_mem = self._memory_steps.get(self._stage, 0) > 0
         with ExitStack() as stack:
             counter = stack.enter_context(flop_counter()) if count_flops else None
-            mem = (
-                stack.enter_context(measure_memory(model, optimizer, inputs, self.rss, absent))
-                if measure_mem
-                else None
-            )
+            mem = None
+            if measure_mem:
+                stack.enter_context(eager())
+                mem = stack.enter_context(measure_memory(model, optimizer, inputs, self.rss, absent))
             yield
         if counter is not None:
             self.step_flops[key] = int(counter.get_total_flops())

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fedmml.data import DataError
+from fedmml.data import DataError, fingerprint
 from fedmml.data.audio import DEFAULT_FBANK, FeatureSettings, UnreadableAudio, load_fbank, pad_frames
-from fedmml.data.coco import DatasetNotFound, sample_seed
+from fedmml.data.coco import DatasetNotFound, sample_seed, stack_read
 from fedmml.data.images import random_resized_crop, to_tensor
 from fedmml.data.partition import stratified_subset
 from fedmml.data.store import Geometry, ImagesConfig, open_images, read_or_next
@@ -119,8 +119,8 @@ def collate(batch: list[tuple[torch.Tensor, torch.Tensor, int]]) -> dict[str, to
     """A batch: pixels [B,3,S,S] as ``"image"``, fbanks [B,frames,mel] as ``"audio"``, ``"labels"`` [B]."""
     pixels, fbanks, labels = zip(*batch, strict=True)
     return {
-        "image": torch.stack(pixels),
-        "audio": torch.stack(fbanks),
+        "image": stack_read(pixels),
+        "audio": stack_read(fbanks),
         "labels": torch.tensor(labels, dtype=torch.long),
     }
 
@@ -284,6 +284,10 @@ class AdvanceDataset(Dataset):
         if not self.ids:
             raise DataError(f"no usable image-sound pairs in {index.split_dir} (skipped: {self.skipped})")
 
+    def fingerprint(self) -> str:
+        """Which samples this is: ids, files and labels (see :func:`fedmml.data.fingerprint`)."""
+        return fingerprint(self.ids, self.image_names, self.sounds, self.labels)
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose seeded augmentations __getitem__ returns."""
         self.epoch = int(epoch)
@@ -295,11 +299,18 @@ class AdvanceDataset(Dataset):
         pixels = self.images.read(self.image_names[index])
         return self._pixels(index, self.epoch, pixels), self._fbank(index), self.labels[index]
 
-    def take(self, index: int, epoch: int) -> tuple[tuple[torch.Tensor, torch.Tensor, int], int]:
+    def take(
+        self, index: int, epoch: int, skip: Collection[str] = ()
+    ) -> tuple[tuple[torch.Tensor | None, torch.Tensor | None, int], int]:
         """The training sample ``index`` presents in ``epoch``, and how many unreadable images were passed
-        over for it: a pair whose image fails to read is replaced by the next readable pair."""
+        over for it: a pair whose image fails to read is replaced by the next readable pair. The modalities
+        in ``skip`` are not read (None; a cache holds what training needs of them)."""
+        if "image" in skip:
+            fbank = None if "audio" in skip else self._fbank(index)
+            return (None, fbank, self.labels[index]), 0
         position, pixels, missed = read_or_next(self.images, self.image_names, index)
-        return (self._pixels(position, epoch, pixels), self._fbank(position), self.labels[position]), missed
+        fbank = None if "audio" in skip else self._fbank(position)
+        return (self._pixels(position, epoch, pixels), fbank, self.labels[position]), missed
 
     def _pixels(self, index: int, epoch: int, pixels: np.ndarray) -> torch.Tensor:
         if self.train and self.augment:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fedmml.data import DataError
+from fedmml.data import DataError, fingerprint
 from fedmml.data.images import random_resized_crop, to_tensor
 from fedmml.data.partition import stratified_subset
 from fedmml.data.store import Geometry, ImagesConfig, open_images, read_or_next
@@ -41,10 +41,17 @@ def _valid_id(value: Any) -> bool:
     )
 
 
-def collate_train(batch: list[tuple[torch.Tensor, str]]) -> dict[str, Any]:
-    """A training batch: stacked pixels as ``"image"``, the captions (a list of strings) as ``"text"``."""
+def collate_train(batch: list[tuple[torch.Tensor | None, str]]) -> dict[str, Any]:
+    """A training batch: stacked pixels as ``"image"`` (a list of None when they were not read), the
+    captions (a list of strings) as ``"text"``."""
     pixels, captions = zip(*batch, strict=True)
-    return {"image": torch.stack(pixels), "text": list(captions)}
+    return {"image": stack_read(pixels), "text": list(captions)}
+
+
+def stack_read(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor | list[None]:
+    """A batch of one modality's tensors, or the Nones of samples whose input was not read (see
+    ``take``'s ``skip``)."""
+    return list(tensors) if tensors[0] is None else torch.stack(list(tensors))
 
 
 def sample_seed(seed: int, epoch: int, key: int | str) -> np.random.Generator:
@@ -177,6 +184,10 @@ class CaptionDataset(Dataset):
                 f"no usable image-caption pairs in {self.captions_path} (skipped: {self.skipped})"
             )
 
+    def fingerprint(self) -> str:
+        """Which samples these are: ids, files, captions and categories (:func:`fedmml.data.fingerprint`)."""
+        return fingerprint(self.image_ids, self.file_names, self.captions, self.labels)
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose seeded caption draws and augmentations __getitem__ returns."""
         self.epoch = int(epoch)
@@ -191,19 +202,26 @@ class CaptionDataset(Dataset):
             )
         return self._draw(index, self.epoch, self.images.read(self.file_names[index]))
 
-    def take(self, index: int, epoch: int) -> tuple[tuple[torch.Tensor, str], int]:
+    def take(
+        self, index: int, epoch: int, skip: Collection[str] = ()
+    ) -> tuple[tuple[torch.Tensor | None, str], int]:
         """The training sample ``index`` presents in ``epoch``, and how many unreadable images were passed
-        over for it: an image that fails to read is replaced by the next readable sample."""
+        over for it: an image that fails to read is replaced by the next readable sample. With ``"image"``
+        in ``skip`` the image is not read (None; a cache holds what training needs of it)."""
+        if "image" in skip:
+            return self._draw(index, epoch, None), 0
         position, pixels, missed = read_or_next(self.images, self.file_names, index)
         return self._draw(position, epoch, pixels), missed
 
-    def _draw(self, index: int, epoch: int, pixels: np.ndarray) -> tuple[torch.Tensor, str]:
-        """The training sample ``index`` (its ``pixels`` read) presents in ``epoch``."""
+    def _draw(self, index: int, epoch: int, pixels: np.ndarray | None) -> tuple[torch.Tensor | None, str]:
+        """The training sample ``index`` (its ``pixels`` read, or None) presents in ``epoch``."""
         # Seeded by (seed, epoch, image id) so draws depend neither on access order, DataLoader workers, nor
-        # on which share or folder holds the image.
+        # on which share or folder holds the image. The caption is drawn first: reading no pixels leaves it.
         rng = sample_seed(self.seed, epoch, self.image_ids[index])
         options = self.captions[index]
         caption = options[int(rng.integers(len(options)))]
+        if pixels is None:
+            return None, caption
         if self.augment:
             pixels = random_resized_crop(pixels, self.image_size, rng=rng)
         return to_tensor(pixels, self.image_size), caption

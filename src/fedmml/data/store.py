@@ -185,12 +185,40 @@ def _index_entries(index: Path) -> list:
 
 
 def _shard_entries(directory: Path) -> dict[tuple[str, int, int], tuple]:
-    """(name, size, mtime_ns) -> (shard, offset, length, height, width, codec) over every complete shard."""
+    """(name, size, mtime_ns) -> (shard, offset, length, height, width, codec) over every complete shard: one
+    whose images file is shorter than its index says (a disk that filled up, a copy cut short) holds none,
+    so its images are made again."""
     found: dict[tuple[str, int, int], tuple] = {}
     for index in sorted(directory.glob("*.json")):
-        for name, size, mtime, offset, length, height, width, codec in _index_entries(index):
+        entries = _index_entries(index)
+        if not _complete(index, entries):
+            continue
+        for name, size, mtime, offset, length, height, width, codec in entries:
             found[(name, size, mtime)] = (index.stem, offset, length, height, width, codec)
     return found
+
+
+def _complete(index: Path, entries: list) -> bool:
+    """Whether the images file of the shard ``index`` holds every byte its entries point at."""
+    try:
+        size = index.with_suffix(".bin").stat().st_size
+    except OSError:
+        return False
+    return size >= max((entry[3] + entry[4] for entry in entries), default=0)
+
+
+def _sweep(directory: Path) -> None:
+    """Remove what no reader may take (called under the store's lock, so no build is under way): the files
+    of incomplete shards, images files without an index (a build that was killed) and unfinished indexes."""
+    for index in directory.glob("*.json"):
+        if not _complete(index, _index_entries(index)):
+            index.unlink(missing_ok=True)
+            index.with_suffix(".bin").unlink(missing_ok=True)
+    for blob in directory.glob("*.bin"):
+        if not blob.with_suffix(".json").exists():
+            blob.unlink(missing_ok=True)
+    for tmp in directory.glob("*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def open_store(
@@ -217,6 +245,7 @@ def open_store(
     found = _shard_entries(directory)
     if any(key not in found for key in keys.values()):
         with FileLock(str(directory / ".lock")):
+            _sweep(directory)
             found = _shard_entries(directory)  # another process may have made them meanwhile
             missing = sorted({key for key in keys.values() if key not in found})
             if missing:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,34 @@ from fedmml.events import ClientDropped, ClientStarted, Listener, ignore
 from fedmml.federation.client import Client, Workspace, derive_seed
 from fedmml.federation.payload import Message
 from fedmml.federation.server import Server
+from fedmml.federation.training import LocalResult
+
+
+@dataclass
+class ClientTimes:
+    """Seconds the clients spent handling their messages (summed over clients), in their step loops, and
+    waiting there for batches: what an engine measures of a round beside the wall time."""
+
+    client_s: float = 0.0
+    train_s: float = 0.0
+    data_wait_s: float = 0.0
+
+    def add(self, handled_s: float, training: LocalResult | None) -> None:
+        """One client's handling time and, if it trained, its step loop's figures."""
+        self.client_s += handled_s
+        if training is not None:
+            self.train_s += training.train_s
+            self.data_wait_s += training.data_wait_s
+
+    def take(self) -> dict[str, float]:
+        """The sums since the last call, as a round records them; then start again."""
+        out = {
+            "client_s": self.client_s,
+            "client_train_s": self.train_s,
+            "client_data_wait_s": self.data_wait_s,
+        }
+        self.client_s = self.train_s = self.data_wait_s = 0.0
+        return out
 
 
 class InjectedFault(RuntimeError):
@@ -43,7 +72,7 @@ class InProcessEngine:
         self.timeout_s = cfg.federation.client_timeout_s
         self.listener = listener or ignore
         self.rng = np.random.default_rng(derive_seed(cfg.run.seed, 2))
-        self.client_s = 0.0
+        self.times = ClientTimes()
 
     def setup(self) -> dict[int, dict[str, Any]]:
         """Each client's data description, and the clients that could not open their data."""
@@ -76,9 +105,12 @@ class InProcessEngine:
         self.caches.restore(state.get("caches", {}))
 
     def take_metrics(self) -> dict[str, Any]:
-        """Seconds the clients spent handling their messages since the last call (one round)."""
-        metrics, self.client_s = {"client_s": self.client_s}, 0.0
-        return metrics
+        """The clients' times since the last call (one round; see :class:`ClientTimes`)."""
+        return self.times.take()
+
+    def close(self) -> None:
+        """Drop the clients' frozen-prefix caches (a disk store's files too)."""
+        self.caches.close()
 
     def _run_client(self, cid: int, message: Message) -> tuple[Message, float]:
         """The client's reply and its simulated extra delay."""
@@ -86,6 +118,7 @@ class InProcessEngine:
         if crash < self.faults.crash_rate:
             raise InjectedFault(f"injected crash of client {cid}")
         delay = self.faults.straggler_delay_s if straggle < self.faults.straggler_rate else 0.0
+        self.clients[cid].last_training = None
         return self.clients[cid].handle(message), delay
 
     def dispatch(self, outgoing: Collection[tuple[int, Message]]) -> Iterator[tuple[int, Message]]:
@@ -99,7 +132,7 @@ class InProcessEngine:
             except Exception as err:  # noqa: BLE001 - one failing client must not end the round
                 self.listener(ClientDropped(cid, f"{type(err).__name__}: {err}"))
                 continue
-            self.client_s += time.perf_counter() - start
+            self.times.add(time.perf_counter() - start, getattr(self.clients[cid], "last_training", None))
             elapsed = time.perf_counter() - start + delay
             if self.timeout_s and elapsed > self.timeout_s:
                 reason = f"missed the {self.timeout_s:g} s deadline ({elapsed:.2f} s)"

@@ -6,16 +6,13 @@ same method with the message it received, keeping :attr:`Client.store` in the no
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
 from fedmml.accounting import StepMeter, count_flops
 from fedmml.client_data import ClientData
@@ -23,10 +20,17 @@ from fedmml.config import Config
 from fedmml.data import missing
 from fedmml.federation import neck_fit
 from fedmml.federation.payload import Message, PayloadError, lossy, pack, to_delta, unpack
-from fedmml.federation.prefix_cache import CacheShelf, PrefixCache
-from fedmml.methods import Stage, configure, frozen_modules, param_group, set_train_mode, without_towers
+from fedmml.federation.prefix_cache import CacheShelf
+from fedmml.federation.training import (
+    IndexedSamples,
+    LocalResult,
+    compile_model,
+    indexed_collate,
+    train_epochs,
+)
+from fedmml.methods import Stage, configure, without_towers
 from fedmml.models.build import build_model
-from fedmml.models.multimodal import PRESENT, MultimodalModel, one_sided_rows, present_rows, take_rows
+from fedmml.models.multimodal import MultimodalModel
 from fedmml.precision import autocast, grad_scaler
 from fedmml.tasks import task_for
 
@@ -53,12 +57,18 @@ class Workspace:
     Clients never load pretrained checkpoints themselves: every tensor they use arrives from the server.
     """
 
-    def __init__(self, cfg: Config, device: torch.device, cache_dir: Path | None = None) -> None:
+    def __init__(
+        self, cfg: Config, device: torch.device, cache_dir: Path | None = None, processes: int = 1
+    ) -> None:
         self.device = device
         lora = cfg.run.method == "lora"
         self.model: MultimodalModel = build_model(
             cfg.model, load_weights=False, adapters=lora, missing=missing.incomplete(cfg)
         ).to(device)
+        if cfg.run.compile:
+            compile_model(self.model)
+        # Training processes sharing the machine (federation.parallel_clients): their loaders share its cores.
+        self.processes = processes
         # Measured FLOPs and peak memory, cached per stage and shared by the clients of this process.
         self.meter = StepMeter(device)
         # Frozen-prefix caches of the clients this process trains (kept between their rounds).
@@ -84,216 +94,6 @@ class Workspace:
         return self.model
 
 
-def make_optimizer(model: torch.nn.Module, stage: Stage, cfg: Config, method: str) -> torch.optim.AdamW:
-    """A fresh AdamW (as the paper) with one group per modality encoder and one for the heads; under prog
-    (``method``: what the server asked this client to train), the stems and blocks of earlier stages form
-    their encoder's second group, at ``federation.prog_earlier_lr_scale`` times the stage's rate."""
-    fed = cfg.federation
-    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            earlier = method == "prog" and stage.index > 0 and _from_earlier_stage(name, stage)
-            groups.setdefault((param_group(name), earlier), []).append(param)
-    return torch.optim.AdamW(
-        [
-            {
-                "params": params,
-                "lr": stage.lr[group] * (fed.prog_earlier_lr_scale if earlier else 1.0),
-                "weight_decay": fed.head_weight_decay if group == "heads" else fed.weight_decay,
-            }
-            for (group, earlier), params in groups.items()
-        ],
-        # The fused kernel is ~6x faster than the default on CPU for models of this size.
-        fused=True,
-    )
-
-
-def _from_earlier_stage(name: str, stage: Stage) -> bool:
-    """Whether parameter ``name`` is an encoder stem or a block appended before ``stage``."""
-    parts = name.split(".")
-    if parts[0] != "encoders" or len(parts) < 4:
-        return False
-    return parts[2] == "stem" or (parts[2] == "blocks" and int(parts[3]) not in stage.new_blocks[parts[1]])
-
-
-class EpochSampler(Sampler[tuple[int, int]]):
-    """A shuffled order of ``n`` positions per epoch (the permutations of a RandomSampler on the same
-    generator), each position paired with the epoch: worker processes then draw a sample's caption and crop
-    from (seed, epoch, index) without being told the epoch, so batches are the same for any worker count."""
-
-    def __init__(self, n: int, generator: torch.Generator) -> None:
-        self.n = n
-        self.generator = generator
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch
-        # A shuffling DataLoader draws its workers' base seed from this generator before each epoch's
-        # permutation; drawn here too, every epoch, so runs keep the batches of runs made before this sampler
-        # (and persistent workers, which draw no new base seed, change nothing).
-        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
-        return ((p, epoch) for p in torch.randperm(self.n, generator=self.generator).tolist())
-
-
-class IndexedSamples(Dataset):
-    """A client's training samples by (position, epoch), each with its index in the dataset (how the
-    frozen-prefix cache finds its rows) and the count of unreadable images passed over for it."""
-
-    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
-        self.dataset = dataset
-        self.indices = indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[int, Any, int]:
-        position, epoch = key
-        index = self.indices[position]
-        sample, missed = self.dataset.take(index, epoch)
-        return index, sample, missed
-
-
-def indexed_collate(collate: Callable[[list[Any]], dict[str, Any]]) -> Callable[[list[Any]], dict[str, Any]]:
-    """The dataset's collate, plus the batch's dataset indices under ``"index"`` and the unreadable images
-    passed over under ``"unreadable"``."""
-
-    def fn(items: list[tuple[int, Any, int]]) -> dict[str, Any]:
-        indices, samples, missed = zip(*items, strict=True)
-        return {**collate(list(samples)), "index": list(indices), "unreadable": sum(missed)}
-
-    return fn
-
-
-def loader_workers(cfg: Config, device: torch.device) -> int:
-    """``data.workers``, or when -1 a choice from the machine: on a GPU, workers keep its input coming
-    (up to 8, leaving a core to the training loop); on the CPU they would take cores from training itself,
-    measured a loss on small machines (benchmarks/RESULTS.md, "COCO-scale data"), so none below 8 cores."""
-    if cfg.data.workers >= 0:
-        return cfg.data.workers
-    cores = os.cpu_count() or 1
-    if device.type == "cuda":
-        return max(1, min(8, cores - 1))
-    return 0 if cores < 8 else min(4, cores // 4)
-
-
-def batch_presence(present: dict[str, np.ndarray], indices: list[int]) -> dict[str, torch.Tensor]:
-    """Which rows of a batch (its dataset ``indices``) hold each modality. A modality only one row holds
-    counts as absent from that row too: a projection head's BatchNorm cannot take a batch of one."""
-    masks = {m: torch.from_numpy(mask[indices]) for m, mask in present.items()}
-    return {m: mask if int(mask.sum()) != 1 else torch.zeros_like(mask) for m, mask in masks.items()}
-
-
-def _input_shape(encoder: Any, raw: Any, rows: torch.Tensor | None) -> tuple[int, ...]:
-    """The shape of ``encoder``'s first input tensor for ``rows`` of a batch's raw inputs ((0,): no row)."""
-    if rows is not None and not len(rows):
-        return (0,)
-    return tuple(next(iter(encoder.prepare(take_rows(raw, rows)).values())).shape)
-
-
-def one_sided_shapes(model: MultimodalModel, batch: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
-    """Per modality, the input shape of the rows that hold it alone (what a unimodal term runs again)."""
-    modalities = list(model.encoders)
-    return tuple(
-        _input_shape(enc, batch[m], one_sided_rows(batch, m, modalities)) for m, enc in model.encoders.items()
-    )
-
-
-def input_shapes(model: MultimodalModel, batch: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
-    """The shapes that fix a full step's FLOPs: each modality's first input tensor (e.g. padded token ids),
-    over the rows that hold the modality."""
-    return tuple(_input_shape(enc, batch[m], present_rows(batch, m)) for m, enc in model.encoders.items())
-
-
-def train_epochs(
-    model: MultimodalModel,
-    dataset: Dataset,
-    indices: list[int],
-    stage: Stage,
-    meta: dict[str, Any],
-    cfg: Config,
-    meter: StepMeter | None = None,
-    cache: PrefixCache | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    present: dict[str, np.ndarray] | None = None,
-) -> tuple[float, int, int]:
-    """Local training of the configured model; returns (mean loss over steps, steps, unreadable images
-    passed over).
-
-    With a ``cache`` the frozen prefix is read from it instead of being run: same batches, same result.
-    Forward passes run under ``run.precision``'s autocast; fp16 steps go through ``scaler``. ``present``:
-    per modality, which dataset indices hold it (incomplete data; each batch then says which rows do).
-    """
-    method = meta["method"]
-    seed = meta["seed"]
-    batch = cfg.federation.batch_size
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # dropout and drop-connect draws
-    sampler = EpochSampler(len(indices), generator)
-    device = model.device
-    workers = loader_workers(cfg, device)
-    loader = DataLoader(
-        IndexedSamples(dataset, indices),
-        batch_size=batch,
-        sampler=sampler,
-        # Its own generator for the workers' base seeds: the global RNG (dropout) is left as it was.
-        generator=torch.Generator().manual_seed(seed),
-        drop_last=len(indices) >= batch,
-        collate_fn=indexed_collate(dataset.collate),
-        num_workers=workers,
-        persistent_workers=workers > 0,  # one start per round, not per local epoch
-        pin_memory=device.type == "cuda",
-    )
-    # Gradients left on parameters that are frozen now (trained in an earlier stage) would otherwise stay
-    # allocated for the rest of the run.
-    model.zero_grad(set_to_none=True)
-    optimizer = make_optimizer(model, stage, cfg, method)
-    precision = cfg.run.precision
-    set_train_mode(model, method, stage)
-    # A cached client never runs its frozen modules, so their weights are not part of its working memory;
-    # with incomplete data it may (an image-text unimodal term's second view runs the whole encoder).
-    reruns = present is not None and model.reruns_encoders
-    absent = frozen_modules(model, method, stage) if cache is not None and not reruns else []
-    if meter is not None:
-        meter.start(method, stage, measure_memory=bool(meta.get("measure_memory")))
-    losses = []
-    unreadable = 0
-    for local_epoch in range(meta["local_epochs"]):
-        epoch = meta["round"] * meta["local_epochs"] + local_epoch
-        sampler.epoch = epoch
-        for data in loader:
-            unreadable += data["unreadable"]
-            if len(data["index"]) < 2:  # a contrastive batch needs negatives; BatchNorm needs two samples
-                continue
-            if present is not None:
-                data[PRESENT] = batch_presence(present, data["index"])
-            if meter is None:
-                step = nullcontext()
-            else:
-                cached = cache is not None
-                key = ("cached", cache.batch_shapes(data, epoch)) if cached else input_shapes(model, data)
-                if present is not None:  # which rows pair up, and the inputs of one-sided rows' second views
-                    key = (len(data["index"]), key, one_sided_shapes(model, data))
-                inputs = [v for v in data.values() if isinstance(v, torch.Tensor)]
-                step = meter.step(model, optimizer, key, inputs, absent)
-            with step:
-                with autocast(precision, device):
-                    features = model.features(data) if cache is None else cache.features(model, data, epoch)
-                    loss = model.loss_from_features(features, data)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is None:
-                    loss.backward()
-                    optimizer.step()
-                else:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-            losses.append(loss.item())
-    return (float(np.mean(losses)) if losses else float("nan")), len(losses), unreadable
-
-
 class Client:
     """A client: its own data, the frozen tensors it already holds, and its local training."""
 
@@ -304,6 +104,7 @@ class Client:
         self.dataset = data.dataset
         self.workspace = workspace
         self.store: dict[str, torch.Tensor] = {}
+        self.last_training: LocalResult | None = None  # the step loop's figures of the last round trained
         # Incomplete data (fedmml.data.missing): which samples hold each modality, drawn from the run's seed;
         # under data.incomplete = "drop" the incomplete ones are left out of training instead.
         self.present = missing.presence(cfg, cid, len(data.dataset))
@@ -406,7 +207,7 @@ class Client:
             self.cid, model, method, stage, self.cfg, self.dataset, self.indices, frozen_received, present
         )
         meter = self.workspace.meter
-        loss, steps, unreadable = train_epochs(
+        local = train_epochs(
             model,
             self.dataset,
             self.indices,
@@ -417,7 +218,11 @@ class Client:
             cache,
             self.workspace.scaler(self.cid),
             present,
+            self.workspace.processes,
         )
+        # Timings stay with the process that ran the client (its engine reports them): in a reply they would
+        # make the bytes on the wire differ from run to run.
+        self.last_training = local
         current = model.state_dict()
         update = {k: current[k] for k in sorted(trainable)}
         # The reply travels as the server asked; messages from before transport.dtype existed mean float32.
@@ -435,9 +240,9 @@ class Client:
         reply = {
             "cid": self.cid,
             "num_samples": self.num_samples,
-            "train_loss": loss,
-            "steps": steps,
-            "unreadable_images": unreadable,
+            "train_loss": local.loss,
+            "steps": local.steps,
+            "unreadable_images": local.unreadable,
             **cost,
             "cache_bytes": cache.nbytes if cache is not None else 0,
             "cache_fill_flops": fill_flops,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,10 +60,12 @@ def cache_starts(model: MultimodalModel, method: str, stage: Stage) -> dict[str,
 
 
 class RowStore:
-    """Tensors appended once and read back by position: in memory, or in one flat file read with a memmap."""
+    """Tensors appended once and read back by position: in the memory of ``device`` (host RAM for the CPU),
+    or in one flat file read with a memmap."""
 
-    def __init__(self, dtype: torch.dtype, folder: Path | None) -> None:
+    def __init__(self, dtype: torch.dtype, folder: Path | None, device: torch.device | None = None) -> None:
         self.dtype = dtype
+        self.device = device or torch.device("cpu")
         self.rows: list[torch.Tensor] = []
         self.index: list[tuple[int, tuple[int, ...]]] = []  # disk: (element offset, shape) per row
         self.nbytes = 0
@@ -76,7 +79,7 @@ class RowStore:
 
     def append(self, row: torch.Tensor) -> int:
         """Store ``row``; return its position."""
-        row = row.detach().to("cpu", self.dtype).contiguous()
+        row = row.detach().to("cpu" if self._file else self.device, self.dtype).contiguous()
         self.nbytes += row.numel() * row.element_size()
         if self._file is None:
             # A copy, so the row does not keep the whole fill batch alive through a view.
@@ -128,12 +131,15 @@ class PrefixCache:
         max_bytes: int,
         folder: Path | None,
         flops: FlopsByKey | None = None,
+        device: torch.device | None = None,
     ) -> None:
+        """``store``: memory (host RAM), device (the memory of ``device``) or disk (files in ``folder``)."""
         self.key = key
         self.starts = dict(key.starts)
         self.max_bytes = max_bytes
         self.flops = flops or FlopsByKey()
-        self._settings = (store, dtype, max_bytes, folder, self.flops)  # for the cache that extends this one
+        # For the cache that extends this one.
+        self._settings = (store, dtype, max_bytes, folder, self.flops, device)
         self._dir = Path(tempfile.mkdtemp(prefix="prefix-", dir=folder)) if store == "disk" else None
         self.stores: dict[str, RowStore] = {}
         for m in self.starts:
@@ -141,7 +147,7 @@ class PrefixCache:
             if self._dir is not None:
                 sub = self._dir / m
                 sub.mkdir()
-            self.stores[m] = RowStore(DTYPES[dtype], sub)
+            self.stores[m] = RowStore(DTYPES[dtype], sub, device if store == "device" else None)
         # modality -> (sample index, variant) -> row position; variant: the string itself, or a view number.
         self.positions: dict[str, dict[tuple[int, Hashable], int]] = {m: {} for m in self.starts}
         self.views: dict[str, dict[int, int]] = {m: {} for m in self.starts}  # tensor views per sample
@@ -183,7 +189,7 @@ class PrefixCache:
         """Run the frozen prefix (eval mode, no gradients) over every input of the client's samples (with
         ``present``, of those that hold the input's modality)."""
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _bounded_by_device():
                 self._fill(model, dataset, indices, views, present)
         except CacheTooLarge:
             self.close()
@@ -232,7 +238,7 @@ class PrefixCache:
         """The cache of ``key``'s deeper prefix, computed from these rows by the blocks frozen since."""
         deeper = PrefixCache(key, *self._settings)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _bounded_by_device():
                 deeper._extend_from(self, model)
         except CacheTooLarge:
             deeper.close()
@@ -285,12 +291,26 @@ class PrefixCache:
         features = {}
         for m, start in self.starts.items():
             encoder = model.encoders[m]
-            rows = [self.stores[m].get(p).to(model.device) for p in self._positions(m, batch, epoch)]
+            # Non-blocking: from host RAM each row is staged at once, without waiting for the device.
+            positions = self._positions(m, batch, epoch)
+            rows = [self.stores[m].get(p).to(model.device, non_blocking=True) for p in positions]
             if not rows:
                 continue  # no sample of the batch holds this modality
             hidden, context = encoder.rebatch(rows)
             features[m] = encoder.forward_suffix(hidden, context, start)
         return features
+
+
+@contextmanager
+def _bounded_by_device() -> Iterator[None]:
+    """A cache kept on a GPU that runs out of its memory is too large, as one past ``cache.max_mib``."""
+    try:
+        yield
+    except torch.OutOfMemoryError as err:
+        raise CacheTooLarge(
+            'the frozen-prefix cache does not fit in the device\'s memory (cache.store = "memory" keeps it '
+            "in host RAM)"
+        ) from err
 
 
 def _run_blocks(encoder: Any, blocks: list[torch.nn.Module], hidden: torch.Tensor, context: Any) -> Any:
@@ -365,7 +385,7 @@ class CacheShelf:
 
         lost = self.lost.pop(cid, None)
         if lost is not None and cid not in self.caches and key is not None:
-            self._rebuild(cid, lost, cfg, fill)
+            self._rebuild(cid, lost, cfg, fill, model.device)
         old = self.caches.pop(cid, None)
         if key is None:
             if old is not None:
@@ -382,7 +402,7 @@ class CacheShelf:
             if old is not None and old.can_extend_to(key, touched):
                 cache = old.extended(model, key)
             else:
-                cache = self._new(key, cfg)
+                cache = self._new(key, cfg, model.device)
                 fill(cache)
         except CacheTooLarge as err:
             self.refused[cid] = (key, str(err))
@@ -393,10 +413,12 @@ class CacheShelf:
         self.caches[cid] = cache
         return cache
 
-    def _rebuild(self, cid: int, key: CacheKey, cfg: Any, fill: Callable[[PrefixCache], None]) -> None:
+    def _rebuild(
+        self, cid: int, key: CacheKey, cfg: Any, fill: Callable[[PrefixCache], None], device: torch.device
+    ) -> None:
         """Refill a cache lost with its process, as it was: its prefix has been frozen since, so the blocks
         the model holds now are the ones it was computed with."""
-        cache = self._new(key, cfg)
+        cache = self._new(key, cfg, device)
         try:
             fill(cache)
         except CacheTooLarge:
@@ -414,13 +436,13 @@ class CacheShelf:
             int(c): CacheKey(stage, tuple((m, d) for m, d in starts)) for c, (stage, starts) in state.items()
         }
 
-    def _new(self, key: CacheKey, cfg: Any) -> PrefixCache:
+    def _new(self, key: CacheKey, cfg: Any, device: torch.device) -> PrefixCache:
         folder = None
         if cfg.cache.store == "disk":
             folder = self.folder or Path(tempfile.gettempdir())
             folder.mkdir(parents=True, exist_ok=True)
         max_bytes = int(cfg.cache.max_mib * 2**20)
-        return PrefixCache(key, cfg.cache.store, cfg.cache.dtype, max_bytes, folder, self.flops)
+        return PrefixCache(key, cfg.cache.store, cfg.cache.dtype, max_bytes, folder, self.flops, device)
 
     def why(self, cid: int) -> str:
         """Why the client's last request got no cache ('' if it got one or none was due)."""

@@ -22,6 +22,7 @@ from fedmml.events import (
     Backfill,
     ClientDropped,
     Listener,
+    Notice,
     Phase,
     RoundDone,
     RoundSkipped,
@@ -189,6 +190,10 @@ class Server:
         self.absent: dict[int, list[str]] = {}
         self.setup_failures: dict[int, str] = {}
         self._engine_state: dict[str, Any] | None = None  # a checkpoint's engine state, until run() starts
+        # A checkpoint's digest of each client's data; a resume on changed data stops unless this is set.
+        self._fingerprints: dict[int, str | None] = {}
+        self.allow_data_change = False
+        self.data_changed: list[int] = []
         # A client's peak training memory, measured once per stage by the client the server asks (the first of
         # the stage's first wave, again in later waves until one replies), so the figure is the same whichever
         # engine or process ran that client. Under memory budgets every client measures its own, once per
@@ -227,12 +232,39 @@ class Server:
         for cid, reason in self.setup_failures.items():
             self.listener(ClientDropped(cid, reason))
         need = self.cfg.federation.min_clients
+        batch = self.cfg.federation.batch_size
+        largest = max((r["num_samples"] for r in self.clients.values()), default=batch)
+        if largest < batch:
+            raise SetupFailed(
+                f"federation.batch_size = {batch} is more than any client holds (the largest holds {largest} "
+                "training samples): every step would take a smaller batch; lower it or give clients more data"
+            )
         if len(self.clients) < need:
             first = next(iter(self.setup_failures.values()), "no client answered")
             raise SetupFailed(
                 f"only {len(self.clients)} of {len(reports)} clients could be set up (federation.min_clients "
                 f"= {need}); {first}"
             )
+
+    def check_data(self) -> None:
+        """After a resume: refuse data that changed since the run started (the result would match neither
+        run), unless :attr:`allow_data_change`; then say so and record it in the next round's line."""
+        changed = sorted(
+            cid
+            for cid, before in self._fingerprints.items()
+            if before is not None and self.clients.get(cid, {}).get("fingerprint", before) != before
+        )
+        if not changed:
+            return
+        if not self.allow_data_change:
+            raise SetupFailed(
+                f"the training data of clients {changed} changed since the run started; resume it on the "
+                "data it started with, or pass --allow-data-change to go on with the new data"
+            )
+        self.listener(
+            Notice(f"going on with changed training data on clients {changed} (--allow-data-change)")
+        )
+        self.data_changed = changed
 
     def _pool(self) -> list[int]:
         """Set-up clients that train in the current stage: not those whose budget fits nothing, nor those
@@ -326,8 +358,13 @@ class Server:
 
     def enter_stage(self, stage: Stage) -> list[str]:
         """Grow the global model to ``stage``, set what trains, track new tensors; return trainable keys."""
-        for modality, depth in stage.depth.items():
-            self.model.encoders[modality].grow_to(depth)
+        # A norm or neck that growth rebuilds starts from draws of its own, (run seed, stage): not from
+        # whatever the process drew before (in-process clients train here, worker processes elsewhere, and a
+        # resumed run has drawn nothing yet).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.cfg.run.seed, 3, stage.index))
+            for modality, depth in stage.depth.items():
+                self.model.encoders[modality].grow_to(depth)
         trainable = configure(self.model, self.cfg.run.method, stage)
         self.ledger.track(self.model.state_dict())
         return trainable
@@ -343,6 +380,8 @@ class Server:
             "stage_peaks": {str(k): v for k, v in self.stage_peaks.items()},
             "client_peaks": {str(s): {str(c): b for c, b in p.items()} for s, p in self.client_peaks.items()},
             "engine": engine.state_dict(),
+            # What each client's data was: a resume on other data is refused (see check_data).
+            "fingerprints": {str(c): r.get("fingerprint") for c, r in self.clients.items()},
             "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
             "ledger": {
                 "versions": self.ledger.versions,
@@ -391,11 +430,13 @@ class Server:
                 break
         self._restore(tensors, state)
         self._engine_state = state.get("engine", {})
+        self._fingerprints = {int(c): f for c, f in state.get("fingerprints", {}).items()}
 
     def run(self, engine: Engine) -> list[dict[str, Any]]:
         """Set the clients up and run every stage (after :meth:`resume`, only rounds not yet done); return the
         per-round metrics."""
         self.open_clients(engine)
+        self.check_data()
         if self._engine_state is not None:
             engine.resume(self, self._engine_state)
             self._engine_state = None
@@ -503,6 +544,8 @@ class Server:
             record["client_plans"] = {str(c): s for c, s in sorted(self.plan.items())}
             peaks = self.client_peaks.get(stage.index, {})
             record["client_peak_mem"] = {str(c): peaks[c] for c in record["clients"] if c in peaks}
+        if self.data_changed:
+            record["data_changed_clients"], self.data_changed = self.data_changed, []
         if round_no == 1 and self.setup_failures:
             record["setup_failures"] = {str(c): r for c, r in self.setup_failures.items()}
         if tally.unreadable:

@@ -67,7 +67,8 @@ class FusionClassifier(MultimodalModel):
         if not len(rows):
             return filler
         projected = self.heads[modality](features[modality])
-        return filler.to(projected.dtype).index_copy(0, rows.to(projected.device), projected)
+        rows = rows.to(projected.device, non_blocking=True)
+        return filler.to(projected.dtype).index_copy(0, rows, projected)
 
     def logits_from_features(self, features: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
         """Class logits [batch, num_classes] from the encoders' features of ``batch``'s present rows."""
@@ -77,7 +78,7 @@ class FusionClassifier(MultimodalModel):
     def loss_from_features(self, features: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
         """Cross-entropy of the fused prediction against ``batch["labels"]``."""
         logits = self.logits_from_features(features, batch)
-        return F.cross_entropy(logits, batch["labels"].to(logits.device))
+        return F.cross_entropy(logits, batch["labels"].to(logits.device, non_blocking=True))
 
     def logits(self, batch: dict[str, Any]) -> torch.Tensor:
         """Class logits of one batch (for evaluation)."""

@@ -98,15 +98,23 @@ class MultimodalModel(nn.Module):
         # Non-blocking: from pinned memory (the training loader's on a GPU) the copy overlaps compute.
         return {k: v.to(device, non_blocking=True) for k, v in self.encoders[modality].prepare(raw).items()}
 
-    def features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Every encoder's output feature for the rows of ``batch`` that hold its modality (a modality no
-        row holds has none)."""
-        features = {}
-        for m, enc in self.encoders.items():
+    def prepare(self, batch: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+        """Each modality's backend inputs (e.g. token ids) for the rows of ``batch`` that hold it, on the
+        model's device; a modality no row holds has none."""
+        prepared = {}
+        for m in self.encoders:
             rows = present_rows(batch, m)
             if rows is None or len(rows):
-                features[m] = enc(self.inputs(m, take_rows(batch[m], rows)))
-        return features
+                prepared[m] = self.inputs(m, take_rows(batch[m], rows))
+        return prepared
+
+    def features(
+        self, batch: dict[str, Any], prepared: dict[str, dict[str, torch.Tensor]] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Every encoder's output feature for the rows of ``batch`` that hold its modality (a modality no
+        row holds has none); ``prepared``: :meth:`prepare`'s inputs when the caller already made them."""
+        prepared = self.prepare(batch) if prepared is None else prepared
+        return {m: self.encoders[m](inputs) for m, inputs in prepared.items()}
 
     # Whether a batch with incomplete rows runs whole encoders again inside the loss (a second view), so a
     # client with a frozen-prefix cache still needs its frozen weights.
@@ -139,8 +147,9 @@ class DualEncoder(MultimodalModel):
         if cfg.learn_temperature:
             self.logit_scale = nn.Parameter(scale)
         else:
-            # A plain attribute, not a buffer: a fixed temperature is configuration, not state to exchange.
-            self.logit_scale = scale
+            # Not persistent: a fixed temperature is configuration, not state to exchange; a buffer all the
+            # same, so it moves with the model and a step on a GPU never copies it from the host (a wait).
+            self.register_buffer("logit_scale", scale, persistent=False)
 
     @property
     def reruns_encoders(self) -> bool:
@@ -167,7 +176,7 @@ class DualEncoder(MultimodalModel):
         rows = {m: present_rows(batch, m) for m in ("image", "text")}
         if rows["image"] is None and rows["text"] is None:
             image, text = (F.normalize(self.heads[m](features[m]), dim=-1) for m in ("image", "text"))
-            return clip_loss(image, text, scale.to(image.device))
+            return clip_loss(image, text, scale)
         held = {m: held_mask(batch, m) for m in rows}
         # Feature row of each batch row, per modality (features hold the present rows, in batch order).
         place = {m: torch.cumsum(held[m].long(), 0) - 1 for m in rows}
@@ -177,7 +186,7 @@ class DualEncoder(MultimodalModel):
             image, text = (
                 F.normalize(self.heads[m](features[m][place[m][complete]]), dim=-1) for m in ("image", "text")
             )
-            terms.append((float(len(complete)), clip_loss(image, text, scale.to(image.device))))
+            terms.append((float(len(complete)), clip_loss(image, text, scale)))
         for m in rows:
             alone = one_sided_rows(batch, m, list(rows))
             if len(alone) >= 2 and self.unimodal_weight > 0:
@@ -195,4 +204,4 @@ class DualEncoder(MultimodalModel):
         pixels for images (SimCLR) and on the same tokens for text, whose dropout makes the view (SimCSE)."""
         second = self.encoders[modality](self.inputs(modality, second_view(modality, raw)))
         one, two = (F.normalize(self.heads[modality](f), dim=-1) for f in (first, second))
-        return clip_loss(one, two, scale.to(one.device))
+        return clip_loss(one, two, scale)

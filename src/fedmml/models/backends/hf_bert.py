@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoConfig, AutoTokenizer, BertModel, DistilBertModel, PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
 
@@ -70,6 +71,7 @@ class HFBertEncoder(StagedEncoder):
         # A plain attribute (not a module): the mask builder reads the attention implementation from it.
         self.hf_config = model.config
         self.max_length = cfg.max_length
+        self.pad_multiple = cfg.pad_multiple
         if cfg.pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {cfg.pooling!r}; valid choices: {', '.join(POOLINGS)}")
         self.pooling = cfg.pooling
@@ -77,15 +79,25 @@ class HFBertEncoder(StagedEncoder):
         self.tokenizer = AutoTokenizer.from_pretrained(source)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Token ids and attention mask, padded to the longest text and truncated at ``max_length``."""
+        """Token ids and attention mask, padded to the longest text (rounded up to a multiple of
+        ``pad_multiple`` when set) and truncated at ``max_length``."""
         enc = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            pad_to_multiple_of=self.pad_multiple or None,
+            return_tensors="pt",
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def prepare(self, raw: list[str]) -> dict[str, torch.Tensor]:
-        """Tokenised texts (see :meth:`tokenize`)."""
-        return self.tokenize(raw)
+        """Tokenised texts (see :meth:`tokenize`), without the mask when no text is padded: attention then
+        needs none, and this is known here on the host (on a GPU, asking the device would wait for it)."""
+        tokens = self.tokenize(raw)
+        if bool(tokens["attention_mask"].all()):
+            return {"input_ids": tokens["input_ids"]}
+        return tokens
 
     def embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
         """Token embeddings, and the attention mask in the form the attention implementation expects."""
@@ -96,7 +108,12 @@ class HFBertEncoder(StagedEncoder):
 
     def _context(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[Any, Any]:
         mask = create_bidirectional_mask(
-            config=self.hf_config, inputs_embeds=hidden, attention_mask=attention_mask
+            config=self.hf_config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            # A mask given here has padding (prepare and rebatch leave an unpadded one out), so the check of
+            # its values that would skip it, a wait for the device on a GPU, is not made.
+            allow_is_bidirectional_skip=attention_mask is None,
         )
         return mask, attention_mask
 
@@ -113,13 +130,15 @@ class HFBertEncoder(StagedEncoder):
         return [h[:n] for h, n in zip(hidden.unbind(0), lengths, strict=True)]
 
     def rebatch(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        """Pad to the longest text, as :meth:`tokenize` does; attention never reads the padded positions."""
-        longest = max(len(r) for r in rows)
-        hidden = rows[0].new_zeros(len(rows), longest, rows[0].shape[-1])
-        attention_mask = torch.zeros(len(rows), longest, dtype=torch.long, device=hidden.device)
-        for i, row in enumerate(rows):
-            hidden[i, : len(row)] = row
-            attention_mask[i, : len(row)] = 1
+        """Pad to the longest text with zeros, as :meth:`prepare` does (no mask when none is padded);
+        attention never reads the padded positions."""
+        lengths = [len(r) for r in rows]
+        hidden = pad_sequence(rows, batch_first=True)
+        attention_mask = None
+        if min(lengths) != max(lengths):
+            mask = (torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]).long()
+            # Non-blocking: a pageable host-to-device copy is staged at once, without waiting for the device.
+            attention_mask = mask.to(hidden.device, non_blocking=True)
         return hidden, self._context(hidden, attention_mask)
 
     def pool(self, hidden: torch.Tensor, context: Any) -> torch.Tensor:
@@ -127,7 +146,7 @@ class HFBertEncoder(StagedEncoder):
         if self.pooling == "cls":
             return hidden[:, 0]
         mask = context[1]
-        if mask is None:
-            return hidden.mean(dim=1)
+        if mask is None:  # the masked mean's arithmetic with every weight 1
+            return hidden.sum(dim=1) / hidden.shape[1]
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
