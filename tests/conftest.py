@@ -1,8 +1,6 @@
 """Shared fixtures: offline Hugging Face, real emoji data fetched through npm once and cached."""
 
-import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -98,40 +96,17 @@ def tuxpaint_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _write_split(src: Path, dst: Path, split: str, image_ids: list[int]) -> None:
-    """``dst`` in the COCO captions layout holding only ``image_ids`` of ``src``'s split (images copied)."""
-    data = json.loads((src / f"captions_{split}.json").read_text())
-    keep = set(image_ids)
-    images = [im for im in data["images"] if im["id"] in keep]
-    annotations = [a for a in data["annotations"] if a["image_id"] in keep]
-    for im in images:
-        target = dst / "images" / im["file_name"]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src / "images" / im["file_name"], target)
-    (dst / f"captions_{split}.json").write_text(json.dumps({"images": images, "annotations": annotations}))
-
-
 @pytest.fixture(scope="session")
 def client_folders(emoji_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The tiny preset's three IID shares of the emoji data written out as three disjoint client folders
-    (``clients``), and a server folder (``server``) with only the test split the tiny preset evaluates on."""
-    from fedmml.client_data import SharedSplit
+    """The tiny preset's three IID shares of the emoji data written out by ``fedmml data split`` as three
+    disjoint client folders (``clients``), and a server folder (``server``) with only the test split."""
     from fedmml.config import load_config
-    from fedmml.data.coco import read_caption_index
+    from fedmml.node_split import split_for_nodes
 
-    base = tmp_path_factory.mktemp("federation")
+    base = tmp_path_factory.mktemp("federation") / "split"
     cfg = load_config("tiny", [f'data.root="{emoji_root}"'])
-    shared = SharedSplit(cfg)
-    clients = []
-    for cid, part in enumerate(shared.parts):
-        root = base / f"client{cid}"
-        _write_split(emoji_root, root, "train", [shared.index.image_ids[i] for i in part])
-        clients.append(str(root))
-    server = base / "server"
-    _write_split(
-        emoji_root,
-        server,
-        "test",
-        read_caption_index(emoji_root, "test", limit=cfg.data.limit_test).image_ids,
-    )
-    return {"clients": clients, "server": server}
+    written = split_for_nodes(cfg, cfg.federation.num_clients, base)
+    return {
+        "clients": [node["folder"] for node in written["nodes"]],
+        "server": Path(written["server"]["folder"]),
+    }

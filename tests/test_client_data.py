@@ -86,7 +86,7 @@ def test_folders_train_exactly_as_the_partition_they_were_written_from(
     finally:
         opened, _opened = _opened, None
     assert str((server_root / "captions_train.json").resolve()) not in opened
-    assert any(p.endswith("client2/captions_train.json") for p in opened)  # the clients did open theirs
+    assert any(p.endswith("node2/captions_train.json") for p in opened)  # the clients did open theirs
     for a, b in zip(shared, local, strict=True):
         assert a["train_loss"] == b["train_loss"] and a["rsum"] == b["rsum"]
         assert a["bytes_up"] == b["bytes_up"] and a["bytes_down"] == b["bytes_down"]
@@ -94,7 +94,7 @@ def test_folders_train_exactly_as_the_partition_they_were_written_from(
 
 @pytest.mark.parametrize("method", ["e2e", "lw", "prog"])
 def test_every_method_runs_on_client_folders_with_a_test_only_server(
-    emoji_root: Path, client_folders: dict, tmp_path: Path, method: str
+    emoji_root: Path, client_folders: dict, tmp_path: Path, method: str, capsys
 ) -> None:
     assert not (client_folders["server"] / "captions_train.json").exists()
     args = ["run", "--preset", "tiny", "--method", method, "--quiet", "--out", str(tmp_path)]
@@ -104,6 +104,9 @@ def test_every_method_runs_on_client_folders_with_a_test_only_server(
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["train_images"] == 192 and summary["client_samples"] == {"0": 64, "1": 64, "2": 64}
     assert summary["test_images"] == 96 and summary["evaluation"] == "server"
+    # The preset's data.limit_train = 192 cut each folder here, not the whole: said, even under --quiet.
+    said = " ".join(capsys.readouterr().err.split())
+    assert "data.limit_train = 192 limits each client's own folder" in said and "192 samples in all" in said
 
 
 def test_a_client_whose_folder_is_missing_is_left_out(

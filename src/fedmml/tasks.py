@@ -25,6 +25,7 @@ from fedmml.data.audio import feature_settings
 from fedmml.data.coco import CaptionDataset, CaptionIndex, read_caption_index
 from fedmml.data.partition import carve, partition, partition_by_group, stratified_subset
 from fedmml.data.store import ImagesConfig
+from fedmml.data.subset import write_advance_subset, write_caption_subset
 from fedmml.evaluation.classification import (
     accuracy,
     evaluate_classifier,
@@ -142,6 +143,13 @@ class Task:
         chosen = range(len(index)) if positions is None else positions
         return self.load_split(cfg, split, train=False, root=root, positions=chosen, index=index)
 
+    def write_subset(
+        self, cfg: Config, index: Any, positions: list[int], dst: Path, split: str, link: bool = True
+    ) -> int:
+        """The samples of ``index`` at ``positions`` written as split ``split`` of a folder ``dst`` in the
+        task's layout (files hard-linked where possible, see :mod:`fedmml.data.subset`); how many."""
+        raise NotImplementedError
+
     def groups(self, index: Any) -> list[str | None]:
         """The group of every indexed sample that a group split is over."""
         raise ConfigError(f"partition.kind = group is not available for task {self.name!r}")
@@ -236,6 +244,11 @@ class ImageText(Task):
     def has_split(self, root: str, split: str) -> bool:
         return (Path(root) / f"captions_{split}.json").is_file()
 
+    def write_subset(
+        self, cfg: Config, index: CaptionIndex, positions: list[int], dst: Path, split: str, link: bool = True
+    ) -> int:
+        return write_caption_subset(index, positions, dst, split, cfg.data.images_dir, link)
+
     def evaluate(self, model: MultimodalModel, test: CaptionDataset, cfg: Config) -> dict[str, float]:
         return retrieval_scores(model, test.pixels, test.captions, cfg.eval.batch_size, cfg.eval.ks)
 
@@ -326,6 +339,11 @@ class ImageAudio(Task):
 
     def has_split(self, root: str, split: str) -> bool:
         return any((Path(root) / split / kind).is_dir() for kind in ("vision", "sound"))
+
+    def write_subset(
+        self, cfg: Config, index: AdvanceIndex, positions: list[int], dst: Path, split: str, link: bool = True
+    ) -> int:
+        return write_advance_subset(index, positions, dst, split, link)
 
     def groups(self, index: AdvanceIndex) -> list[str | None]:
         return index.groups

@@ -30,8 +30,8 @@ def make_coco(root: Path) -> Path:
         {"id": 5, "image_id": 3, "caption": "a blue square"},
         {"id": 6, "image_id": 4, "caption": "unreadable"},
         {"id": 7, "image_id": 5, "caption": None},  # bad
-        {"id": 8, "caption": "no image id"},  # bad
-        {"id": 9, "image_id": 99, "caption": "unknown image"},  # bad
+        {"id": 8, "caption": "no image id"},  # no image
+        {"id": 9, "image_id": 99, "caption": "unknown image"},  # no image
         {"id": 10, "image_id": 2, "caption": "   "},  # bad
     ]
     (root / "captions_train.json").write_text(json.dumps({"images": images, "annotations": annotations}))
@@ -47,7 +47,8 @@ def test_skips_are_counted(coco: Path) -> None:
     ds = CaptionDataset(coco, "train", image_size=16)
     assert ds.skipped == {
         "bad_image_entry": 0,
-        "bad_caption": 4,
+        "bad_caption": 2,
+        "caption_without_image": 2,
         "unreadable_image": 1,
         "image_without_caption": 1,
     }
@@ -55,6 +56,21 @@ def test_skips_are_counted(coco: Path) -> None:
     assert len(ds) == 3
     assert ds.captions == [["a red square", "red", "crimson block"], ["a green square"], ["a blue square"]]
     assert ds.labels == [None, None, "blue"]
+
+
+def test_a_caption_of_an_unlisted_image_is_counted_once(tmp_path: Path) -> None:
+    root = tmp_path / "coco"
+    (root / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "images" / "1.png")
+    annotations = [
+        {"id": 1, "image_id": 1, "caption": "a black square"},
+        {"id": 2, "image_id": 7, "caption": "an image the file does not list"},
+    ]
+    images = [{"id": 1, "file_name": "1.png"}]
+    (root / "captions_train.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    skipped = CaptionDataset(root, "train", image_size=8).skipped
+    assert skipped["caption_without_image"] == 1
+    assert skipped["bad_caption"] == 0 and skipped["image_without_caption"] == 0
 
 
 def test_train_draws_one_caption_deterministically_per_epoch(coco: Path) -> None:

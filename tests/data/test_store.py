@@ -133,6 +133,18 @@ def test_an_unwritable_store_folder_is_one_line(folder: Path, tmp_path: Path) ->
         open_images(folder, NAMES, Geometry(16, False), ImagesConfig(store_dir=blocker / "sub"))
 
 
+def test_a_data_folder_that_cannot_be_written_keeps_its_store_in_the_cache(
+    folder: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # Root writes anywhere, so the read-only folder (a shared data set, a mount) is what os.access reports.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path).parent != folder.parent)
+    store = open_images(folder, NAMES, Geometry(32, False))
+    assert store.directory.is_relative_to(tmp_path / "cache" / "fedmml" / "stores")
+    assert not any((folder.parent / ".fedmml-store").iterdir())  # nothing written beside the data
+    assert read_or_next(store, NAMES, 0)[1].size  # and it serves the images
+
+
 def test_an_image_that_fails_at_access_is_passed_over_and_counted(folder: Path) -> None:
     store = open_store(folder, NAMES[:4], Geometry(16, False), folder.parent / ".fedmml-store")
     shard, offset, length, *_ = store.entries["1.jpg"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ pytest.importorskip("flwr", reason="the Flower engine needs the optional extra f
 from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.common.constant import ErrorCode  # noqa: E402
 
+from fedmml.engines.flower import server_app  # noqa: E402
 from fedmml.engines.flower.client_app import app as client_app  # noqa: E402
 from fedmml.engines.flower.server_app import main  # noqa: E402
 from fedmml.runs import CHECKPOINTS, read_metrics  # noqa: E402
@@ -126,3 +129,43 @@ def test_a_restarted_node_is_set_up_again_and_rejoins(
     if lost == "unnoticed":
         _run(local_grid(client_app, num_nodes=3), emoji_root, tmp_path / "steady", "[1, 2, 0]")
         assert records[2]["bytes_down"] > read_metrics(tmp_path / "steady")[2]["bytes_down"]
+
+
+def test_the_server_says_what_it_waits_for_while_a_lost_node_goes_unanswered(
+    emoji_root: Path, tmp_path: Path, local_grid, monkeypatch
+) -> None:
+    monkeypatch.setattr(server_app, "WAIT_NOTE_S", 0.05)
+    noted = threading.Event()
+    lines: list[str] = []
+
+    class Notes(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+            if "waiting" in lines[-1] and "training replies" in lines[-1]:
+                noted.set()
+
+    class KilledNodeGrid(local_grid):
+        """Partition 1's node is killed: its training reply comes, from Flower, only once it is noticed."""
+
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = []
+            for msg in messages:
+                pid = self.contexts[msg.metadata.dst_node_id].node_config["partition-id"]
+                if msg.metadata.message_type == "train" and pid == 1:
+                    # Flower answers for it after its heartbeats lapse: here, once the server has said so.
+                    assert noted.wait(120), "the server waited without a word"
+                    down = Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable")
+                    replies.append(Message(down, reply_to=msg))
+                else:
+                    replies += super().send_and_receive([msg], timeout=timeout)
+            return replies
+
+    handler = Notes()
+    server_app.log.addHandler(handler)
+    try:
+        _run(KilledNodeGrid(client_app, num_nodes=3), emoji_root, tmp_path, "[1, 0, 0]")
+    finally:
+        server_app.log.removeHandler(handler)
+    said = next(line for line in lines if "waiting" in line and "training replies" in line)
+    assert "of clients [0, 1, 2]" in said and "heartbeats" in said
+    assert read_metrics(tmp_path)[0]["failed_clients"] == [1]

@@ -286,7 +286,9 @@ class AdvanceDataset(Dataset):
 
     def fingerprint(self) -> str:
         """Which samples this is: ids, files and labels (see :func:`fedmml.data.fingerprint`)."""
-        return fingerprint(self.ids, self.image_names, self.sounds, self.labels)
+        # Paths relative to the root: the same samples in a moved or copied folder are the same data.
+        sounds = [p.relative_to(self.root).as_posix() for p in self.sounds]
+        return fingerprint(self.ids, self.image_names, sounds, self.labels)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose seeded augmentations __getitem__ returns."""

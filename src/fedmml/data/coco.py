@@ -274,7 +274,9 @@ def _parse_captions(path: Path) -> tuple[dict[Any, dict], dict[Any, list[str]], 
     if not isinstance(annotations, list):
         raise DataError(f"{path}: 'annotations' must be a list")
 
-    skipped: Counter = Counter(bad_image_entry=0, bad_caption=0, unreadable_image=0, image_without_caption=0)
+    skipped: Counter = Counter(
+        bad_image_entry=0, bad_caption=0, caption_without_image=0, unreadable_image=0, image_without_caption=0
+    )
     records: dict[Any, dict] = {}
     for entry in data["images"]:
         ok = (
@@ -289,9 +291,13 @@ def _parse_captions(path: Path) -> tuple[dict[Any, dict], dict[Any, list[str]], 
     for ann in annotations:
         image_id = ann.get("image_id") if isinstance(ann, dict) else None
         caption = ann.get("caption") if isinstance(ann, dict) else None
-        known = _valid_id(image_id) and image_id in records
-        if not known or not isinstance(caption, str) or not caption.strip():
+        if not isinstance(caption, str) or not caption.strip():
             skipped["bad_caption"] += 1
+            continue
+        if not (_valid_id(image_id) and image_id in records):
+            # A caption of an image the file does not list (or lists malformed): not a bad caption, and
+            # counted once, whatever else the same edit left uncaptioned.
+            skipped["caption_without_image"] += 1
             continue
         captions.setdefault(image_id, []).append(caption.strip())
     return records, captions, skipped

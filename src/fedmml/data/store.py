@@ -16,6 +16,7 @@ store"): reading a stored image costs a quarter of decoding its 640x480 source.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import multiprocessing
@@ -371,8 +372,23 @@ def open_images(
         return SourceImages(images, geometry)
     # Small sets are prepared in this process: starting workers would cost more than it saves.
     workers = conf.workers if len(names) >= PARALLEL_FROM else 0
-    store_dir = conf.store_dir or (home or images.parent) / ".fedmml-store"
+    store_dir = conf.store_dir or default_store_dir(home or images.parent)
     return open_store(images, names, geometry, store_dir, workers)
+
+
+def default_store_dir(home: Path) -> Path:
+    """Where a store lives unless ``data.store_dir`` says: ``<home>/.fedmml-store``, beside the data, where
+    every process that reads it finds it; for a folder that cannot be written there (a read-only or shared
+    data set, a server's copy of the test split), a folder of the user's cache named for ``home``."""
+    beside = home / ".fedmml-store"
+    try:
+        beside.mkdir(exist_ok=True)
+        if os.access(beside, os.W_OK):
+            return beside
+    except OSError:
+        pass
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "fedmml" / "stores" / hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:16]
 
 
 def read_or_next(

@@ -239,6 +239,16 @@ class Server:
                 f"federation.batch_size = {batch} is more than any client holds (the largest holds {largest} "
                 "training samples): every step would take a smaller batch; lower it or give clients more data"
             )
+        limit = self.cfg.data.limit_train
+        held = {cid: r["num_samples"] for cid, r in self.clients.items()}
+        if self.cfg.partition.kind == "local" and limit:
+            # In a simulation the limit cuts the shared split before it is partitioned; here there is none.
+            self.listener(
+                Notice(
+                    f"data.limit_train = {limit} limits each client's own folder (partition.kind = local): "
+                    f"{len(self.clients)} clients train on {sum(held.values())} samples in all"
+                )
+            )
         if len(self.clients) < need:
             first = next(iter(self.setup_failures.values()), "no client answered")
             raise SetupFailed(

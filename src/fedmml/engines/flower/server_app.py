@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Collection
 from pathlib import Path
@@ -21,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmml.config import Config, config_from_dict, load_config
 from fedmml.engines.flower.codec import CLIENT_SECONDS, METRICS, NO_RUN_STATE, content_bytes, pack, unpack
-from fedmml.events import ClientDropped, Event, Listener, RoundDone, RoundSkipped, StageStarted
+from fedmml.events import ClientDropped, Event, Listener, Notice, RoundDone, RoundSkipped, StageStarted
 from fedmml.federation import SetupFailed
 from fedmml.federation.payload import Message as Payload
 from fedmml.federation.server import Server
@@ -31,6 +32,7 @@ from fedmml.tasks import resolve_classes
 
 log = logging.getLogger("flwr")
 app = ServerApp()
+WAIT_NOTE_S = 20.0  # seconds between the lines that say the server still waits for replies
 
 
 def resolve_config(run_config: dict[str, Any]) -> Config:
@@ -53,11 +55,34 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def exchange(grid: Grid, messages: list[Message], timeout: float) -> dict[int, Message | None]:
+def exchange(
+    grid: Grid, messages: list[Message], timeout: float, waiting_on: str
+) -> dict[int, Message | None]:
     """Send ``messages`` and return, by position in ``messages``, the reply that answers each (None when
     none came in time). Flower answers for a node it lost with an error reply whose source is the SuperLink,
-    so replies are matched by the message they answer."""
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    so replies are matched by the message they answer. While the replies are out, a line every
+    :data:`WAIT_NOTE_S` seconds says what the server waits for (``waiting_on``: who is asked, and why)."""
+    stop = threading.Event()
+
+    def remind() -> None:
+        waited = 0.0
+        while not stop.wait(WAIT_NOTE_S):
+            waited += WAIT_NOTE_S
+            log.warning(
+                "fedmml: waiting %g s so far for %s (at most %g s); a node that stopped (killed, its "
+                "machine gone) is answered for by Flower once its heartbeats have lapsed, about a minute",
+                waited,
+                waiting_on,
+                timeout,
+            )
+
+    reminder = threading.Thread(target=remind, name="fedmml-wait-note", daemon=True)
+    reminder.start()
+    try:
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+    finally:
+        stop.set()
+        reminder.join()
     # The grid gives every message its id as it sends it.
     position = {m.metadata.message_id: i for i, m in enumerate(messages)}
     answered: dict[int, Message | None] = dict.fromkeys(range(len(messages)))
@@ -115,7 +140,8 @@ class GridEngine:
         ]
         reports: dict[int, dict[str, Any]] = {}
         unplaced: list[str] = []
-        for i, reply in exchange(self.grid, queries, self.timeouts[0]).items():
+        waiting_on = f"the set-up replies of nodes {nodes}"
+        for i, reply in exchange(self.grid, queries, self.timeouts[0], waiting_on).items():
             if reply is None or reply.has_error():
                 why = "no answer" if reply is None else reply.error.reason.strip().splitlines()[-1]
                 unplaced.append(f"node {nodes[i]}: {why}")
@@ -160,7 +186,9 @@ class GridEngine:
         ]
         timeout = self.timeouts[min(self.calls, 1)]
         self.calls += 1
-        answered = exchange(self.grid, messages, timeout)
+        what = "evaluation" if any(p.meta.get("evaluate") for _, p in outgoing) else "training"
+        clients = [cid for cid, _ in outgoing]
+        answered = exchange(self.grid, messages, timeout, f"the {what} replies of clients {clients}")
         self.measured["flower_bytes_down"] += sum(content_bytes(m.content) for m in messages)
         payloads: list[tuple[int, Payload]] = []
         for i, (cid, _) in enumerate(outgoing):
@@ -209,6 +237,8 @@ def _log_event(event: Event) -> None:
         log.warning("fedmml client %s dropped: %s", event.client, event.reason)
     elif isinstance(event, RoundSkipped):
         log.warning("fedmml round %s skipped: only %s valid updates", event.round, event.accepted)
+    elif isinstance(event, Notice):
+        log.warning("fedmml note: %s", event.text)
 
 
 def _default_run_dir(cfg: Config) -> Path:
