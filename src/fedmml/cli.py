@@ -16,6 +16,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedmml import api
+from fedmml.api import DEFAULT_PRESET
 from fedmml.config import (
     BENCH_METHODS,
     ENGINES,
@@ -49,7 +51,6 @@ console = Console(stderr=True)
 
 # Errors caused by input the user controls (config, paths, data, payloads, clients that cannot start): one
 # line, no traceback.
-DEFAULT_PRESET = "emoji"
 USER_ERRORS: tuple[type[BaseException], ...] = (
     CheckpointDamaged,
     ConfigError,
@@ -470,8 +471,6 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    from fedmml.experiment import resume_experiment, run_experiment
-
     if args.resume is not None:
         _check_resume_alone(args)
         args.run_dir = args.resume
@@ -482,7 +481,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
             return
         display = _Display(args.quiet)
         with display.live():
-            summary = resume_experiment(args.resume, display, args.allow_data_change)
+            summary = api.resume(args.resume, display, args.allow_data_change)
         _print_summary(summary)
         console.print(f"run resumed and finished in {args.resume}")
         return
@@ -496,7 +495,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     display = _Display(args.quiet)
     display.method = cfg.run.method
     with display.live():
-        summary = run_experiment(cfg, out, display, overwrite=args.overwrite)
+        summary = api.run(cfg, out, display, overwrite=args.overwrite)
     _print_summary(summary)
     console.print(f"run written to {out} (report: {out / 'report.md'})")
 
@@ -542,13 +541,8 @@ def _series_out(args: argparse.Namespace, kind: str, preset: str) -> Path:
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
-    from fedmml.experiment import compare
-
     cfg = _resolve(args)
     methods = tuple(m.strip() for item in args.methods for m in item.split(",") if m.strip())
-    for m in methods:
-        if m not in METHODS:
-            raise ConfigError(f"unknown method {m!r}; valid choices: {', '.join(METHODS)}")
     tuned = {}
     if args.tuned:
         for m in methods:
@@ -561,8 +555,8 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     out = _series_out(args, "compare", cfg.preset)
     display = _Display(args.quiet)
     with display.live():
-        combined = compare(
-            cfg, out, methods, display, args.overwrite, tuple(args.seeds), tuned, resume=args.resume
+        combined = api.compare(
+            cfg, out, methods, args.seeds, display, tuned, overwrite=args.overwrite, resume=args.resume
         )
     for entry in combined.values():
         for summary in entry["seeds"].values():
@@ -639,23 +633,7 @@ def _cmd_deploy(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from fedmml.device import select_device
-    from fedmml.runs import load_run_model
-    from fedmml.setup import evaluate_on
-    from fedmml.tasks import LAYOUTS, task_for, task_of_folder
-
-    cfg, model = load_run_model(args.run)
-    found = task_of_folder(args.data)
-    if found is not None and found != cfg.model.task:
-        raise ConfigError(
-            f"{args.data} holds {found} data ({LAYOUTS[found]} layout), but the run in {args.run} is an "
-            f"{cfg.model.task} model: give it a folder of its own task"
-        )
-    model = model.to(select_device(cfg.run.device))
-    cfg.data.root = str(args.data)
-    data = task_for(cfg).load_split(cfg, args.split, train=False)
-    scores = evaluate_on(model, data, cfg)
-    print(json.dumps({**scores, "images": len(data), "skipped": data.skipped}))
+    print(json.dumps(api.evaluate(args.run, args.data, args.split)))
 
 
 def _cmd_data(args: argparse.Namespace) -> None:

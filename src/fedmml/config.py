@@ -13,6 +13,7 @@ import math
 import tomllib
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -378,11 +379,15 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def load_config(preset: str = "emoji", overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build, validate and return the config for a preset plus ``key=value`` overrides."""
+def load_config(preset: str = "emoji", overrides: Sequence[str] | Mapping[str, Any] = ()) -> Config:
+    """Build, validate and return the config for a preset (a name or a .toml path) plus overrides:
+    ``key=value`` strings (TOML values, as ``--set`` takes them) or a mapping of dotted keys to values."""
     tree = _read_preset(preset)
-    for item in overrides:
-        path, value = parse_override(item)
+    if isinstance(overrides, Mapping):
+        items = [(key.split("."), value) for key, value in overrides.items()]
+    else:
+        items = [parse_override(item) for item in overrides]
+    for path, value in items:
         _set_path(tree, path, value)
     tree["preset"] = preset
     cfg = _build(Config, tree, "")
