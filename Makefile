@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,flower]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,flower,tracking]'
 	$(BIN)/pip install --quiet --no-deps aisfx==0.1.2
 	$(call apt_optional,dataset-fashion-mnist,/usr/share/datasets/fashion-mnist,zero-shot evaluation will be skipped)
 	$(call apt_optional,tuxpaint-stamps-default,/usr/share/tuxpaint/stamps,Tux Paint tests will be skipped)

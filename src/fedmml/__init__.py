@@ -30,6 +30,7 @@ __all__ = [
     "Backfill",
     "RoundSkipped",
     "RoundDone",
+    "RunFinished",
 ]
 _HOMES = {"fedmml.api": __all__[:5], "fedmml.config": __all__[5:7], "fedmml.events": __all__[7:]}
 

@@ -25,6 +25,7 @@ METHODS = ("e2e", "lw", "prog", "frozen", "centralized", "lora", "hetero")  # se
 HETERO_SLICES = ("prog", "lw", "heads")  # what hetero may give a client, deepest first (federation.budgets)
 # What `fedmml bench resources` measures: lw-nocache is lw without its frozen-prefix cache (see fedmml.bench).
 BENCH_METHODS = ("e2e", "lw", "lw-nocache", "prog", "lora")
+TRACKERS = ("tensorboard",)  # run.log_to (fedmml.tracking)
 SPEED_METHODS = ("e2e", "lw", "prog")  # what `fedmml bench speed` measures (see fedmml.speed)
 ENGINES = ("inprocess", "flower-sim", "flower")  # flower-sim: Flower simulation; flower: deployment
 # group: whole groups (e.g. spoken languages) per client; local: each client reads a whole folder of its own
@@ -289,6 +290,9 @@ class RunConfig:
     # steps of each shape take the compile's time
     compile: bool = False
     keep_checkpoints: int = 2  # per-round checkpoints kept in <run>/checkpoints; 0 keeps all
+    # Experiment trackers that also get every round's figures, the config and the outputs (fedmml.tracking):
+    # "tensorboard" writes <run>/tensorboard (the optional extra fedmml[tracking])
+    log_to: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -552,6 +556,8 @@ def validate(cfg: Config) -> None:
     if cfg.partition.kind == "group" and cfg.model.task != "image-audio":
         raise ConfigError("partition.kind = group needs grouped samples: model.task = image-audio")
     _choice(cfg.run.device, ("auto", "cpu", "cuda"), "run.device")
+    for tracker in cfg.run.log_to:
+        _choice(tracker, TRACKERS, "run.log_to")
     if cfg.schedule not in cfg.schedules:
         raise ConfigError(f"unknown schedule {cfg.schedule!r}; valid schedules: {', '.join(cfg.schedules)}")
     for name, sched in cfg.schedules.items():

@@ -93,6 +93,14 @@ class RoundDone:
     scores: str = ""
 
 
+@dataclass(frozen=True)
+class RunFinished:
+    """A run wrote its outputs (model, summary.json, report.md, plots) into ``out_dir``."""
+
+    summary: dict[str, Any] = field(hash=False)
+    out_dir: str
+
+
 Event = (
     Phase
     | Notice
@@ -104,6 +112,7 @@ Event = (
     | Backfill
     | RoundSkipped
     | RoundDone
+    | RunFinished
 )
 Listener = Callable[[Event], None]
 

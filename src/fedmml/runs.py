@@ -27,7 +27,7 @@ from fedmml.accounting import memory_method
 from fedmml.config import Config, config_from_dict
 from fedmml.data.missing import incomplete
 from fedmml.device import select_device
-from fedmml.events import Event, Listener, Notice, Phase, RoundDone, ignore
+from fedmml.events import Event, Listener, Notice, Phase, RoundDone, RunFinished, ignore
 from fedmml.federation import budgets
 from fedmml.federation.checkpoint import CheckpointDamaged, checkpoints, latest_checkpoint, load_checkpoint
 from fedmml.models.build import build_model
@@ -35,6 +35,7 @@ from fedmml.models.multimodal import MultimodalModel
 from fedmml.precision import autocast
 from fedmml.setup import ServerSide, final_depth
 from fedmml.tasks import task_for
+from fedmml.tracking import track
 
 CHECKPOINTS = "checkpoints"
 Checkpoint = tuple[dict[str, torch.Tensor], dict[str, Any]]
@@ -169,7 +170,7 @@ def start_run(cfg: Config, out_dir: Path, listener: Listener | None = None) -> L
     listener."""
     (out_dir / "config.json").write_text(cfg.to_json())
     (out_dir / "metrics.jsonl").write_text("")
-    return MetricsWriter(out_dir / "metrics.jsonl", listener)
+    return MetricsWriter(out_dir / "metrics.jsonl", track(cfg, out_dir, listener))
 
 
 def reopen_run(run_dir: Path, listener: Listener | None = None) -> tuple[Config, Checkpoint, Listener]:
@@ -201,7 +202,8 @@ def reopen_run(run_dir: Path, listener: Listener | None = None) -> tuple[Config,
     else:
         raise CheckpointDamaged(f"no checkpoint in {run_dir / CHECKPOINTS} can be read: {'; '.join(damaged)}")
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in state["metrics"]))
-    return cfg, (tensors, state), MetricsWriter(run_dir / "metrics.jsonl", listener)
+    trackers = track(cfg, run_dir, listener, next_round=len(state["metrics"]) + 1)
+    return cfg, (tensors, state), MetricsWriter(run_dir / "metrics.jsonl", trackers)
 
 
 def train_data_summary(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -302,4 +304,5 @@ def finish_run(
     summary["wall_s"] = time.perf_counter() - started
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     report.write_run_report(out_dir, cfg.to_dict(), summary, metrics)
+    emit(RunFinished(summary, str(out_dir)))
     return summary
