@@ -60,6 +60,10 @@ class EncoderConfig:
     pad_multiple: int = 0
     pooling: str = "cls"  # text encoders only: cls (the paper) or mean (sentence-transformers models)
     image_size: int = 64  # image encoders only
+    # hf_auto only (fedmml.models.backends.hf_auto): attribute paths of the blocks and the stem in the
+    # Hugging Face model; "" finds them (encoder.layer, layers, ... and the embeddings beside them)
+    blocks: str = ""
+    stem: str = ""
 
 
 @dataclass

@@ -68,8 +68,12 @@ class HFBertEncoder(StagedEncoder):
             neck_dim=cfg.neck_dim or None,
             stem_width=hidden,
         )
+        self.setup_text(cfg, model.config)
+
+    def setup_text(self, cfg: EncoderConfig, hf_config: Any) -> None:
+        """Tokenizer, padding and pooling settings (shared with every text tower built on this class)."""
         # A plain attribute (not a module): the mask builder reads the attention implementation from it.
-        self.hf_config = model.config
+        self.hf_config = hf_config
         self.max_length = cfg.max_length
         self.pad_multiple = cfg.pad_multiple
         if cfg.pooling not in POOLINGS:
