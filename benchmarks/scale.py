@@ -1,10 +1,13 @@
 """What grows with a COCO-sized dataset: store build time, start-up, peak memory, and the loader's cost.
 
     .venv/bin/python benchmarks/scale.py synth --out /data/coco118k --train 118287 --test 5000
+    .venv/bin/python benchmarks/scale.py synth --out /data/c17 --layout coco2017 --captions-only
+    .venv/bin/python benchmarks/scale.py index --data /data/c17
     .venv/bin/python benchmarks/scale.py store --data /data/coco118k
     .venv/bin/python benchmarks/scale.py run --data /data/coco118k --workers 0 1 2 --steps 12
     .venv/bin/python benchmarks/scale.py retrieval --images 5000 --captions-per-image 5
 
+``index`` times the part of start-up a folder's format decides (reading the captions and partitioning them).
 ``synth`` writes a COCO-2017-shaped folder of synthetic 640x480 photographs (fedmml.data.synthetic).
 ``store`` times the preparation of the image store as a run's ten clients make it, each its own share.
 ``run`` measures ``fedmml run --preset paper-coco`` (random initialisation: offline) in a fresh process per
@@ -144,6 +147,30 @@ def _store(args: argparse.Namespace) -> None:
         )
 
 
+def _index(args: argparse.Namespace) -> None:
+    """Start-up's share that depends on the folder's format: the training split's index and its partition
+    over a paper-coco run's ten clients, and the test split's index (best of three; no image is opened)."""
+    from fedmml.client_data import SharedSplit
+    from fedmml.data.formats import format_of
+    from fedmml.tasks import task_for
+
+    cfg = _config(args.data, "e2e", 0, args.set)
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        shared = SharedSplit(cfg)
+        test = task_for(cfg).held_out(cfg, args.data)[1]
+        times.append(time.perf_counter() - started)
+    result = {
+        "data": args.data,
+        "format": format_of(cfg, args.data).name,
+        "train_images": len(shared.index),
+        "test_images": len(test),
+        "index_and_partition_s": round(min(times), 2),
+    }
+    print(json.dumps(result), flush=True)
+
+
 def _retrieval(args: argparse.Namespace) -> None:
     from fedmml.evaluation.retrieval import recall_of_embeddings
 
@@ -178,7 +205,11 @@ def main() -> None:
     synth.add_argument("--out", required=True)
     synth.add_argument("--train", type=int, default=118287)
     synth.add_argument("--test", type=int, default=5000)
-    for name in ("store", "run", "measure"):
+    synth.add_argument(
+        "--layout", choices=["coco", "coco2017"], default="coco", help="fedmml's or the official"
+    )
+    synth.add_argument("--captions-only", action="store_true", help="the captions files, no image")
+    for name in ("store", "run", "measure", "index"):
         p = sub.add_parser(name)
         p.add_argument("--data", required=True)
         p.add_argument("--set", action="append", default=[], help="extra config override")
@@ -198,11 +229,13 @@ def main() -> None:
     if args.command == "synth":
         from fedmml.data.synthetic import write_folder
 
-        write_folder(Path(args.out), args.train, args.test)
+        write_folder(Path(args.out), args.train, args.test, layout=args.layout, images=not args.captions_only)
     elif args.command == "store":
         _store(args)
     elif args.command == "run":
         _run(args)
+    elif args.command == "index":
+        _index(args)
     elif args.command == "retrieval":
         _retrieval(args)
     else:

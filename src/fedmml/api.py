@@ -116,17 +116,18 @@ def evaluate(run_dir: str | Path, data_root: str | Path, split: str = "test") ->
     """The task's scores of the model saved in ``run_dir`` on split ``split`` of the dataset ``data_root``
     (of the run's task: COCO captions layout for image-text, ADVANCE for image-audio), with the number of
     samples scored and the entries skipped."""
+    from fedmml.data.formats import detect_format
     from fedmml.device import select_device
     from fedmml.runs import load_run_model
     from fedmml.setup import evaluate_on
-    from fedmml.tasks import LAYOUTS, task_for, task_of_folder
+    from fedmml.tasks import task_for
 
     run_dir, data_root = Path(run_dir), Path(data_root)
     cfg, model = load_run_model(run_dir)
-    found = task_of_folder(data_root)
-    if found is not None and found != cfg.model.task:
+    found = detect_format(data_root)
+    if found is not None and found.task != cfg.model.task:
         raise ConfigError(
-            f"{data_root} holds {found} data ({LAYOUTS[found]} layout), but the run in {run_dir} is an "
+            f"{data_root} holds {found.task} data ({found.describe}), but the run in {run_dir} is an "
             f"{cfg.model.task} model: give it a folder of its own task"
         )
     model = model.to(select_device(cfg.run.device))

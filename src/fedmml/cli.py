@@ -143,6 +143,15 @@ def _build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", type=Path, help="output folder (default data/<dataset>)")
     prep.add_argument("--vendors", default="google,twitter", help="emoji: comma-separated emoji styles")
     prep.add_argument("--cache", type=Path, help="where npm tarballs are kept (default ~/.cache/fedmml/npm)")
+    check = data_sub.add_parser(
+        "check",
+        help="what a folder holds as fedmml reads it: format, splits, sizes, missing files, what a run uses",
+    )
+    check.add_argument("root", type=Path, metavar="DIR", help="the dataset folder")
+    check.add_argument("--decode", action="store_true", help="also open every image (slower)")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    _config_args(check)
+    check.set_defaults(preset=None)
     split = data_sub.add_parser(
         "split",
         help="write a dataset out as one folder per node, partitioned as a simulation of the same config",
@@ -640,6 +649,9 @@ def _cmd_data(args: argparse.Namespace) -> None:
     if args.data_command == "split":
         _cmd_split(args)
         return
+    if args.data_command == "check":
+        _cmd_check(args)
+        return
     out = args.out or Path("data") / args.dataset
     if args.dataset == "tuxpaint":
         from fedmml.data.prepare.tuxpaint import prepare_tuxpaint
@@ -653,6 +665,56 @@ def _cmd_data(args: argparse.Namespace) -> None:
         with console.status(f"preparing emoji ({', '.join(vendors)}) into {out}"):
             stats = prepare_emoji(out, vendors=vendors, cache_dir=args.cache)
     print(json.dumps(stats))
+
+
+def _cmd_check(args: argparse.Namespace) -> None:
+    from rich.table import Table
+
+    from fedmml.data.check import check_folder
+    from fedmml.data.formats import detect_format
+
+    if not args.root.is_dir():
+        raise DataError(f"{args.root} is not a folder")
+    found = detect_format(args.root)
+    preset = args.preset or (
+        "tuxpaint-av" if found is not None and found.task == "image-audio" else DEFAULT_PRESET
+    )
+    cfg = load_config(preset, [*_extra_overrides(args), f'data.root="{args.root}"'])
+    report = check_folder(cfg, args.root, decode=args.decode)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    out = Console()
+    out.print(
+        f"[bold]{report['folder']}[/]: {report['format']} ({report['layout']}), {report['task']}",
+        soft_wrap=True,
+    )
+    if "error" in report:
+        out.print(f"[red]cannot read it:[/] {report['error']}")
+        return
+    table = Table("split", "samples", "per sample", "skipped entries", "missing files", "examples")
+    for name, split in report["splits"].items():
+        if "error" in split:
+            table.add_row(name, "-", "-", "-", "-", f"[red]{split['error']}[/]")
+            continue
+        per = split.get("captions_per_image")
+        per_text = (
+            f"{per['min']}-{per['max']} captions (mean {per['mean']})"
+            if per
+            else f"{split['classes']} classes"
+        )
+        bad = split["missing_files"] + split.get("undecodable_files", 0)
+        skipped = ", ".join(f"{k} {v}" for k, v in split["skipped"].items()) or "none"
+        examples = "\n".join(split["missing_examples"] + split.get("undecodable_examples", []))
+        table.add_row(name, str(split["samples"]), per_text, skipped, str(bad), examples)
+    out.print(table)
+    uses = report["run"]
+    trains = f"{uses.get('train_samples', 0)} samples of {uses['train_split']}"
+    scores = f"{uses['eval_samples']} of {uses['eval_split']}"
+    out.print(
+        f"a run of --preset {preset} trains on {trains} and scores on {scores}",
+        soft_wrap=True,
+    )
 
 
 def _cmd_split(args: argparse.Namespace) -> None:

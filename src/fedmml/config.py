@@ -139,6 +139,9 @@ class DataConfig:
     """A COCO-captions-format dataset: root, image folder, split names, augmentation, slicing."""
 
     root: str = "data/emoji"
+    # How the folder is laid out (fedmml.data.formats): auto (found from its files) | coco | coco2017 |
+    # karpathy | advance | a registered format
+    format: str = "auto"
     images_dir: str = "images"
     train_split: str = "train"
     test_split: str = "test"
@@ -154,6 +157,7 @@ class DataConfig:
     # every language, so one never sits on both sides; samples without it are identities of their own.
     # The carve is cut before limit_train (which then draws from the rest); limit_test limits it.
     val_split: str = "val"
+    restval: bool = False  # karpathy: the restval images join the training split
     val_fraction: float = 0.1
     identity_key: str = ""
     # Pixels are read on access from a store made once per folder (images resized to what training needs,

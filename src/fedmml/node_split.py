@@ -52,7 +52,7 @@ def split_for_nodes(cfg: Config, nodes: int, out: Path, link: bool = True) -> di
         written["nodes"].append(node)
     server = out / "server"
     written["server"] = {"folder": str(server)}
-    if task.has_split(d.root, d.test_split):
+    if task.has_split(cfg, d.root, d.test_split):
         test = task.read_index(cfg, d.root, d.test_split, 0)
         written["server"]["test"] = task.write_subset(cfg, test, range(len(test)), server, d.test_split, link)
     if cfg.eval.split == "val":

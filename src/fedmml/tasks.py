@@ -20,9 +20,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedmml.config import Config, ConfigError
 from fedmml.data import fashion_mnist, missing
-from fedmml.data.advance import AdvanceDataset, AdvanceIndex, read_advance_index, read_classes
+from fedmml.data.advance import AdvanceDataset, AdvanceIndex, read_classes
 from fedmml.data.audio import feature_settings
-from fedmml.data.coco import CaptionDataset, CaptionIndex, read_caption_index
+from fedmml.data.coco import CaptionDataset, CaptionIndex
+from fedmml.data.formats import format_of
 from fedmml.data.partition import carve, partition, partition_by_group, stratified_subset
 from fedmml.data.store import ImagesConfig
 from fedmml.data.subset import write_advance_subset, write_caption_subset
@@ -76,12 +77,12 @@ class Task:
         """The label of every indexed sample that a Dirichlet split is over."""
         raise NotImplementedError
 
-    def has_split(self, root: str, split: str) -> bool:
-        """Whether the folder ``root`` holds ``split`` in the task's layout."""
+    def has_split(self, cfg: Config, root: str, split: str) -> bool:
+        """Whether the folder ``root`` holds ``split`` in the run's data format."""
         raise NotImplementedError
 
     def _carves_val(self, cfg: Config, root: str) -> bool:
-        return cfg.eval.split == "val" and not self.has_split(root, cfg.data.val_split)
+        return cfg.eval.split == "val" and not self.has_split(cfg, root, cfg.data.val_split)
 
     def train_index(self, cfg: Config, root: str) -> Any:
         """The training split's metadata under ``root``, less the identities carved out for validation when
@@ -126,7 +127,7 @@ class Task:
     def _check_disjoint(self, cfg: Config, root: str, val: Any) -> None:
         """A validation split of the folder's own shares no identity with its training or test split."""
         for split in (cfg.data.train_split, cfg.data.test_split):
-            if self.has_split(root, split):
+            if self.has_split(cfg, root, split):
                 other = self.read_index(cfg, root, split, 0)
                 if both := sorted(set(val.identities) & set(other.identities)):
                     shown = ", ".join(both[:5]) + (", ..." if len(both) > 5 else "")
@@ -208,10 +209,7 @@ class ImageText(Task):
     summary_keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
     def read_index(self, cfg: Config, root: str, split: str, limit: int) -> CaptionIndex:
-        d = cfg.data
-        return read_caption_index(
-            root, split, d.images_dir, limit, limit_seed=d.limit_seed, identity_key=d.identity_key
-        )
+        return self._limited(cfg, format_of(cfg, root).read(Path(root), split, cfg), limit)
 
     def load_split(
         self,
@@ -223,8 +221,11 @@ class ImageText(Task):
         index: CaptionIndex | None = None,
     ) -> CaptionDataset:
         d = cfg.data
+        root = root or d.root
+        if index is None:
+            index = self.read_index(cfg, root, split, d.limit_train if train else d.limit_test)
         return CaptionDataset(
-            root or d.root,
+            root,
             split,
             images_dir=d.images_dir,
             image_size=cfg.model.image.image_size,
@@ -241,8 +242,8 @@ class ImageText(Task):
     def labels(self, index: CaptionIndex) -> list[str | None]:
         return index.labels
 
-    def has_split(self, root: str, split: str) -> bool:
-        return (Path(root) / f"captions_{split}.json").is_file()
+    def has_split(self, cfg: Config, root: str, split: str) -> bool:
+        return Path(root).is_dir() and split in format_of(cfg, root).splits(Path(root), cfg)
 
     def write_subset(
         self, cfg: Config, index: CaptionIndex, positions: list[int], dst: Path, split: str, link: bool = True
@@ -296,16 +297,7 @@ class ImageAudio(Task):
     summary_keys = ("accuracy", "macro_f1")
 
     def read_index(self, cfg: Config, root: str, split: str, limit: int) -> AdvanceIndex:
-        d = cfg.data
-        return read_advance_index(
-            root,
-            split,
-            classes=d.classes or None,
-            limit=limit,
-            limit_seed=d.limit_seed,
-            group_key=cfg.partition.group,
-            identity_key=d.identity_key,
-        )
+        return self._limited(cfg, format_of(cfg, root).read(Path(root), split, cfg), limit)
 
     def load_split(
         self,
@@ -317,8 +309,11 @@ class ImageAudio(Task):
         index: AdvanceIndex | None = None,
     ) -> AdvanceDataset:
         d = cfg.data
+        root = root or d.root
+        if index is None:
+            index = self.read_index(cfg, root, split, d.limit_train if train else d.limit_test)
         return AdvanceDataset(
-            root or d.root,
+            root,
             split,
             image_size=cfg.model.image.image_size,
             settings=feature_settings(d.audio_features, d.audio_frames),
@@ -337,8 +332,8 @@ class ImageAudio(Task):
     def labels(self, index: AdvanceIndex) -> list[str | None]:
         return list(index.label_names)
 
-    def has_split(self, root: str, split: str) -> bool:
-        return any((Path(root) / split / kind).is_dir() for kind in ("vision", "sound"))
+    def has_split(self, cfg: Config, root: str, split: str) -> bool:
+        return Path(root).is_dir() and split in format_of(cfg, root).splits(Path(root), cfg)
 
     def write_subset(
         self, cfg: Config, index: AdvanceIndex, positions: list[int], dst: Path, split: str, link: bool = True
@@ -417,21 +412,6 @@ class ImageAudio(Task):
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (ImageText(), ImageAudio())}
-
-
-LAYOUTS = {
-    "image-text": "COCO captions (captions_<split>.json)",
-    "image-audio": "ADVANCE (<split>/vision, sound)",
-}
-
-
-def task_of_folder(root: Path) -> str | None:
-    """The task whose layout the folder ``root`` has, by its files alone; None when neither shows."""
-    if any(root.glob("captions_*.json")):
-        return "image-text"
-    if any(root.glob("*/vision")) or any(root.glob("*/sound")):
-        return "image-audio"
-    return None
 
 
 def task_for(cfg: Config) -> Task:

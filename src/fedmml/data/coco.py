@@ -63,8 +63,9 @@ def sample_seed(seed: int, epoch: int, key: int | str) -> np.random.Generator:
 
 @dataclass
 class CaptionIndex:
-    """One split as metadata only, read from its captions JSON: ids, files, captions and labels, sorted by
-    id. No image is opened, so partitions over a split of any size cost no decoding."""
+    """One split as metadata only, read from its captions file (see :mod:`fedmml.data.formats`): ids, files
+    (relative to ``images_path``), captions and labels. No image is opened, so partitions over a split of
+    any size cost no decoding."""
 
     captions_path: Path
     images_path: Path
@@ -74,6 +75,8 @@ class CaptionIndex:
     labels: list[str | None]
     skipped: dict[str, int]
     identities: list[str] = field(default_factory=list)  # see read_caption_index's identity_key
+    # Where the image store lives (``<home>/.fedmml-store``); None: the folder above ``images_path``.
+    home: Path | None = None
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -83,7 +86,9 @@ class CaptionIndex:
         columns = (self.image_ids, self.file_names, self.captions, self.labels)
         picked = ([column[i] for i in positions] for column in columns)
         identities = [self.identities[i] for i in positions]
-        return CaptionIndex(self.captions_path, self.images_path, *picked, dict(self.skipped), identities)
+        return CaptionIndex(
+            self.captions_path, self.images_path, *picked, dict(self.skipped), identities, self.home
+        )
 
 
 def read_caption_index(
@@ -167,9 +172,8 @@ class CaptionDataset(Dataset):
         self.images_path = index.images_path
         whole = positions is None
         chosen = range(len(index)) if whole else sorted(positions)
-        source = open_images(
-            self.images_path, [index.file_names[i] for i in chosen], Geometry(image_size, augment), images
-        )
+        names = [index.file_names[i] for i in chosen]
+        source = open_images(self.images_path, names, Geometry(image_size, augment), images, home=index.home)
         skipped = Counter(index.skipped) if whole else Counter(unreadable_image=0)
         kept = [i for i in chosen if source.unreadable(index.file_names[i]) is None]
         skipped["unreadable_image"] += len(chosen) - len(kept)

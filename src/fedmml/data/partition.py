@@ -76,7 +76,8 @@ def _iid(n: int, num_clients: int, seed: int) -> list[list[int]]:
     dataset = datasets.Dataset.from_dict({"idx": list(range(n))}).shuffle(seed=seed)
     partitioner = IidPartitioner(num_partitions=num_clients)
     partitioner.dataset = dataset
-    return [list(partitioner.load_partition(cid)["idx"]) for cid in range(num_clients)]
+    # to_dict reads the column in one Arrow call; iterating it reads it row by row (COCO: 12 s against 1 s).
+    return [partitioner.load_partition(cid).to_dict()["idx"] for cid in range(num_clients)]
 
 
 def _dirichlet(
@@ -107,7 +108,7 @@ def _dirichlet(
         # The partitioner warns on every resampling attempt; the final failure below is what matters.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return [list(partitioner.load_partition(cid)["idx"]) for cid in range(num_clients)]
+            return [partitioner.load_partition(cid).to_dict()["idx"] for cid in range(num_clients)]
     except ValueError as err:
         raise ValueError(
             f"dirichlet partition could not give each of {num_clients} clients at least "

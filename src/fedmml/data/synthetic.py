@@ -48,22 +48,30 @@ def synth_jpeg(seed: int, quality: int = 90) -> bytes:
 POOL = 1000
 
 
-def _draw(args: tuple[Path, int, int]) -> None:
-    folder, start, stop = args
+def image_path(root: Path, layout: str, train: int, i: int) -> Path:
+    """Where image ``i`` lies: ``images/`` (fedmml's layout) or ``train2017/`` / ``val2017/`` (the official
+    release's, ids from ``train`` on being the test split)."""
+    if layout == "coco":
+        return root / "images" / f"{i:012d}.jpg"
+    return root / ("train2017" if i < train else "val2017") / f"{i:012d}.jpg"
+
+
+def _draw(args: tuple[Path, str, int, int, int]) -> None:
+    root, layout, train, start, stop = args
     for i in range(start, stop):
-        path = folder / f"{i:012d}.jpg"
+        path = image_path(root, layout, train, i)
         if not path.exists():
             path.write_bytes(synth_jpeg(i))
 
 
-def _copy(args: tuple[Path, int, int]) -> None:
-    folder, start, stop = args
+def _copy(args: tuple[Path, str, int, int, int]) -> None:
+    root, layout, train, start, stop = args
     pool: dict[int, bytes] = {}
     for i in range(start, stop):
-        path = folder / f"{i:012d}.jpg"
+        path = image_path(root, layout, train, i)
         if not path.exists():
             if i % POOL not in pool:
-                pool[i % POOL] = (folder / f"{i % POOL:012d}.jpg").read_bytes()
+                pool[i % POOL] = image_path(root, layout, train, i % POOL).read_bytes()
             path.write_bytes(pool[i % POOL])
 
 
@@ -71,19 +79,32 @@ def _captions(rng: np.random.Generator) -> list[str]:
     return [" ".join(rng.choice(WORDS, int(rng.integers(8, 14)))) for _ in range(5)]
 
 
-def write_folder(root: Path, train: int, test: int, workers: int = 0) -> Path:
-    """``root`` with images/ and captions_train.json / captions_test.json of ``train`` and ``test`` images
-    (ids 0..train-1 train, the next ``test`` test)."""
-    images = root / "images"
-    images.mkdir(parents=True, exist_ok=True)
+def write_folder(
+    root: Path, train: int, test: int, workers: int = 0, layout: str = "coco", images: bool = True
+) -> Path:
+    """``root`` with ``train`` and ``test`` images (ids 0..train-1 train, the next ``test`` test) and five
+    captions each, in fedmml's layout (``layout = "coco"``: images/, captions_train.json / captions_test.json)
+    or the official MS-COCO 2017 one (``"coco2017"``: train2017/, val2017/,
+    annotations/captions_{train,val}2017.json); without ``images`` only the captions files."""
+    if layout not in ("coco", "coco2017"):
+        raise ValueError(f"layout must be coco or coco2017, not {layout!r}")
     total = train + test
+    for i in (0, total - 1):
+        image_path(root, layout, train, i).parent.mkdir(parents=True, exist_ok=True)
     drawn = min(POOL, total)
-    with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
-        list(pool.map(_draw, [(images, s, min(s + 50, drawn)) for s in range(0, drawn, 50)]))
-        list(pool.map(_copy, [(images, s, min(s + 2000, total)) for s in range(drawn, total, 2000)]))
+    jobs = [(root, layout, train, s, min(s + 50, drawn)) for s in range(0, drawn, 50)]
+    copies = [(root, layout, train, s, min(s + 2000, total)) for s in range(drawn, total, 2000)]
+    if images:
+        with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+            list(pool.map(_draw, jobs))
+            list(pool.map(_copy, copies))
     rng = np.random.default_rng(0)
     for split, ids in (("train", range(train)), ("test", range(train, total))):
-        path = root / f"captions_{split}.json"
+        if layout == "coco":
+            path = root / f"captions_{split}.json"
+        else:
+            path = root / "annotations" / f"captions_{'train' if split == 'train' else 'val'}2017.json"
+            path.parent.mkdir(exist_ok=True)
         if path.exists():
             continue
         records = [{"id": i, "file_name": f"{i:012d}.jpg", "width": WIDTH, "height": HEIGHT} for i in ids]
