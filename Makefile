@@ -39,7 +39,7 @@ $(EMOJI): $(VENV)/.installed
 	$(BIN)/fedmml data prepare emoji --out data/emoji
 
 demo: install data
-	$(BIN)/fedmml compare --preset emoji --out runs/demo --overwrite
+	$(BIN)/fedmml compare --tuned emoji --out runs/demo --overwrite
 
 # One worker per core (pytest-xdist), each test file on one worker so that its module fixtures are built once.
 test: install data

@@ -49,3 +49,21 @@ def test_unknown_preset_lists_valid_ones() -> None:
 def test_round_trip_through_dict() -> None:
     cfg = load_config("paper-coco", ["schedule=late-heavy"])
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_the_tuned_sets_ship_and_load() -> None:
+    from fedmml.config import tuned_folder, tuned_sets
+
+    assert {"emoji", "tuxpaint"} <= set(tuned_sets())
+    for name, task in (("emoji", "image-text"), ("tuxpaint", "image-audio")):
+        folder = tuned_folder(name)
+        for method in ("e2e", "lw", "prog", "frozen", "lora", "centralized"):
+            cfg = load_config(str(folder / f"{method}.toml"))
+            assert cfg.run.method == method and cfg.model.task == task
+    lw = load_config(str(tuned_folder("emoji") / "lw.toml"))
+    base = load_config("emoji")
+    assert lw.schedule == "late-heavy"
+    assert lw.active_schedule.lr["image"][0] == 4 * base.schedules["late-heavy"].lr["image"][0]
+    assert load_config(str(tuned_folder("tuxpaint") / "e2e.toml")).data.limit_train == 1000
+    with pytest.raises(ConfigError, match="nor a tuned set"):
+        tuned_folder("nope")

@@ -27,6 +27,8 @@ from fedmml.config import (
     ConfigError,
     available_presets,
     load_config,
+    tuned_folder,
+    tuned_sets,
 )
 from fedmml.data import DataError
 from fedmml.engines.flower.control import FlowerError
@@ -71,6 +73,7 @@ examples:
                                             learning rates and schedule per method, chosen on validation
   fedmml compare --tuned runs/tuned --seeds 0 1 2
                                             the tuned methods side by side
+  fedmml compare --tuned emoji              the methods at the rates tuned for emoji (also: tuxpaint)
   fedmml compare --preset tiny --seeds 0 1 2 --methods e2e lw
                                             every method on every seed: mean ± sd, ratios to e2e with 95 % CI
   fedmml data prepare tuxpaint              build the image + sound set (needs tuxpaint-stamps-default)
@@ -80,6 +83,7 @@ examples:
                                             each client trains on a folder of its own
   fedmml run --method hetero --set 'federation.client_memory_mib=[0, 0, 0, 0, 0, 120, 120, 120, 120, 120]'
                                             five strong and five 120 MiB clients in one federation
+  fedmml data check /data/coco              what fedmml finds in a folder: format, splits, missing files
   fedmml data split data/emoji --nodes 3 --out /data/split
                                             the simulation's partition as one folder per node
   fedmml deploy --node-data /data/a /data/b one SuperNode per folder (TLS, node authentication)
@@ -211,14 +215,16 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     cmp_.add_argument(
         "--tuned",
-        type=Path,
         metavar="DIR",
-        help="each method from its preset DIR/<method>.toml (written by fedmml tune) instead of --preset",
+        help="each method from its preset DIR/<method>.toml (written by fedmml tune) instead of --preset; "
+        f"or a tuned set that ships with fedmml ({', '.join(tuned_sets())}: the choices of RESULTS' tuned "
+        "comparisons)",
     )
     cmp_.add_argument("--out", type=Path, help="output directory (default runs/compare-<preset>-<time>)")
     _series_args(cmp_, "comparison")
     cmp_.add_argument("--quiet", action="store_true", help="no progress display")
     cmp_.add_argument("--engine", choices=ENGINES, help="inprocess (default), flower-sim or flower")
+    cmp_.set_defaults(preset=None)
 
     tune = sub.add_parser(
         "tune",
@@ -550,18 +556,20 @@ def _series_out(args: argparse.Namespace, kind: str, preset: str) -> Path:
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
-    cfg = _resolve(args)
     methods = tuple(m.strip() for item in args.methods for m in item.split(",") if m.strip())
     tuned = {}
     if args.tuned:
+        folder = tuned_folder(args.tuned)
         for m in methods:
-            path = args.tuned / f"{m}.toml"
+            path = folder / f"{m}.toml"
             if not path.is_file():
                 raise ConfigError(
                     f"no tuned preset for {m} in {args.tuned} (run `fedmml tune --methods {m}`)"
                 )
             tuned[m] = load_config(str(path), _extra_overrides(args))
-    out = _series_out(args, "compare", cfg.preset)
+    # Without --preset a tuned set is its own base (its task, its data).
+    cfg = next(iter(tuned.values())) if tuned and args.preset is None else _resolve(args)
+    out = _series_out(args, "compare", f"tuned-{Path(args.tuned).name}" if tuned else cfg.preset)
     display = _Display(args.quiet)
     with display.live():
         combined = api.compare(

@@ -343,6 +343,21 @@ def available_presets() -> list[str]:
     return sorted(f.name.removesuffix(".toml") for f in files if f.name.endswith(".toml"))
 
 
+def tuned_sets() -> list[str]:
+    """Names of the tuned preset sets that ship with the package (``presets/tuned/<name>/<method>.toml``)."""
+    return sorted(f.name for f in resources.files("fedmml.presets").joinpath("tuned").iterdir() if f.is_dir())
+
+
+def tuned_folder(where: str | Path) -> Path:
+    """The folder of per-method presets ``where`` names: a folder (``fedmml tune`` writes one), or a tuned
+    set that ships with the package (see :func:`tuned_sets`)."""
+    if Path(where).is_dir():
+        return Path(where)
+    if str(where) in tuned_sets():
+        return Path(str(resources.files("fedmml.presets").joinpath("tuned", str(where))))
+    raise ConfigError(f"--tuned {where}: no such folder, nor a tuned set ({', '.join(tuned_sets())})")
+
+
 def _read_preset(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     if name in seen:
         raise ConfigError(f"preset inheritance loops: {' -> '.join((*seen, name))}")
