@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from fedmml.config import ConfigError
 from fedmml.models.backends import BACKENDS, build_encoder
 
 TOP_LEVEL = {"stem", "blocks", "norm", "neck"}
@@ -108,7 +109,7 @@ def effnet_cfg(**kw) -> types.SimpleNamespace:
 
 # Factory --------------------------------------------------------------------------------------------------
 def test_backend_names():
-    assert set(BACKENDS) == {"hf_vit", "hf_bert", "efficientnet_lite", "hf_ast", "aisfx"}
+    assert set(BACKENDS) == {"hf_vit", "hf_bert", "hf_auto", "efficientnet_lite", "hf_ast", "aisfx"}
 
 
 @pytest.mark.parametrize("load_weights", [True, False])
@@ -122,7 +123,7 @@ def test_appended_blocks_start_in_training_mode(load_weights):
 
 
 def test_unknown_backend_lists_valid_names():
-    with pytest.raises(ValueError, match="aisfx, efficientnet_lite, hf_ast, hf_bert, hf_vit"):
+    with pytest.raises(ConfigError, match="aisfx, efficientnet_lite, hf_ast, hf_auto, hf_bert, hf_vit"):
         build_encoder(image_cfg("resnet"))
 
 
