@@ -447,7 +447,10 @@ class _Display:
                 self.progress.advance(self.task)
             if event.scores:
                 loss = event.record.get("train_loss", float("nan"))
-                self._say(f"  {self.method} round {event.record['round']}: {event.scores}  loss {loss:.3f}")
+                privacy = event.record.get("privacy")
+                spent = f"  epsilon {privacy['epsilon']:.3g}" if privacy else ""
+                round_no = event.record["round"]
+                self._say(f"  {self.method} round {round_no}: {event.scores}  loss {loss:.3f}{spent}")
 
     def _say(self, text: str) -> None:
         if not self.quiet:

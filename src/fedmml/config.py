@@ -257,6 +257,37 @@ class CacheConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Client-level differential privacy (DP-FedAvg, fedmml.federation.privacy): each client's update of the
+    slice it trains is clipped to an L2 bound and the server adds Gaussian noise to their sum. On when
+    noise_multiplier or target_epsilon is set."""
+
+    clip: float = 1.0  # L2 bound on a client's update; with clipping = "adaptive", the first round's bound
+    clipping: str = "fixed"  # fixed | adaptive (the bound follows target_quantile of the update norms)
+    # Standard deviation of the noise on the sum of clipped updates, in units of clip; 0 with target_epsilon
+    # set: solved for the run's rounds and sampling rate
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0  # 0: noise_multiplier as given
+    delta: float = 1e-5
+    max_epsilon: float = 0.0  # stop before a round would take epsilon past this; 0: no cap
+    # poisson: each client joins a round with probability clients_per_round / num_clients (the DP-FedAvg
+    # analysis); fixed: exactly clients_per_round, accounted under replace-one with twice the sensitivity
+    sampling: str = "poisson"
+    accountant: str = "rdp"  # rdp | pld (dp-accounting; pld with poisson sampling only)
+    target_quantile: float = 0.5  # adaptive: the fraction of updates the bound should leave unclipped
+    clip_lr: float = 0.2  # adaptive: geometric step of the bound per round
+    # adaptive: noise on the count of unclipped updates; 0: expected clients per round / 20 (Andrew et al.)
+    count_stddev: float = 0.0
+    # seeded: the noise follows run.seed (reproducible simulations); system: the OS's randomness (anyone who
+    # knows a seed could subtract seeded noise); auto: seeded in simulation, system in a deployment
+    noise_source: str = "auto"
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier > 0 or self.target_epsilon > 0
+
+
+@dataclass
 class FaultsConfig:
     """Injected client faults, for testing and robustness studies (seeded by run.seed)."""
 
@@ -319,6 +350,7 @@ class Config:
     schedules: dict[str, Schedule] = field(default_factory=lambda: {"uniform": Schedule()})
     eval: EvalConfig = field(default_factory=EvalConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     @property
     def active_schedule(self) -> Schedule:
@@ -536,6 +568,44 @@ def _validate_budgets(fed: FederationConfig) -> None:
         )
 
 
+def _validate_privacy(cfg: Config) -> None:
+    p = cfg.privacy
+    _choice(p.clipping, ("fixed", "adaptive"), "privacy.clipping")
+    _choice(p.sampling, ("poisson", "fixed"), "privacy.sampling")
+    _choice(p.accountant, ("rdp", "pld"), "privacy.accountant")
+    _choice(p.noise_source, ("auto", "seeded", "system"), "privacy.noise_source")
+    numbers = ("clip", "noise_multiplier", "target_epsilon", "max_epsilon", "count_stddev", "clip_lr")
+    for name in numbers:
+        value = getattr(p, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"privacy.{name} must be finite and >= 0, got {value}")
+    if not p.enabled:
+        if p.max_epsilon:
+            raise ConfigError("privacy.max_epsilon needs privacy.noise_multiplier or privacy.target_epsilon")
+        return
+    if p.clip <= 0:
+        raise ConfigError("privacy.clip must be > 0: the noise is in units of the clipping bound")
+    if p.noise_multiplier and p.target_epsilon:
+        raise ConfigError("give privacy.noise_multiplier or privacy.target_epsilon, not both")
+    if not 0 < p.delta < 1:
+        raise ConfigError(f"privacy.delta must be in (0, 1), got {p.delta}")
+    if not 0 < p.target_quantile < 1:
+        raise ConfigError(f"privacy.target_quantile must be in (0, 1), got {p.target_quantile}")
+    if p.accountant == "pld" and p.sampling != "poisson":
+        raise ConfigError("privacy.accountant = pld accounts Poisson sampling only: set privacy.sampling")
+    # Each of these would break the guarantee the accountant reports.
+    fed = cfg.federation
+    refused = [
+        (cfg.run.method == "centralized", "run.method = centralized: one client holding every sample"),
+        (fed.aggregator != "fedavg", f"federation.aggregator = {fed.aggregator!r}: the noise is for a sum"),
+        (fed.backfill > 0, "federation.backfill > 0: replacement clients change the sampling"),
+        (cfg.model.neck_init == "fit", 'model.neck_init = "fit": its sums would leave the clients unnoised'),
+    ]
+    for broken, what in refused:
+        if broken:
+            raise ConfigError(f"client-level differential privacy does not go with {what}")
+
+
 def _validate_incomplete(cfg: Config) -> None:
     d = cfg.data
     _choice(d.incomplete, ("use", "drop"), "data.incomplete")
@@ -629,6 +699,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"federation.min_clients must be between 1 and {fed.num_clients}")
     _validate_budgets(fed)
     _validate_incomplete(cfg)
+    _validate_privacy(cfg)
     for name in ("crash_rate", "straggler_rate"):
         if not 0 <= getattr(cfg.faults, name) <= 1:
             raise ConfigError(f"faults.{name} must be a probability between 0 and 1")

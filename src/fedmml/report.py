@@ -78,12 +78,36 @@ def write_run_report(
         "## Summary\n\n" + _table(["metric", "value"], _summary_rows(summary, metrics)),
         "## Stages\n\n" + _stage_table(metrics),
         *_upload_section(metrics),
+        *_privacy_section(summary),
         *_missed_section(summary),
         "## Plots\n\n" + _images(plots, run_dir),
     ]
     path = run_dir / "report.md"
     path.write_text("\n\n".join(sections) + "\n")
     return path
+
+
+def _privacy_section(summary: Mapping[str, Any]) -> list[str]:
+    """Client-level differential privacy: the guarantee reached and the settings it rests on."""
+    p = summary.get("privacy")
+    if not p:
+        return []
+    rows = [
+        ["epsilon", f"{p['epsilon']:.4g} at delta {p['delta']:g}, {p['accountant'].upper()} accountant"],
+        ["noised rounds", str(p["rounds"])],
+        ["noise multiplier", f"{p['noise_multiplier']:.4g} (updates: {p['update_noise_multiplier']:.4g})"],
+        ["clipping", f"{p['clipping']}, bound {p['clip']:.4g} (last: {p['final_clip']:.4g})"],
+        ["sampling", f"{p['sampling']}, rate {p['sampling_rate']:.4g} of {p['population']} clients"],
+        ["noise", p["noise_source"]],
+    ]
+    text = (
+        "## Privacy\n\nClient-level DP-FedAvg with the noise drawn on the server (central DP): the guarantee "
+        "covers every model the server sent or wrote, not the metadata a client reports beside its update "
+        "(sample count, training loss).\n\n" + _table(["", ""], rows)
+    )
+    if "stopped_early" in summary:
+        text += f"\n\nThe run {summary['stopped_early']}."
+    return [text]
 
 
 def _missed_section(summary: Mapping[str, Any]) -> list[str]:

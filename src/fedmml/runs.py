@@ -296,6 +296,10 @@ def finish_run(
         "evaluation": cfg.eval.where,
         "eval_split": cfg.eval.split,
     }
+    if server.privacy is not None:
+        summary["privacy"] = server.privacy.describe()
+    if server.privacy_stop:
+        summary["stopped_early"] = server.privacy_stop
     if server.plans:
         # Memory budgets: each client's slice per stage and how its measured peaks compared with its budget.
         summary["budgets"] = budgets.summarize(metrics, server.limits)

@@ -181,3 +181,24 @@ def test_ctrl_c_stops_the_simulation_and_resume_finishes_it_as_the_inprocess_eng
         assert (out / name).is_file(), name
     assert_same_run(inprocess, out)
     assert json.loads((out / "flower.json").read_text())["status"] == "finished:completed"
+
+
+def test_a_private_run_on_the_server_app_matches_the_inprocess_engine(
+    emoji_root: Path, tmp_path: Path, local_grid
+) -> None:
+    # Client-level DP through Flower's messages: the bound travels to the ClientApp, its clipped update and
+    # its word on clipping come back, and the server noises as in process (seeded noise in a simulation).
+    from flwr.app import Context, RecordDict
+
+    from fedmml.engines.flower.client_app import app as client_app
+    from fedmml.engines.flower.server_app import main
+
+    private = _overrides(emoji_root, "privacy.target_epsilon=8", "privacy.clip=0.5")
+    alone = tmp_path / "inprocess"
+    run_experiment(load_config("tiny", private), alone)
+    grid = local_grid(client_app, num_nodes=3)
+    run_config = {"preset": "tiny", "overrides": ";".join(private), "run-dir": str(tmp_path / "flower")}
+    main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    assert_same_run(alone, tmp_path / "flower")
+    spent = [[m["privacy"] for m in read_metrics(run)] for run in (alone, tmp_path / "flower")]
+    assert spent[0] == spent[1] and spent[0][-1]["epsilon"] > spent[0][0]["epsilon"] > 0

@@ -11,16 +11,21 @@ from fedmml.evaluation.retrieval import build_relevance, chance_rsum, recall_at_
 
 
 def brute_force_recall(sim: torch.Tensor, relevant: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
-    """Reference via argsort: rank = items scoring strictly higher; a hit if any relevant rank < K."""
+    """Reference by counting: the items tied with a query's best relevant score come in a random order, so a
+    hit at K is 1 - C(others, s) / C(tied, s) with s the places left within K (hypergeometric)."""
     out = {}
     for name, s, r in (("i2t", sim, relevant), ("t2i", sim.t(), relevant.t())):
-        order = s.argsort(dim=1, descending=True, stable=True)
-        sorted_scores = s.gather(1, order)
         for k in ks:
-            hits = 0
+            hits = 0.0
             for row in range(s.shape[0]):
-                ranks = [(sorted_scores[row] > s[row, j]).sum().item() for j in r[row].nonzero().flatten()]
-                hits += min(ranks) < k
+                best = max(s[row, j].item() for j in r[row].nonzero().flatten())
+                higher = sum(v > best for v in s[row].tolist())
+                tied = [bool(r[row, j]) for j, v in enumerate(s[row].tolist()) if v == best]
+                slots = k - higher
+                if slots > 0:
+                    others = tied.count(False)
+                    miss = 0.0 if slots > others else math.comb(others, slots) / math.comb(len(tied), slots)
+                    hits += 1 - miss
             out[f"{name}_r{k}"] = 100.0 * hits / s.shape[0]
     out["rsum"] = sum(out.values())
     return out
@@ -51,8 +56,8 @@ def test_shifted_ranking_gives_partial_recall():
     result = recall_at_k(sim, relevant, ks=(1, 5))
     assert result["i2t_r1"] == 10.0  # only image 0 (relevant text at rank 0)
     assert result["i2t_r5"] == 50.0  # images 0..4
-    # Every image scores text j equally, so all images tie and each text finds its image at rank 0.
-    assert result["t2i_r1"] == 100.0
+    # Every image scores text j equally: all ten images tie, and a random order puts text j's first 1 in 10.
+    assert result["t2i_r1"] == pytest.approx(10.0)
 
 
 def test_any_relevant_caption_counts_for_image_to_text():
@@ -76,15 +81,19 @@ def test_duplicate_caption_is_relevant_to_both_images():
     assert result["t2i_r1"] == pytest.approx(200 / 3)  # "smile" ranks image 1 above image 0
 
 
-def test_ties_count_only_strictly_higher_scores():
-    # All texts tie: every relevant item has rank 0, whatever order a sort would pick.
+def test_ties_are_ordered_at_random_so_a_collapsed_model_scores_chance():
+    # All texts tie: a random order puts the relevant one first 1 time in 4, as a random model would.
     sim = torch.zeros(4, 4)
-    result = recall_at_k(sim, torch.eye(4, dtype=torch.bool), ks=(1,))
-    assert result["i2t_r1"] == result["t2i_r1"] == 100.0
-    # One strictly higher distractor pushes the relevant item to rank 1.
+    result = recall_at_k(sim, torch.eye(4, dtype=torch.bool), ks=(1, 2, 4))
+    assert result["i2t_r1"] == result["t2i_r1"] == pytest.approx(25.0)
+    assert result["i2t_r2"] == pytest.approx(50.0) and result["i2t_r4"] == pytest.approx(100.0)
+    # NaN scores (a model whose weights diverged) tie as the lowest: chance, never a perfect recall.
+    result = recall_at_k(torch.full((4, 4), float("nan")), torch.eye(4, dtype=torch.bool), ks=(1,))
+    assert result["i2t_r1"] == pytest.approx(25.0)
+    # One strictly higher distractor pushes the relevant item to rank 1; a tie with it is a coin toss.
     sim = torch.tensor([[0.5, 0.7], [0.5, 0.5]])
     result = recall_at_k(sim, torch.eye(2, dtype=torch.bool), ks=(1, 2))
-    assert result["i2t_r1"] == 50.0 and result["i2t_r2"] == 100.0
+    assert result["i2t_r1"] == pytest.approx(25.0) and result["i2t_r2"] == 100.0
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -1,10 +1,11 @@
 """Image-text retrieval Recall@K over a whole evaluation set, its relevance matrix, and its chance level.
 
-Ranks are exact and cheap: for each query, the rank of its best relevant item is the number of items that
-score *strictly higher* than that item's score, so a hit at K means ``rank < K``. No argsort is needed, and
-the result does not depend on how a sort would order tied scores: an item tied with the best relevant one
-does not push it down. (Exact ties between float similarities of distinct items are rare in practice; this
-rule only makes them deterministic.)
+Ranks are exact and cheap: for each query, the items that score *strictly higher* than its best relevant
+item count against it, and the items tied with that score are ordered at random: a hit at K is the exact
+probability, over that order, that a relevant item comes within the first K. No argsort is needed, the result
+does not depend on how a sort would order ties, and a collapsed model (every score equal, or NaN) scores the
+chance level rather than a perfect recall. (Exact ties between float similarities of distinct items are rare
+in a trained model; this rule matters for degenerate ones, e.g. one a privacy noise has wrecked.)
 """
 
 from __future__ import annotations
@@ -48,22 +49,40 @@ def build_relevance(captions_per_image: Sequence[Sequence[str]]) -> tuple[list[s
 
 
 def _best_relevant_rank(rows: Callable[[int, int], Tensor], relevant: Tensor) -> Tensor:
-    """Per row of ``relevant``, the 0-based rank of its best relevant column: the count of columns scoring
-    strictly higher; ``rows(start, stop)`` gives those rows' scores, so no more than a chunk of the score
-    matrix exists at once."""
-    ranks = torch.empty(relevant.shape[0], dtype=torch.long)
+    """Per row of ``relevant``: the columns scoring strictly higher than its best relevant column, the other
+    columns tied with that score, and the relevant ones tied with it (an int64 row of three); NaN scores as
+    the lowest. ``rows(start, stop)`` gives those rows' scores, so no more than a chunk of the score matrix
+    exists at once."""
+    counts = torch.empty(relevant.shape[0], 3, dtype=torch.long)
     for start in range(0, relevant.shape[0], _CHUNK_ROWS):
-        scores = rows(start, start + _CHUNK_ROWS).detach().float()
+        scores = rows(start, start + _CHUNK_ROWS).detach().float().nan_to_num(nan=float("-inf"))
         mask = relevant[start : start + _CHUNK_ROWS].to(scores.device)
         best = scores.masked_fill(~mask, float("-inf")).amax(dim=1, keepdim=True)
-        ranks[start : start + _CHUNK_ROWS] = (scores > best).sum(dim=1).cpu()
-    return ranks
+        tied = scores == best
+        chunk = torch.stack([(scores > best).sum(1), (tied & ~mask).sum(1), (tied & mask).sum(1)], dim=1)
+        counts[start : start + _CHUNK_ROWS] = chunk.cpu()
+    return counts
+
+
+def _hit_probability(counts: Tensor, k: int) -> Tensor:
+    """Per row of :func:`_best_relevant_rank`'s counts, the probability that a relevant item is among the
+    first ``k`` when the tied items come in a random order."""
+    higher, others, mine = (counts[:, i].double() for i in range(3))
+    slots = (k - higher).clamp(min=0)  # places left for the tied items within the first k
+    # The chance that the first `slots` tied items are all other items: prod over i of (others-i)/(tied-i).
+    all_others = torch.ones_like(higher)
+    for i in range(k):
+        left = others - i
+        factor = (left / (left + mine)).where(left > 0, 0.0).where(i < slots, 1.0)
+        all_others = all_others * factor
+    return (1 - all_others).where(slots > 0, 0.0)
 
 
 def recall_at_k(sim: Tensor, relevant: Tensor, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
     """Percent Recall@K both ways (``i2t_r{k}``, ``t2i_r{k}``) and their sum ``rsum``; ``sim[image, text]``.
 
-    A query is a hit at K when ANY of its relevant items has rank < K (see the module docstring for ranks).
+    A query is a hit at K when ANY of its relevant items is within the first K (see the module docstring for
+    ties).
     """
     _check_relevance(relevant)
     if sim.shape != relevant.shape:
@@ -95,8 +114,8 @@ def recall_of_embeddings(
 
 def _recalls(ranks: dict[str, Tensor], ks: Sequence[int]) -> dict[str, float]:
     result = {
-        f"{direction}_r{k}": 100.0 * (rank < k).double().mean().item()
-        for direction, rank in ranks.items()
+        f"{direction}_r{k}": 100.0 * _hit_probability(counts, k).mean().item()
+        for direction, counts in ranks.items()
         for k in ks
     }
     result["rsum"] = sum(result.values())

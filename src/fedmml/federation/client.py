@@ -21,6 +21,7 @@ from fedmml.data import missing
 from fedmml.federation import neck_fit
 from fedmml.federation.payload import Message, PayloadError, lossy, pack, to_delta, unpack
 from fedmml.federation.prefix_cache import CacheShelf
+from fedmml.federation.privacy import clip_update
 from fedmml.federation.training import (
     IndexedSamples,
     LocalResult,
@@ -225,6 +226,10 @@ class Client:
         self.last_training = local
         current = model.state_dict()
         update = {k: current[k] for k in sorted(trainable)}
+        unclipped = None
+        if "clip" in meta:
+            # Client-level privacy: the change this round made goes out clipped (fedmml.federation.privacy).
+            update, unclipped = clip_update(update, {k: received[k] for k in update}, meta["clip"])
         # The reply travels as the server asked; messages from before transport.dtype existed mean float32.
         transport = meta.get("transport", "float32")
         as_delta = lossy(transport)
@@ -251,4 +256,6 @@ class Client:
         }
         if as_delta:
             reply["delta"] = True
+        if unclipped is not None:
+            reply["unclipped"] = unclipped
         return Message(reply, pack(update, transport))

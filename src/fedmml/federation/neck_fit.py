@@ -33,7 +33,8 @@ def enabled(cfg: Config) -> bool:
     did not (one seed, -8.0), and the fit costs a download of the model at every widening, the kind of cost
     LW exists to save (benchmarks/RESULTS.md, "Why Prog trails")."""
     mode = cfg.model.neck_init
-    return mode == "fit" or (mode == "auto" and cfg.run.method == "prog")
+    # Under client-level privacy "auto" is "fresh": the fit's sums would leave the clients without noise.
+    return mode == "fit" or (mode == "auto" and cfg.run.method == "prog" and not cfg.privacy.enabled)
 
 
 @dataclass

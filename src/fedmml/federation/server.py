@@ -44,6 +44,7 @@ from fedmml.federation.payload import (
     upload_parts,
     validate,
 )
+from fedmml.federation.privacy import Privacy, PrivateSum
 from fedmml.methods import Stage, configure, trainable_keys, without_towers
 from fedmml.models.multimodal import MultimodalModel
 from fedmml.tasks import task_for
@@ -208,11 +209,16 @@ class Server:
         self.plans: dict[int, dict[int, str]] = {}
         self.plan: dict[int, str] = {}
         self.client_keys: dict[int, list[str]] = {}
+        # Client-level differential privacy (fedmml.federation.privacy), when asked for.
+        self.privacy = Privacy(cfg) if cfg.privacy.enabled else None
+        self.privacy_stop = ""  # why the run stopped before its last round (privacy.max_epsilon)
 
     def sample_clients(self) -> list[int]:
         """Clients for one round: all set-up ones that train in this stage, or a seeded sample of them without
         replacement."""
         pool = self._pool()
+        if self.privacy is not None:
+            return self.privacy.sample(pool, self.rng)
         k = self.cfg.federation.clients_per_round or len(pool)
         if k >= len(pool):
             return pool
@@ -356,6 +362,8 @@ class Server:
         }
         if evaluate:
             meta["evaluate"] = True
+        elif self.privacy is not None:
+            meta["clip"] = self.privacy.bound  # the client clips its change to this before it replies
         if neck_fit is not None:
             meta["neck_fit"] = neck_fit.depths
         if measure_memory:
@@ -364,7 +372,35 @@ class Server:
 
     def _eval_due(self, round_no: int) -> bool:
         every = self.cfg.eval.every
-        return round_no == self.total_rounds or (every > 0 and round_no % every == 0)
+        last = round_no == self.total_rounds or not self._affords_another()
+        return last or (every > 0 and round_no % every == 0)
+
+    def _affords_another(self) -> bool:
+        """Whether one more noised round stays within privacy.max_epsilon (always, without privacy)."""
+        return self.privacy is None or self.privacy.affords(self.privacy.rounds + 1)
+
+    def _bind_privacy(self) -> None:
+        """Set the accountant for the clients set up, solve the noise under privacy.target_epsilon, and say
+        what the run will spend; refuse a cap the next round would already pass."""
+        if self.privacy is None:
+            return
+        privacy = self.privacy
+        privacy.bind(len(self._pool()), self.total_rounds)
+        p = self.cfg.privacy
+        planned = privacy.epsilon(self.total_rounds - self.done_rounds + privacy.rounds)
+        solved = f" (solved for epsilon {p.target_epsilon:g})" if p.target_epsilon else ""
+        self.listener(
+            Notice(
+                f"client-level DP: noise multiplier {privacy.noise_multiplier:.4g}{solved}, {p.sampling} "
+                f"sampling at rate {privacy.rate:.4g}, clip {privacy.bound:.4g} ({p.clipping}); "
+                f"{self.total_rounds} rounds reach epsilon {planned:.4g} at delta {p.delta:g}"
+            )
+        )
+        if not self._affords_another():
+            raise SetupFailed(
+                f"privacy.max_epsilon = {p.max_epsilon:g} is spent: round {privacy.rounds + 1} would reach "
+                f"epsilon {privacy.epsilon(privacy.rounds + 1):.4g}"
+            )
 
     def enter_stage(self, stage: Stage) -> list[str]:
         """Grow the global model to ``stage``, set what trains, track new tensors; return trainable keys."""
@@ -390,6 +426,7 @@ class Server:
             "stage_peaks": {str(k): v for k, v in self.stage_peaks.items()},
             "client_peaks": {str(s): {str(c): b for c, b in p.items()} for s, p in self.client_peaks.items()},
             "engine": engine.state_dict(),
+            "privacy": self.privacy.state_dict() if self.privacy is not None else None,
             # What each client's data was: a resume on other data is refused (see check_data).
             "fingerprints": {str(c): r.get("fingerprint") for c, r in self.clients.items()},
             "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
@@ -407,6 +444,8 @@ class Server:
         self.model.load_state_dict(tensors, strict=True)
         self.metrics = list(state["metrics"])
         self.rng.bit_generator.state = state["rng"]
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state["privacy"])
         self.stage_peaks = {int(k): v for k, v in state.get("stage_peaks", {}).items()}
         self.client_peaks = {
             int(s): {int(c): b for c, b in p.items()} for s, p in state.get("client_peaks", {}).items()
@@ -451,9 +490,12 @@ class Server:
             engine.resume(self, self._engine_state)
             self._engine_state = None
         self.plan_budgets()
+        self._bind_privacy()
         round_no = 0
         fit = NeckFit()
         for stage in self.stages:
+            if self.privacy_stop:
+                break
             if round_no + stage.rounds < self.done_rounds:
                 round_no += stage.rounds
                 continue
@@ -467,6 +509,13 @@ class Server:
                 round_no += 1
                 if round_no <= self.done_rounds:
                     continue
+                if not self._affords_another():
+                    self.privacy_stop = (
+                        f"stopped before round {round_no} of {self.total_rounds}: it would take epsilon past "
+                        f"privacy.max_epsilon = {self.cfg.privacy.max_epsilon:g}"
+                    )
+                    self.listener(Notice(self.privacy_stop))
+                    break
                 pending = fit if fit.depths else None
                 self.metrics.append(self._round(engine, stage, round_no, trainable, pending))
                 fit = NeckFit()
@@ -513,7 +562,9 @@ class Server:
                 fitted = self._fit_necks(engine, cids, stage, round_no, trainable, fit, tally)
             expected = {k: v for k, v in self.model.state_dict().items() if k in trainable_set}
             # FedAvg folds each update in as it arrives; the robust aggregators need them all at once.
-            mean = RunningMean() if fed.aggregator == "fedavg" else None
+            mean: RunningMean | PrivateSum | None = RunningMean() if fed.aggregator == "fedavg" else None
+            if self.privacy is not None:
+                mean = self.privacy.start()
             accepted = self._wave(engine, cids, stage, round_no, trainable, expected, tally, mean)
             asked = set(cids)
             for _ in range(fed.backfill):
@@ -564,7 +615,7 @@ class Server:
         if tally.cache_notes:
             record["cache_notes"] = {str(c): n for c, n in tally.cache_notes.items()}
         if len(accepted) >= fed.min_clients:
-            record.update(self._aggregate(accepted, mean))
+            record.update(self._aggregate(accepted, mean, expected, round_no))
         else:
             record["skipped"] = True
             self.listener(RoundSkipped(round_no, len(accepted)))
@@ -591,7 +642,7 @@ class Server:
         trainable: list[str],
         expected: dict[str, torch.Tensor],
         tally: _Tally,
-        mean: RunningMean | None = None,
+        mean: RunningMean | PrivateSum | None = None,
     ) -> list[tuple[int, dict[str, torch.Tensor] | None, Message]]:
         """Send one message to each of ``cids``; return the updates that passed validation, each taken in as
         it arrives (into ``mean`` when given, which then keeps the tensors: the list holds None for them)."""
@@ -620,7 +671,10 @@ class Server:
                 tally.rejected[cid] = reason
                 self.listener(ClientDropped(cid, f"update rejected: {reason}"))
                 continue
-            if mean is not None:
+            if isinstance(mean, PrivateSum):
+                mean.add(tensors, mine, reply.meta.get("unclipped", True), reply.meta["num_samples"])
+                tensors = None
+            elif mean is not None:
                 mean.add(tensors, reply.meta["num_samples"])
                 tensors = None
             accepted.append((cid, tensors, reply))
@@ -733,10 +787,20 @@ class Server:
         return self._parts_by_stage[stage.index]
 
     def _aggregate(
-        self, accepted: list[tuple[int, dict[str, torch.Tensor] | None, Message]], mean: RunningMean | None
+        self,
+        accepted: list[tuple[int, dict[str, torch.Tensor] | None, Message]],
+        mean: RunningMean | PrivateSum | None,
+        expected: dict[str, torch.Tensor],
+        round_no: int,
     ) -> dict[str, Any]:
         fed = self.cfg.federation
-        if mean is not None:
+        record: dict[str, Any] = {}
+        if isinstance(mean, PrivateSum):
+            assert self.privacy is not None
+            averaged, record["privacy"] = self.privacy.finish(
+                mean, expected, self._holders(expected), derive_seed(self.cfg.run.seed, 11, round_no)
+            )
+        elif mean is not None:
             averaged = mean.result()
         else:
             updates = [(tensors, reply.meta["num_samples"]) for _, tensors, reply in accepted if tensors]
@@ -748,4 +812,14 @@ class Server:
         self.ledger.bump(list(averaged))
         replies = [reply for _, _, reply in accepted]
         total = sum(r.meta["num_samples"] for r in replies)
-        return {"train_loss": sum(r.meta["train_loss"] * r.meta["num_samples"] for r in replies) / total}
+        record["train_loss"] = sum(r.meta["train_loss"] * r.meta["num_samples"] for r in replies) / total
+        return record
+
+    def _holders(self, expected: dict[str, torch.Tensor]) -> dict[str, int]:
+        """How many clients of the pool train each tensor (their slices differ under budgets or with
+        unimodal clients): the sampling rate x this is the tensor's expected number of contributions."""
+        holders = dict.fromkeys(expected, 0)
+        for cid in self._pool():
+            for key in self.client_keys.get(cid, expected):
+                holders[key] += 1
+        return holders

@@ -1,0 +1,280 @@
+"""Client-level differential privacy: DP-FedAvg (McMahan et al. 2018) with a fixed or adaptive clipping bound
+(Andrew et al. 2021), and an accountant (Google's dp-accounting) that says epsilon at delta after each round.
+
+A client clips the change it made to the slice it trains (every float tensor of that slice together, one L2
+bound) and says whether the bound cut it. The server clips again what it decodes, so the bound holds for
+whatever a client sent and after int8/fp16 transport has rounded it; it sums the clipped changes, adds
+Gaussian noise of standard deviation noise_multiplier x clip to the sum of every tensor trained, and divides
+each tensor by the number of clients expected to send it (sampling rate x the clients whose slice holds it).
+The denominator is fixed in advance, as the analysis needs: a client that fails lowers the sum, not the
+noise. Each client counts once, whatever its sample count.
+
+This is central DP: the server sees each round's clipped updates and draws the noise. The guarantee covers
+every model the server sends or writes and what is computed from them; it does not cover the metadata a
+client reports beside its update (sample count, training loss, steps), nor integer buffers, which are
+averaged as without privacy.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import dp_accounting
+import torch
+from dp_accounting import pld, rdp
+
+from fedmml.config import Config, ConfigError, PrivacyConfig
+from fedmml.federation.aggregate import RunningMean
+
+NEIGHBOURS = dp_accounting.NeighboringRelation
+
+
+def l2_norm(tensors: dict[str, torch.Tensor]) -> float:
+    """The L2 norm of every float tensor of ``tensors`` together (float64 sums)."""
+    return math.sqrt(sum(float((v.double() ** 2).sum()) for v in tensors.values() if v.is_floating_point()))
+
+
+def clip(delta: dict[str, torch.Tensor], bound: float) -> tuple[dict[str, torch.Tensor], float]:
+    """``delta``'s float tensors scaled together to an L2 norm of at most ``bound``; and the norm before."""
+    norm = l2_norm(delta)
+    scale = bound / norm if norm > bound else 1.0  # a zero change has nothing to clip
+    return {k: v * scale if v.is_floating_point() else v for k, v in delta.items()}, norm
+
+
+def clip_update(
+    update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], bound: float
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """``update`` moved back towards ``reference`` until its change is at most ``bound``; and whether the
+    change was within the bound to begin with (the bit adaptive clipping counts)."""
+    floats = [k for k, v in update.items() if v.is_floating_point()]
+    clipped, norm = clip({k: update[k] - reference[k] for k in floats}, bound)
+    return {**update, **{k: reference[k] + clipped[k] for k in floats}}, norm <= bound
+
+
+def adaptive_noise(noise_multiplier: float, count_stddev: float) -> float:
+    """The update's noise multiplier when the count of unclipped updates is noised too, so that both together
+    are one Gaussian mechanism of ``noise_multiplier`` (Andrew et al. 2021, Theorem 1)."""
+    if noise_multiplier == 0:
+        return 0.0
+    if noise_multiplier >= 2 * count_stddev:
+        raise ConfigError(
+            f"privacy.count_stddev = {count_stddev:g} leaves no noise for the updates at noise multiplier "
+            f"{noise_multiplier:.3g}: it must be above {noise_multiplier / 2:.3g}"
+        )
+    return (noise_multiplier**-2 - (2 * count_stddev) ** -2) ** -0.5
+
+
+@dataclass
+class Sampling:
+    """How a round's clients are drawn, as the accountant assumes: each client of ``population`` with
+    probability ``rate`` (poisson), or exactly ``size`` of them (fixed)."""
+
+    kind: str
+    population: int
+    size: int
+
+    @property
+    def rate(self) -> float:
+        return self.size / self.population
+
+    def event(self, noise_multiplier: float) -> dp_accounting.DpEvent:
+        if self.kind == "poisson":
+            gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
+            return dp_accounting.PoissonSampledDpEvent(self.rate, gaussian)
+        # Replacing one client changes the sum of clipped updates by up to twice the bound.
+        gaussian = dp_accounting.GaussianDpEvent(noise_multiplier / 2)
+        return dp_accounting.SampledWithoutReplacementDpEvent(self.population, self.size, gaussian)
+
+
+class Accountant:
+    """Epsilon at delta after a number of noised rounds, each the same sampled Gaussian mechanism."""
+
+    def __init__(self, p: PrivacyConfig, sampling: Sampling) -> None:
+        self.p = p
+        self.sampling = sampling
+
+    def fresh(self) -> dp_accounting.PrivacyAccountant:
+        relation = NEIGHBOURS.ADD_OR_REMOVE_ONE if self.sampling.kind == "poisson" else NEIGHBOURS.REPLACE_ONE
+        if self.p.accountant == "pld":
+            return pld.PLDAccountant(relation)
+        return rdp.RdpAccountant(neighboring_relation=relation)
+
+    def epsilon(self, noise_multiplier: float, rounds: int) -> float:
+        if rounds == 0:
+            return 0.0
+        if noise_multiplier == 0:
+            return math.inf
+        accountant = self.fresh()
+        accountant.compose(self.sampling.event(noise_multiplier), rounds)
+        return float(accountant.get_epsilon(self.p.delta))
+
+    def solve(self, target_epsilon: float, rounds: int) -> float:
+        """The smallest noise multiplier whose ``rounds`` rounds stay within ``target_epsilon``."""
+        return float(
+            dp_accounting.calibrate_dp_mechanism(
+                self.fresh,
+                lambda sigma: dp_accounting.SelfComposedDpEvent(self.sampling.event(sigma), rounds),
+                target_epsilon,
+                self.p.delta,
+                dp_accounting.ExplicitBracketInterval(1e-3, 1e4),
+            )
+        )
+
+
+@dataclass
+class PrivateSum:
+    """One round's clipped changes, summed per tensor, and the count of those the bound left whole."""
+
+    bound: float
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    integers: RunningMean = field(default_factory=RunningMean)
+    unclipped: int = 0
+    clients: int = 0
+
+    def add(
+        self,
+        tensors: dict[str, torch.Tensor],
+        reference: dict[str, torch.Tensor],
+        unclipped: bool,
+        samples: int,
+    ) -> None:
+        """Fold in one client's update of the tensors in ``reference``, clipped here again; ``unclipped``: the
+        client's word that its own clipping left the update whole."""
+        floats = {k: v for k, v in tensors.items() if v.is_floating_point()}
+        change, norm = clip({k: v.double() - reference[k].double() for k, v in floats.items()}, self.bound)
+        for key, value in change.items():
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        others = {k: v for k, v in tensors.items() if k not in floats}
+        if others:
+            self.integers.add(others, samples)
+        # A client that did not clip its own update (or says so wrongly) is counted by what arrived.
+        self.unclipped += bool(unclipped and norm <= self.bound)
+        self.clients += 1
+
+
+class Privacy:
+    """The server's side of DP-FedAvg: sampling, the bound, the noise, and the accountant's round count (all
+    in the checkpoint, so a resumed run draws the same noise and reports the same epsilon)."""
+
+    def __init__(self, cfg: Config) -> None:
+        p = cfg.privacy
+        self.p = p
+        self.cfg = cfg
+        simulated = cfg.run.engine != "flower"
+        self.seeded = p.noise_source == "seeded" or (p.noise_source == "auto" and simulated)
+        self.bound = p.clip
+        self.rounds = 0  # noised aggregates released
+        self.noise_multiplier = p.noise_multiplier  # solved by bind() under target_epsilon
+        self.accountant: Accountant | None = None
+
+    def bind(self, population: int, planned_rounds: int) -> None:
+        """Set the accountant for the clients that could be set up (``population``); solve the noise for
+        ``planned_rounds`` rounds under privacy.target_epsilon."""
+        fed = self.cfg.federation
+        size = min(fed.clients_per_round or population, population)
+        if self.p.sampling == "poisson":
+            # Each client joins with probability clients_per_round / num_clients, however many are set up.
+            population, size = fed.num_clients, fed.clients_per_round or fed.num_clients
+        self.accountant = Accountant(self.p, Sampling(self.p.sampling, population, size))
+        if self.p.target_epsilon:
+            self.noise_multiplier = self.accountant.solve(self.p.target_epsilon, planned_rounds)
+
+    @property
+    def rate(self) -> float:
+        assert self.accountant is not None
+        return self.accountant.sampling.rate
+
+    def sample(self, pool: list[int], rng: Any) -> list[int]:
+        """This round's clients: each of ``pool`` with the sampling rate (poisson), or a fixed-size draw."""
+        if self.p.sampling == "poisson":
+            return [c for c, u in zip(pool, rng.random(len(pool)), strict=True) if u < self.rate]
+        size = self.accountant.sampling.size if self.accountant else len(pool)
+        if size >= len(pool):
+            return pool
+        return sorted(int(c) for c in rng.choice(pool, size=size, replace=False))
+
+    def epsilon(self, rounds: int | None = None) -> float:
+        assert self.accountant is not None
+        return self.accountant.epsilon(self.noise_multiplier, self.rounds if rounds is None else rounds)
+
+    def affords(self, rounds: int) -> bool:
+        """Whether ``rounds`` noised rounds stay within privacy.max_epsilon (always, without a cap)."""
+        return not self.p.max_epsilon or self.epsilon(rounds) <= self.p.max_epsilon
+
+    @property
+    def count_stddev(self) -> float:
+        return self.p.count_stddev or self.rate * self.accountant.sampling.population / 20
+
+    @property
+    def update_noise(self) -> float:
+        """The noise multiplier on the updates' sum (all of it with a fixed bound)."""
+        if self.p.clipping == "fixed":
+            return self.noise_multiplier
+        return adaptive_noise(self.noise_multiplier, self.count_stddev)
+
+    def start(self) -> PrivateSum:
+        return PrivateSum(self.bound)
+
+    def finish(
+        self, acc: PrivateSum, reference: dict[str, torch.Tensor], holders: dict[str, int], seed: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The new values of the round's tensors: ``reference`` plus the noised sum over each tensor's
+        expected number of contributions (the sampling rate x ``holders``, the clients whose slice holds it);
+        and what the round records of privacy. ``seed`` draws the noise when it is seeded."""
+        generator = torch.Generator().manual_seed(seed if self.seeded else secrets.randbits(63))
+        std = self.update_noise * acc.bound
+        out: dict[str, torch.Tensor] = {}
+        for key, ref in reference.items():
+            if not ref.is_floating_point():
+                continue
+            total = acc.sums.get(key, torch.zeros(ref.shape, dtype=torch.float64))
+            if std:
+                total = total + torch.randn(ref.shape, generator=generator, dtype=torch.float64) * std
+            expected = self.rate * holders.get(key, 0)
+            if expected > 0:
+                out[key] = (ref.double() + total / expected).to(ref.dtype)
+        if acc.integers.sums:
+            out.update(acc.integers.result())
+        self.rounds += 1
+        record: dict[str, Any] = {
+            "epsilon": self.epsilon(),
+            "clip": acc.bound,
+            "noise_std": std,
+        }
+        if self.p.clipping == "adaptive":
+            # The count of updates the bound left whole, noised, over the expected number of clients.
+            expected_clients = self.rate * self.accountant.sampling.population
+            noised = acc.unclipped + float(torch.randn((), generator=generator)) * self.count_stddev
+            fraction = noised / expected_clients
+            self.bound = acc.bound * math.exp(-self.p.clip_lr * (fraction - self.p.target_quantile))
+            record["unclipped_fraction"] = fraction
+        return out, record
+
+    def describe(self) -> dict[str, Any]:
+        """The run's privacy settings and guarantee so far, for summary.json and the report."""
+        assert self.accountant is not None
+        sampling = self.accountant.sampling
+        return {
+            "epsilon": self.epsilon(),
+            "delta": self.p.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "update_noise_multiplier": self.update_noise,
+            "clipping": self.p.clipping,
+            "clip": self.p.clip,
+            "final_clip": self.bound,
+            "sampling": sampling.kind,
+            "sampling_rate": sampling.rate,
+            "population": sampling.population,
+            "rounds": self.rounds,
+            "accountant": self.p.accountant,
+            "noise_source": "seeded" if self.seeded else "system",
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rounds": self.rounds, "bound": self.bound}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rounds, self.bound = int(state["rounds"]), float(state["bound"])
