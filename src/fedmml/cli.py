@@ -24,6 +24,7 @@ from fedmml.config import (
     METHODS,
     PRECISIONS,
     SPEED_METHODS,
+    Config,
     ConfigError,
     available_presets,
     load_config,
@@ -508,7 +509,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     cfg = _resolve(args)
     if args.print_config:
         print(cfg.to_json())
-    out = args.out or Path("runs") / f"{cfg.preset}-{cfg.run.method}-{_stamp()}"
+    out = args.out or Path("runs") / f"{cfg.preset}-{cfg.run.method}{_tag(cfg)}-{_stamp()}"
     args.run_dir = out
     display = _Display(args.quiet)
     display.method = cfg.run.method
@@ -552,10 +553,15 @@ def _series_args(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def _series_out(args: argparse.Namespace, kind: str, preset: str) -> Path:
+def _tag(cfg: Config) -> str:
+    """The part of a default run folder's name that says its privacy settings: -dp-eps8, or nothing."""
+    return f"-{cfg.privacy.label}" if cfg.privacy.enabled else ""
+
+
+def _series_out(args: argparse.Namespace, kind: str, preset: str, cfg: Config) -> Path:
     if args.resume and args.out is None:
         raise ConfigError(f"--resume needs the --out of the {kind} to continue")
-    return args.out or Path("runs") / f"{kind}-{preset}-{_stamp()}"
+    return args.out or Path("runs") / f"{kind}-{preset}{_tag(cfg)}-{_stamp()}"
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
@@ -572,7 +578,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
             tuned[m] = load_config(str(path), _extra_overrides(args))
     # Without --preset a tuned set is its own base (its task, its data).
     cfg = next(iter(tuned.values())) if tuned and args.preset is None else _resolve(args)
-    out = _series_out(args, "compare", f"tuned-{Path(args.tuned).name}" if tuned else cfg.preset)
+    out = _series_out(args, "compare", f"tuned-{Path(args.tuned).name}" if tuned else cfg.preset, cfg)
     display = _Display(args.quiet)
     with display.live():
         combined = api.compare(
@@ -603,7 +609,7 @@ def _cmd_tune(args: argparse.Namespace) -> None:
         axes(args.vary),
         (args.confirm_top, tuple(args.confirm_seeds)),
     )
-    out = _series_out(args, "tune", cfg.preset)
+    out = _series_out(args, "tune", cfg.preset, cfg)
     display = _Display(args.quiet)
     with display.live():
         result = tune(
@@ -638,7 +644,7 @@ def _cmd_deploy(args: argparse.Namespace) -> None:
         args.overrides.append(f"federation.num_clients={len(args.node_data)}")
     args.overrides.append('run.engine="flower"')
     cfg = _resolve(args)
-    out = args.out or Path("runs") / f"{cfg.preset}-{cfg.run.method}-flower-{_stamp()}"
+    out = args.out or Path("runs") / f"{cfg.preset}-{cfg.run.method}{_tag(cfg)}-flower-{_stamp()}"
     claim_run_dir(out, args.overwrite)
     display = _Display(args.quiet)
     display.method = cfg.run.method

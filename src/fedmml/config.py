@@ -286,6 +286,14 @@ class PrivacyConfig:
     def enabled(self) -> bool:
         return self.noise_multiplier > 0 or self.target_epsilon > 0
 
+    @property
+    def label(self) -> str:
+        """A short name for run folders: dp-eps8, dp-sigma1.1-adaptive; empty without privacy."""
+        if not self.enabled:
+            return ""
+        level = f"eps{self.target_epsilon:g}" if self.target_epsilon else f"sigma{self.noise_multiplier:g}"
+        return f"dp-{level}" + ("-adaptive" if self.clipping == "adaptive" else "")
+
 
 @dataclass
 class FaultsConfig:

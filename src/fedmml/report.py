@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,27 @@ def _privacy_section(summary: Mapping[str, Any]) -> list[str]:
     return [text]
 
 
+def _epsilon(summaries: Iterable[Mapping[str, Any]]) -> str:
+    """The largest epsilon a method's runs reached and their noise multiplier (solved for each method's own
+    rounds under privacy.target_epsilon): the runs of a method differ only in their seed."""
+    private = [s["privacy"] for s in summaries if s.get("privacy")]
+    if not private:
+        return "∞"
+    return f"{max(p['epsilon'] for p in private):.3g} (σ {private[0]['noise_multiplier']:.3g})"
+
+
+def _privacy_line(summaries: Iterable[Mapping[str, Any]]) -> str:
+    """One sentence on the privacy settings the private runs among ``summaries`` share, or nothing."""
+    p = next((s["privacy"] for s in summaries if s.get("privacy")), None)
+    if not p:
+        return ""
+    return (
+        f" Client-level DP (central): ε at δ = {p['delta']:g} ({p['accountant'].upper()} accountant), "
+        f"{p['clipping']} clipping from {p['clip']:g}, {p['sampling']} sampling of rate "
+        f"{p['sampling_rate']:.3g} from {p['population']} clients."
+    )
+
+
 def _missed_section(summary: Mapping[str, Any]) -> list[str]:
     """The clients (nodes) that missed rounds they were asked to train, and when they came back."""
     missed = summary.get("missed_rounds", {})
@@ -187,10 +208,17 @@ def write_comparison(
     for key in COSTS:
         headers += [_COST_LABELS[key], "÷ e2e"]
     headers.append("wall time")
+    private = any(s.get("privacy") for entry in combined.values() for s in entry["seeds"].values())
+    if private:
+        headers.insert(1, "ε (noise multiplier)")
     rows = []
     for method, entry in combined.items():
         ratios = entry.get("vs_e2e", {})
-        row = [method, *(_spread(k, entry) for k in keys)]
+        row = [
+            method,
+            *([_epsilon(entry["seeds"].values())] if private else []),
+            *(_spread(k, entry) for k in keys),
+        ]
         if headline:
             row.append(_interval(ratios.get(headline)))
         for key in COSTS:
@@ -198,9 +226,11 @@ def write_comparison(
         row.append(_fmt("wall_s", entry["mean"].get("wall_s")))
         rows.append(row)
     where = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean ± sd over seeds {', '.join(seeds)}"
+    privacy = _privacy_line(s for entry in combined.values() for s in entry["seeds"].values())
     text = (
         f"# Comparison on {preset}\n\n{where}; every ratio is the method's figure ÷ e2e's on the same seed. "
-        f"Client peak memory is the most any client needed in one round; FLOPs and bytes are run totals.\n\n"
+        f"Client peak memory is the most any client needed in one round; FLOPs and bytes are run totals."
+        f"{privacy}\n\n"
         f"{_table(headers, rows)}\n\n## Plots ({'seed ' + seeds[0]})\n\n{_images(plots, out_dir)}\n"
     )
     (out_dir / "comparison.json").write_text(json.dumps(combined, indent=2, default=str) + "\n")
@@ -218,6 +248,8 @@ def write_grid(out_dir: Path, result: Mapping[str, Any]) -> Path:
     # Points confirmed on more seeds (fedmml tune --confirm-top): their mean, what the choice went by.
     confirmed = any("seeds" in p for p in result["points"])
     headers += ["mean over seeds (val)"] if confirmed else []
+    private = any("epsilon" in p for p in result["points"])
+    headers += ["ε"] if private else []
     headers += ["client peak memory", "client FLOPs", "bytes up", "wall time", "chosen"]
     rows = [
         [
@@ -228,6 +260,7 @@ def write_grid(out_dir: Path, result: Mapping[str, Any]) -> Path:
             *(str(dict(p.get("vary", [])).get(key, "")) for key in varied),
             _fmt(score.removeprefix("val_"), p[score]),
             *([_seed_mean(score, p)] if confirmed else []),
+            *([f"{p['epsilon']:.3g}" if "epsilon" in p else "∞"] if private else []),
             *(_fmt(k, p[k]) for k in ("client_peak_mem_bytes", "client_flops_total", "bytes_up_total")),
             _fmt("wall_s", p["wall_s"]),
             "✓" if result["best"][p["method"]]["run"] == p["run"] else "",

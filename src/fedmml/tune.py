@@ -215,6 +215,8 @@ def tune(
                 score: summary[key],
                 **{k: summary[k] for k in ("client_peak_mem_bytes", "client_flops_total", "bytes_up_total")},
                 "wall_s": summary["wall_s"],
+                # Under privacy.*: each point's own guarantee (its rounds and sampling set the noise).
+                **({"epsilon": summary["privacy"]["epsilon"]} if summary.get("privacy") else {}),
             }
         )
     if confirm_top > 0 and confirm_seeds:

@@ -251,3 +251,41 @@ def test_a_run_stops_before_the_round_that_would_pass_max_epsilon(emoji_root: Pa
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert "stopped before round 3" in summary["stopped_early"] and summary["rounds"] == 2
     assert math.isclose(summary["privacy"]["epsilon"], metrics[-1]["privacy"]["epsilon"])
+
+
+def test_privacy_settings_name_the_runs_and_fill_the_comparison_and_grid_tables(tmp_path: Path) -> None:
+    from fedmml.cli import _build_parser, _series_out
+    from fedmml.comparison import combine
+    from fedmml.report import write_comparison, write_grid
+
+    eps = load_config("tiny", ["privacy.target_epsilon=8"])
+    sigma = load_config("tiny", ["privacy.noise_multiplier=1.1", 'privacy.clipping="adaptive"'])
+    assert (eps.privacy.label, sigma.privacy.label, load_config("tiny").privacy.label) == (
+        "dp-eps8",
+        "dp-sigma1.1-adaptive",
+        "",
+    )
+    args = _build_parser().parse_args(["compare", "--set", "privacy.target_epsilon=8"])
+    assert _series_out(args, "compare", "emoji", eps).name.startswith("compare-emoji-dp-eps8-")
+
+    def summary(rsum: float, epsilon: float | None) -> dict:
+        out = {"rsum": rsum, "client_peak_mem_bytes": 2**20, "bytes_up_total": 10, "wall_s": 1.0}
+        if epsilon is not None:
+            out["privacy"] = {
+                "epsilon": epsilon, "delta": 1e-5, "noise_multiplier": 0.7, "accountant": "rdp",
+                "clipping": "fixed", "clip": 1.0, "sampling": "poisson", "sampling_rate": 0.1,
+                "population": 100,
+            }  # fmt: skip
+        return out
+
+    combined = combine({"e2e": {0: summary(40.0, 7.99)}, "lw": {0: summary(60.0, 7.98)}}, ("rsum",))
+    text = write_comparison(tmp_path, combined, {"e2e": [], "lw": []}, "emoji").read_text()
+    assert "Client-level DP (central): ε at δ = 1e-05 (RDP accountant)" in text
+    assert "poisson sampling of rate 0.1 from 100 clients" in text
+    assert "| method | ε (noise multiplier) |" in text and "| lw | 7.98 (σ 0.7) | 60.00 |" in text
+    point = {"method": "lw", "schedule": "uniform", "encoder_scale": 1, "head_scale": 1, "run": "lw-a"}
+    point |= {"val_rsum": 50.0, "client_peak_mem_bytes": 1, "client_flops_total": 1, "bytes_up_total": 1}
+    result = {"score": "val_rsum", "proxy": [], "points": [{**point, "wall_s": 1.0, "epsilon": 3.5}]}
+    result["best"] = {"lw": result["points"][0]}
+    grid = write_grid(tmp_path, result).read_text()
+    assert "| ε |" in grid and "| 3.5 |" in grid
