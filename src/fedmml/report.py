@@ -208,7 +208,8 @@ def write_comparison(
     for key in COSTS:
         headers += [_COST_LABELS[key], "÷ e2e"]
     headers.append("wall time")
-    private = any(s.get("privacy") for entry in combined.values() for s in entry["seeds"].values())
+    privacy = _privacy_line(s for entry in combined.values() for s in entry["seeds"].values())
+    private = bool(privacy)
     if private:
         headers.insert(1, "ε (noise multiplier)")
     rows = []
@@ -226,7 +227,6 @@ def write_comparison(
         row.append(_fmt("wall_s", entry["mean"].get("wall_s")))
         rows.append(row)
     where = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean ± sd over seeds {', '.join(seeds)}"
-    privacy = _privacy_line(s for entry in combined.values() for s in entry["seeds"].values())
     text = (
         f"# Comparison on {preset}\n\n{where}; every ratio is the method's figure ÷ e2e's on the same seed. "
         f"Client peak memory is the most any client needed in one round; FLOPs and bytes are run totals."

@@ -95,6 +95,9 @@ class Accountant:
     def __init__(self, p: PrivacyConfig, sampling: Sampling) -> None:
         self.p = p
         self.sampling = sampling
+        # A round asks for the same figure up to three times (may it run, is it the last to evaluate, what
+        # did it spend), and PLD takes seconds for each: each (noise multiplier, rounds) is computed once.
+        self._spent: dict[tuple[float, int], float] = {}
 
     def fresh(self) -> dp_accounting.PrivacyAccountant:
         relation = NEIGHBOURS.ADD_OR_REMOVE_ONE if self.sampling.kind == "poisson" else NEIGHBOURS.REPLACE_ONE
@@ -107,9 +110,11 @@ class Accountant:
             return 0.0
         if noise_multiplier == 0:
             return math.inf
-        accountant = self.fresh()
-        accountant.compose(self.sampling.event(noise_multiplier), rounds)
-        return float(accountant.get_epsilon(self.p.delta))
+        if (noise_multiplier, rounds) not in self._spent:
+            accountant = self.fresh()
+            accountant.compose(self.sampling.event(noise_multiplier), rounds)
+            self._spent[noise_multiplier, rounds] = float(accountant.get_epsilon(self.p.delta))
+        return self._spent[noise_multiplier, rounds]
 
     def solve(self, target_epsilon: float, rounds: int) -> float:
         """The smallest noise multiplier whose ``rounds`` rounds stay within ``target_epsilon``."""
