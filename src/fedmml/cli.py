@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedmml import api
+from fedmml import api, interrupts
 from fedmml.api import DEFAULT_PRESET
 from fedmml.config import (
     BENCH_METHODS,
@@ -422,6 +421,8 @@ class _Display:
         self.stage = ""
 
     def __call__(self, event: Event) -> None:
+        if isinstance(event, (MethodStarted, StageStarted, RoundStarted, ClientStarted)):
+            interrupts.raise_if_lost()  # before new work starts, never while an interrupted run cleans up
         if isinstance(event, MethodStarted):
             self.method = event.method if event.seed is None else f"{event.method} (seed {event.seed})"
             self.task = None
@@ -806,10 +807,6 @@ def _how_to_continue(args: argparse.Namespace) -> str:
     return "every finished round is checkpointed in its run directory"
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedmml`` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -825,12 +822,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     # A SIGTERM (a scheduler, `kill`) stops a run as cleanly as Ctrl-C: the processes it started are stopped
     # and every finished round stays checkpointed.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        if args.command == "config":
-            print(_resolve(args).to_json())
-        else:
-            handlers[args.command](args)
+        with interrupts.handled():
+            if args.command == "config":
+                print(_resolve(args).to_json())
+            else:
+                handlers[args.command](args)
     except KeyboardInterrupt:
         # Every finished round is already checkpointed, so nothing but the round in flight is lost.
         console.print(f"interrupted; {_how_to_continue(args)}", soft_wrap=True)
@@ -840,8 +837,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         console.print(f"[red]fedmml: error:[/] {err}", soft_wrap=True)  # one line, however long
         return 2
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -20,16 +20,15 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dp_accounting
 import torch
-from dp_accounting import pld, rdp
 
 from fedmml.config import Config, ConfigError, PrivacyConfig
 from fedmml.federation.aggregate import RunningMean
 
-NEIGHBOURS = dp_accounting.NeighboringRelation
+if TYPE_CHECKING:
+    import dp_accounting
 
 
 def l2_norm(tensors: dict[str, torch.Tensor]) -> float:
@@ -81,6 +80,8 @@ class Sampling:
         return self.size / self.population
 
     def event(self, noise_multiplier: float) -> dp_accounting.DpEvent:
+        import dp_accounting  # see Accountant.fresh
+
         if self.kind == "poisson":
             gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
             return dp_accounting.PoissonSampledDpEvent(self.rate, gaussian)
@@ -100,7 +101,12 @@ class Accountant:
         self._spent: dict[tuple[float, int], float] = {}
 
     def fresh(self) -> dp_accounting.PrivacyAccountant:
-        relation = NEIGHBOURS.ADD_OR_REMOVE_ONE if self.sampling.kind == "poisson" else NEIGHBOURS.REPLACE_ONE
+        # Imported here, not with the module: dp_accounting loads scipy's signal and stats packages (about
+        # 2 s), which every client process (it only clips) and every run without privacy would pay for.
+        from dp_accounting import NeighboringRelation, pld, rdp
+
+        poisson = self.sampling.kind == "poisson"
+        relation = NeighboringRelation.ADD_OR_REMOVE_ONE if poisson else NeighboringRelation.REPLACE_ONE
         if self.p.accountant == "pld":
             return pld.PLDAccountant(relation)
         return rdp.RdpAccountant(neighboring_relation=relation)
@@ -118,6 +124,8 @@ class Accountant:
 
     def solve(self, target_epsilon: float, rounds: int) -> float:
         """The smallest noise multiplier whose ``rounds`` rounds stay within ``target_epsilon``."""
+        import dp_accounting  # see fresh
+
         return float(
             dp_accounting.calibrate_dp_mechanism(
                 self.fresh,

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedmml import interrupts
 from fedmml.engines.flower.processes import tool
 from fedmml.events import Listener, RoundDone, RoundStarted
 
@@ -131,6 +132,7 @@ def wait_for_run(
     """Poll the run until Flower reports it finished; returns its record (``status`` tells how)."""
     deadline = time.monotonic() + timeout
     while True:
+        interrupts.raise_if_lost()  # each poll drops a Popen, whose finalizer may have swallowed a Ctrl-C
         info = run_info(run_id, connection, env)
         tick()
         if str(info.get("status", "")).startswith("finished"):
