@@ -48,13 +48,15 @@ def test_bench_speed_on_the_tiny_preset(emoji_root: Path, tmp_path: Path) -> Non
     out = tmp_path / "speed.jsonl"
     # lw alone (e2e runs the same harness): its last late-heavy stage is the one measured.
     args = ["bench", "speed", "--preset", "tiny", "--data", str(emoji_root), "--methods", "lw"]
-    args += ["--precisions", "fp32", "--loaders", "real", "memory", "--parallel", "1", "2", "--steps", "2"]
+    # One client at a time: clients at once are the same harness in worker processes (tests/engines/
+    # test_parallel.py), and starting those costs more than the rest of this test.
+    args += ["--precisions", "fp32", "--loaders", "real", "memory", "--parallel", "1", "--steps", "2"]
     args += ["--set", "run.threads=1", "--json", str(out), "--markdown", str(tmp_path / "speed.md")]
     args += ["--profile", str(tmp_path / "profiles")]
     assert main(args) == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     rows, projection = lines[:-1], lines[-1]["projection"]
-    assert [(r["loader"], r["parallel"]) for r in rows] == [("real", 1), ("real", 2), ("memory", 1)]
+    assert [(r["loader"], r["parallel"]) for r in rows] == [("real", 1), ("memory", 1)]
     for row in rows:
         assert "error" not in row, row
         assert (
@@ -64,7 +66,7 @@ def test_bench_speed_on_the_tiny_preset(emoji_root: Path, tmp_path: Path) -> Non
         )
         assert row["stage"] == 3  # its last late-heavy stage
     # The start-up is measured on one client reading its folder.
-    assert [r["first_step_s"] is not None for r in rows] == [True, False, False]
+    assert [r["first_step_s"] is not None for r in rows] == [True, False]
     assert set(projection) == {"lw"} and projection["lw"]["seconds"] > 0
     profiles = sorted(p.name for p in (tmp_path / "profiles").iterdir())
     assert profiles == [f"profile-lw-fp32-{loader}-x1.json" for loader in ("memory", "real")]
