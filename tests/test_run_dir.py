@@ -83,21 +83,22 @@ def test_an_interrupt_names_the_folder_to_resume(emoji_root: Path, tmp_path: Pat
     assert f"fedmml run --resume {out}" in " ".join(output.split())
 
 
+class _Finalizer:
+    def __del__(self) -> None:
+        # The handler runs inside the finalizer, so Python prints "Exception ignored" and goes on, as when a
+        # Ctrl-C lands while the garbage collector runs one.
+        signal.raise_signal(signal.SIGINT)
+
+
 def test_an_interrupt_lost_in_a_finalizer_still_stops_the_run(
     emoji_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     import fedmml.experiment
 
-    class Finalizer:
-        def __del__(self) -> None:
-            # The handler runs inside the finalizer, so Python prints "Exception ignored" and goes on, as
-            # when a Ctrl-C lands while the garbage collector runs one.
-            signal.raise_signal(signal.SIGINT)
-
     real = fedmml.experiment.build_setup
 
     def interrupted(*args, **kwargs):
-        Finalizer()
+        _Finalizer()
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fedmml.experiment, "build_setup", interrupted)
@@ -118,13 +119,8 @@ def test_a_flower_run_that_lost_an_interrupt_stops_polling(monkeypatch: pytest.M
     polls = []
     monkeypatch.setattr(control, "run_info", lambda *args: polls.append(1) or {"status": "running"})
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: None)
-
-    class Finalizer:
-        def __del__(self) -> None:
-            signal.raise_signal(signal.SIGINT)
-
     with interrupts.handled():
-        Finalizer()  # swallowed
+        _Finalizer()  # swallowed
         with pytest.raises(KeyboardInterrupt):
             control.wait_for_run(1, "local", {}, timeout=60, poll=0.01)
     assert polls == []
