@@ -140,7 +140,7 @@ class DataConfig:
 
     root: str = "data/emoji"
     # How the folder is laid out (fedmml.data.formats): auto (found from its files) | coco | coco2017 |
-    # karpathy | advance | a registered format
+    # karpathy | hf | advance | a registered format
     format: str = "auto"
     images_dir: str = "images"
     train_split: str = "train"
@@ -158,6 +158,14 @@ class DataConfig:
     # The carve is cut before limit_train (which then draws from the rest); limit_test limits it.
     val_split: str = "val"
     restval: bool = False  # karpathy: the restval images join the training split
+    # hf: the columns of a Hugging Face dataset on disk. caption_column "": the first of caption, captions,
+    # text, sentences; id_column "": a row's position in its split; label_column: the category (as
+    # partition.label, for Dirichlet splits and limits), a ClassLabel read as its name; identity_key names a
+    # column too
+    image_column: str = "image"
+    caption_column: str = ""
+    id_column: str = ""
+    label_column: str = ""
     val_fraction: float = 0.1
     identity_key: str = ""
     # Pixels are read on access from a store made once per folder (images resized to what training needs,

@@ -248,7 +248,9 @@ class ImageText(Task):
     def write_subset(
         self, cfg: Config, index: CaptionIndex, positions: list[int], dst: Path, split: str, link: bool = True
     ) -> int:
-        return write_caption_subset(index, positions, dst, split, cfg.data.images_dir, link)
+        return write_caption_subset(
+            index, positions, dst, split, cfg.data.images_dir, link, cfg.data.identity_key
+        )
 
     def evaluate(self, model: MultimodalModel, test: CaptionDataset, cfg: Config) -> dict[str, float]:
         return retrieval_scores(model, test.pixels, test.captions, cfg.eval.batch_size, cfg.eval.ks)

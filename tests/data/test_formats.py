@@ -147,13 +147,16 @@ def test_karpathy_splits_and_restval(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape", ["coco2017", "karpathy-flickr30k"])
+@pytest.mark.parametrize("shape", ["coco2017", "karpathy-flickr30k", "hf"])
 def test_a_folder_of_each_shape_trains_and_scores_as_it_is(shape: str, tmp_path: Path) -> None:
+    extra = []
     if shape == "coco2017":
         root = coco2017(tmp_path / "data")
+    elif shape == "hf":
+        root, extra = hf_dataset(tmp_path / "data", coco2017(tmp_path / "coco"), "parquet"), HF
     else:
         root = karpathy(tmp_path / "data", "flickr30k", {"train": 24, "val": 4, "test": 8})
-    summary = run(_cfg(root), tmp_path / "run")
+    summary = run(_cfg(root, *extra), tmp_path / "run")
     assert summary["train_images"] == 24 and summary["test_images"] == 8
     assert 0 <= summary["rsum"] <= 600
 
@@ -237,3 +240,124 @@ def test_the_synthetic_coco_folder_reads_the_same_in_both_layouts(tmp_path: Path
     for ours, official in zip(indexes["coco"], indexes["coco2017"], strict=True):
         assert (ours.image_ids, ours.captions) == (official.image_ids, official.captions)
         assert all((official.images_path / name).is_file() for name in official.file_names)
+
+
+def hf_dataset(root: Path, source: Path, shape: str) -> Path:
+    """The coco2017 folder ``source`` as a Hugging Face dataset on disk: one row per image with the image's
+    JPEG bytes (``datasets.Image``), its five captions, its COCO id and a ClassLabel; ``save_to_disk``'s
+    folder, or Parquet files in the Hub's layout (train in two files)."""
+    import datasets
+
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "sentences": datasets.Sequence(datasets.Value("string")),
+            "cocoid": datasets.Value("int64"),
+            "kind": datasets.ClassLabel(names=["odd", "even"]),
+        }
+    )
+    splits = {}
+    for split, name in (("train", "train2017"), ("test", "val2017")):
+        data = json.loads((source / "annotations" / f"captions_{name}.json").read_text())
+        rows: dict[str, list] = {"image": [], "sentences": [], "cocoid": [], "kind": []}
+        for image in data["images"]:
+            path = source / name / image["file_name"]
+            rows["image"].append({"bytes": path.read_bytes(), "path": None})
+            rows["sentences"].append(
+                [a["caption"] for a in data["annotations"] if a["image_id"] == image["id"]]
+            )
+            rows["cocoid"].append(image["id"])
+            rows["kind"].append(image["id"] % 2)
+        splits[split] = datasets.Dataset.from_dict(rows, features=features)
+    if shape == "disk":
+        datasets.DatasetDict(splits).save_to_disk(str(root))
+    else:
+        half = len(splits["train"]) // 2
+        parts = {"train-00000-of-00002": splits["train"].select(range(half))}
+        parts["train-00001-of-00002"] = splits["train"].select(range(half, len(splits["train"])))
+        parts["test-00000-of-00001"] = splits["test"]
+        for stem, part in parts.items():
+            part.to_parquet(str(root / "data" / f"{stem}.parquet"))
+    return root
+
+
+HF = ['data.caption_column="sentences"', 'data.id_column="cocoid"', 'data.label_column="kind"']
+
+
+@pytest.mark.parametrize("shape", ["disk", "parquet"])
+def test_a_hugging_face_dataset_on_disk_reads_as_the_folder_it_was_made_from(
+    shape: str, tmp_path: Path
+) -> None:
+    source = coco2017(tmp_path / "coco", 12, 4)
+    root = hf_dataset(tmp_path / "hf", source, shape)
+    written = sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+    assert detect_format(root).name == "hf"
+    cfg, official = _cfg(root, *HF), _cfg(source)
+    assert _sizes(cfg) == {"train": 12, "test": 4}
+    for split in ("train", "test"):
+        ours = task_for(cfg).load_split(cfg, split, train=False)
+        theirs = task_for(official).load_split(official, split, train=False)
+        assert (ours.image_ids, ours.captions) == (theirs.image_ids, theirs.captions)
+        assert all(ours[i][0].equal(theirs[i][0]) for i in range(len(ours)))  # the same pixels
+    index = task_for(cfg).read_index(cfg, str(root), "train", 0)
+    assert set(index.labels) == {"odd", "even"}  # the ClassLabel's names, for Dirichlet splits
+    # In place: the image store is the only thing written.
+    assert sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*") if ".fedmml-store" not in p.parts
+    ) == [*written]
+    # Without the store, each access decodes its row as the official folder's file.
+    direct, files = _cfg(root, *HF, "data.store=false"), _cfg(source, "data.store=false")
+    unstored = task_for(direct).load_split(direct, "test", train=False)
+    assert unstored[3][0].equal(task_for(files).load_split(files, "test", train=False)[3][0])
+
+
+def test_a_hugging_face_dataset_counts_bad_rows_and_names_missing_columns(tmp_path: Path, capsys) -> None:
+    import datasets
+
+    root = tmp_path / "hf"
+    good = next((coco2017(tmp_path / "coco", 4, 1) / "train2017").iterdir()).read_bytes()
+    rows = {
+        "image": [
+            {"bytes": good, "path": None},
+            None,
+            {"bytes": b"not a jpeg", "path": None},
+            {"bytes": good},
+        ],
+        "caption": ["a red dog", "a blue cat", "a green car", "  "],
+    }
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(root / "train.parquet"))
+    cfg = _cfg(root)  # caption found by its usual name; ids are row positions
+    index = task_for(cfg).read_index(cfg, str(root), "train", 0)
+    assert index.image_ids == [0, 1, 2] and index.skipped["image_without_caption"] == 1
+    train = task_for(cfg).load_split(cfg, "train", train=True)
+    assert train.skipped["unreadable_image"] == 2 and train.image_ids == [0]
+    with pytest.raises(DataError, match=r"no caption column 'words' \(columns: image, caption\)"):
+        _sizes(_cfg(root, 'data.caption_column="words"'))
+    assert main(["data", "check", str(root), "--json", "--decode", "--set", "data.limit_train=0"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == "hf" and report["splits"]["train"]["undecodable_files"] == 2
+
+
+@pytest.mark.parametrize("shape", ["karpathy", "hf"])
+def test_node_folders_of_another_format_hold_the_simulated_shares(shape: str, tmp_path: Path) -> None:
+    from fedmml.client_data import SharedSplit, local_folder
+    from fedmml.node_split import split_for_nodes
+
+    if shape == "karpathy":
+        root, extra = karpathy(tmp_path / "data", "coco", {"train": 10, "restval": 4, "test": 4}), []
+    else:
+        root, extra = hf_dataset(tmp_path / "data", coco2017(tmp_path / "coco", 14, 4), "parquet"), HF
+    cfg = _cfg(root, *extra, "data.restval=true", "federation.num_clients=3")
+    written = split_for_nodes(cfg, 3, tmp_path / "split")
+    shared = SharedSplit(cfg)
+    for cid, node in enumerate(written["nodes"]):
+        simulated, own = shared.client(cid).dataset, local_folder(cfg, cid, node["folder"]).dataset
+        assert detect_format(Path(node["folder"])).name == "coco"  # fedmml's own layout
+        assert (own.image_ids, own.captions, own.labels) == (
+            simulated.image_ids,
+            simulated.captions,
+            simulated.labels,
+        )
+        assert own.take(0, 0)[0][0].equal(simulated.take(0, 0)[0][0])
+    assert sum(node["train"] for node in written["nodes"]) == 14

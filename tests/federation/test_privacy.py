@@ -84,6 +84,16 @@ def test_the_noise_has_the_configured_standard_deviation() -> None:
     assert not torch.equal(first["w"], second["w"])
 
 
+def test_a_noised_batchnorm_variance_stays_a_variance() -> None:
+    # Noise of 0.65 per coordinate on variances of 0.1: about 44 % would fall below zero and BatchNorm's
+    # output (and every later update) would be NaN; the floor is post-processing of the released value.
+    p = _privacy(["privacy.noise_multiplier=1.3", "privacy.clip=0.5", "federation.clients_per_round=100"])
+    reference = {"bn.running_var": torch.full((1000,), 0.1), "bn.running_mean": torch.zeros(1000)}
+    new, _ = p.finish(PrivateSum(p.bound), reference, dict.fromkeys(reference, 1), seed=3)
+    assert new["bn.running_var"].min() == 0 and (new["bn.running_var"] == 0).float().mean() > 0.3
+    assert new["bn.running_mean"].min() < 0  # other tensors are released as noised
+
+
 def test_no_unclipped_update_reaches_the_aggregate() -> None:
     p = _privacy(["privacy.noise_multiplier=1e-9", "privacy.clip=0.1"], population=4)
     reference = _tensors(0)
@@ -289,3 +299,52 @@ def test_privacy_settings_name_the_runs_and_fill_the_comparison_and_grid_tables(
     result["best"] = {"lw": result["points"][0]}
     grid = write_grid(tmp_path, result).read_text()
     assert "| ε |" in grid and "| 3.5 |" in grid
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [("hetero", ["federation.client_memory_mib=[0, 11.6, 1.0]"]), ("lora", [])],
+)
+def test_a_client_clips_the_slice_it_sends(
+    method: str, extra: list[str], emoji_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hetero clients train slices of different depths, LoRA clients their adapters and heads: each clips
+    # exactly what it sends, and the change it sends is within the bound.
+    clipped: list[tuple[frozenset[str], float, float, float]] = []
+    clip = privacy.clip_update
+
+    def recording(update, reference, bound):
+        out, within = clip(update, reference, bound)
+        floats = [k for k, v in update.items() if v.is_floating_point()]
+        before = privacy.l2_norm({k: update[k].double() - reference[k].double() for k in floats})
+        after = privacy.l2_norm({k: out[k].double() - reference[k].double() for k in floats})
+        # The clipped weights are float32: each lands within half an ulp of reference + clipped change.
+        rounding = privacy.l2_norm({k: (reference[k].double().abs() + bound) * 2**-24 for k in floats})
+        clipped.append((frozenset(update), before, after, rounding))
+        return out, within
+
+    monkeypatch.setattr("fedmml.federation.client.clip_update", recording)
+    bound = 1e-3
+    overrides = [
+        f'data.root="{emoji_root}"',
+        "run.threads=1",
+        f'run.method="{method}"',
+        f"privacy.clip={bound}",
+        "privacy.noise_multiplier=0.5",
+        "eval.every=0",
+        "schedules.uniform.rounds=[1, 1, 0]",
+        *extra,
+    ]
+    records = build_setup(load_config("tiny", overrides), checkpoint_dir=tmp_path).run_rounds()
+    assert len(clipped) >= 6  # three clients in each of two rounds (and hetero's measured slices)
+    assert all(before > bound and after <= bound + rounding for _, before, after, rounding in clipped)
+    slices = {keys for keys, *_ in clipped}
+    if method == "hetero":
+        assert len(slices) >= 2  # a deep slice and the heads, each clipped whole
+    else:
+        assert all(any("lora_" in k for k in keys) for keys in slices)
+        # Of the encoder blocks only the adapters train, travel and are clipped, never the frozen weights.
+        assert all(".lora_" in k for keys in slices for k in keys if ".blocks." in k)
+    spent = [record["privacy"]["epsilon"] for record in records]
+    assert len(spent) == 2 and 0 < spent[0] < spent[1]

@@ -11,31 +11,24 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
 from fedmml.data import DataError
 from fedmml.data.advance import AdvanceIndex
 from fedmml.data.formats import format_of
 from fedmml.data.partition import carve
+from fedmml.data.store import FileSources
 
 EXAMPLES = 3  # missing or unreadable files named per split
 
 
-def _files(index: Any) -> list[Path]:
+def _sources(index: Any) -> tuple[Any, list[str]]:
+    """Where a split's files are read from, and their names there."""
     if isinstance(index, AdvanceIndex):
-        return [path for _, _, image, sound in index.pairs for path in (image, sound)]
-    return [index.images_path / name for name in index.file_names]
-
-
-def _decodes(path: Path) -> bool:
-    if path.suffix.lower() not in (".jpg", ".jpeg", ".png"):
-        return True  # sounds are decoded where they are read, and counted there
-    try:
-        with Image.open(path) as image:
-            image.verify()
-        return True
-    except (OSError, UnidentifiedImageError, SyntaxError):
-        return False
+        return FileSources(index.split_dir), [
+            str(path.relative_to(index.split_dir))
+            for _, _, image, sound in index.pairs
+            for path in (image, sound)
+        ]
+    return index.images(), list(index.file_names)
 
 
 def check_split(index: Any, decode: bool = False) -> dict[str, Any]:
@@ -51,14 +44,15 @@ def check_split(index: Any, decode: bool = False) -> dict[str, Any]:
             "mean": round(statistics.fmean(counts), 2),
             "max": max(counts),
         }
-    files = _files(index)
-    missing = [p for p in files if not p.is_file()]
+    sources, names = _sources(index)
+    missing = [name for name in names if sources.key(name) is None]
     out["missing_files"] = len(missing)
-    out["missing_examples"] = [str(p) for p in missing[:EXAMPLES]]
+    out["missing_examples"] = [str(sources.root / name) for name in missing[:EXAMPLES]]
     if decode:
-        bad = [p for p in files if p.is_file() and not _decodes(p)]
+        absent = set(missing)
+        bad = [name for name in names if name not in absent and not sources.verify(name)]
         out["undecodable_files"] = len(bad)
-        out["undecodable_examples"] = [str(p) for p in bad[:EXAMPLES]]
+        out["undecodable_examples"] = [str(sources.root / name) for name in bad[:EXAMPLES]]
     return out
 
 

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from fedmml.data import DataError, fingerprint
 from fedmml.data.images import random_resized_crop, to_tensor
 from fedmml.data.partition import stratified_subset
-from fedmml.data.store import Geometry, ImagesConfig, open_images, read_or_next
+from fedmml.data.store import FileSources, Geometry, ImagesConfig, open_images, read_or_next
 
 PREPARE_HINT = "run `fedmml data prepare emoji` (or point data.root at a COCO-format folder)"
 
@@ -77,6 +77,12 @@ class CaptionIndex:
     identities: list[str] = field(default_factory=list)  # see read_caption_index's identity_key
     # Where the image store lives (``<home>/.fedmml-store``); None: the folder above ``images_path``.
     home: Path | None = None
+    # What file_names name (see fedmml.data.store.FileSources); None: files under images_path.
+    sources: Any = None
+
+    def images(self) -> Any:
+        """Where this split's images are read from."""
+        return self.sources if self.sources is not None else FileSources(self.images_path)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -87,7 +93,13 @@ class CaptionIndex:
         picked = ([column[i] for i in positions] for column in columns)
         identities = [self.identities[i] for i in positions]
         return CaptionIndex(
-            self.captions_path, self.images_path, *picked, dict(self.skipped), identities, self.home
+            self.captions_path,
+            self.images_path,
+            *picked,
+            dict(self.skipped),
+            identities,
+            self.home,
+            self.sources,
         )
 
 
@@ -173,7 +185,7 @@ class CaptionDataset(Dataset):
         whole = positions is None
         chosen = range(len(index)) if whole else sorted(positions)
         names = [index.file_names[i] for i in chosen]
-        source = open_images(self.images_path, names, Geometry(image_size, augment), images, home=index.home)
+        source = open_images(index.images(), names, Geometry(image_size, augment), images, home=index.home)
         skipped = Counter(index.skipped) if whole else Counter(unreadable_image=0)
         kept = [i for i in chosen if source.unreadable(index.file_names[i]) is None]
         skipped["unreadable_image"] += len(chosen) - len(kept)

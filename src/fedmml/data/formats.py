@@ -17,6 +17,9 @@ Built in:
   ``dataset_flickr8k.json``) beside the images (``<filepath>/<filename>`` for COCO; ``<data.images_dir>/``,
   else ``flickr30k-images/`` or ``Flicker8k_Dataset/``, for Flickr); its ``train``, ``val`` and ``test``
   splits, ``restval`` joining ``train`` with ``data.restval = true``;
+- ``hf``: a Hugging Face dataset on disk (``save_to_disk``'s folder, or Parquet files as the Hub lays them
+  out), one row per image, its columns named by ``data.image_column``, ``data.caption_column`` and the like
+  (see :mod:`fedmml.data.hf`);
 - ``advance``: the ADVANCE image + sound layout, ``<split>/vision/<class>/`` and ``<split>/sound/<class>/``.
 
 ``data.format = "auto"`` takes the first format of the run's task whose files the folder holds.
@@ -35,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from fedmml.data import DataError
 from fedmml.data.advance import read_advance_index
 from fedmml.data.coco import CaptionIndex, read_caption_index
+from fedmml.data.hf import data_files, hf_splits, read_hf_index
 
 if TYPE_CHECKING:
     from fedmml.config import Config
@@ -245,6 +249,14 @@ register_format(
     _karpathy_splits,
     lambda root: any((root / f).is_file() for f in KARPATHY_FILES),
     "Karpathy splits (dataset_coco.json, dataset_flickr30k.json) beside the images",
+)
+register_format(
+    "hf",
+    "image-text",
+    read_hf_index,
+    hf_splits,
+    lambda root: bool(data_files(root)),
+    "Hugging Face dataset on disk (save_to_disk's folder, or <split>*.parquet files)",
 )
 register_format(
     "advance",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -32,8 +32,9 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to a uint8 RGB array [H, W, 3]."""
+def load_image(path: str | Path | BinaryIO, name: str = "") -> np.ndarray:
+    """Decode an image file (a path, or a file object named ``name`` in errors) to a uint8 RGB array
+    [H, W, 3]."""
     try:
         with Image.open(path) as im:
             # load() forces the full decode so truncated files fail here, not later.
@@ -41,7 +42,7 @@ def load_image(path: str | Path) -> np.ndarray:
             rgb = _to_rgb(im)
     except Exception as err:
         # Broad on purpose: decoders raise OSError, SyntaxError, zlib.error, struct.error, ...
-        raise UnreadableImage(f"cannot read image {path}: {err}") from err
+        raise UnreadableImage(f"cannot read image {name or path}: {err}") from err
     return np.asarray(rgb, dtype=np.uint8).copy()
 
 

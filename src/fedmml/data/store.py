@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import math
 import multiprocessing
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 import simplejpeg
 from filelock import FileLock
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from fedmml.data import DataError
@@ -80,7 +81,7 @@ class Geometry:
         return np.asarray(resized, dtype=np.uint8)
 
 
-def _source_key(path: Path) -> tuple[int, int] | None:
+def source_key(path: Path) -> tuple[int, int] | None:
     try:
         stat = path.stat()
     except OSError:
@@ -93,18 +94,79 @@ def _is_jpeg(path: Path) -> bool:
 
 
 def _decode_source(path: Path, geometry: Geometry) -> np.ndarray:
-    """A source image at the stored geometry; JPEGs decode at a reduced DCT scale where that still
-    leaves enough pixels."""
+    """A source file's image at the stored geometry."""
     if _is_jpeg(path):
         try:
+            return decode_encoded(path.read_bytes(), geometry, str(path))
+        except OSError:
+            pass  # PIL decides (and names the error)
+    return geometry.fit(load_image(path))
+
+
+def is_jpeg_data(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"
+
+
+def decode_encoded(data: bytes, geometry: Geometry, name: str) -> np.ndarray:
+    """An encoded image (a file's bytes) at the stored geometry; JPEGs decode at a reduced DCT scale where
+    that still leaves enough pixels."""
+    if is_jpeg_data(data):
+        try:
             need = geometry.side if geometry.augment else geometry.size
-            data = path.read_bytes()
             return geometry.fit(
                 simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=need, min_width=need)
             )
-        except (OSError, ValueError):
+        except ValueError:
             pass  # CMYK, progressive oddities, truncation: PIL decides (and names the error)
-    return geometry.fit(load_image(path))
+    return geometry.fit(load_image(io.BytesIO(data), name))
+
+
+def verify_encoded(source: Any) -> bool:
+    """Whether PIL takes ``source`` (a path or a file object) for an intact image, without decoding it."""
+    try:
+        with Image.open(source) as image:
+            image.verify()
+        return True
+    except (OSError, UnidentifiedImageError, SyntaxError):
+        return False
+
+
+class FileSources:
+    """Source images as files: a name is a path relative to ``root`` (every built-in format but ``hf``).
+
+    Sources of another kind (:class:`fedmml.data.tables.TableSources`) give the same methods: ``key`` (what
+    a stored image was made from, None when missing), ``inode`` (the same file under two names, or None),
+    ``decode``, ``keeps_jpeg`` (store it as JPEG) and ``verify``. They are pickled to the store's worker
+    processes."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def key(self, name: str) -> tuple[int, int] | None:
+        return source_key(self.root / name)
+
+    def inode(self, name: str) -> tuple[int, int] | None:
+        try:
+            stat = (self.root / name).stat()
+        except OSError:
+            return None
+        return stat.st_dev, stat.st_ino
+
+    def decode(self, name: str, geometry: Geometry) -> np.ndarray:
+        return _decode_source(self.root / name, geometry)
+
+    def keeps_jpeg(self, name: str) -> bool:
+        return _is_jpeg(Path(name))
+
+    def verify(self, name: str) -> bool:
+        if Path(name).suffix.lower() not in (".jpg", ".jpeg", ".png"):
+            return True  # sounds are decoded where they are read, and counted there
+        return verify_encoded(self.root / name)
+
+
+def as_sources(images: Path | Any) -> Any:
+    """``images`` as sources: a folder is a :class:`FileSources`, anything else is taken as it is."""
+    return FileSources(images) if isinstance(images, Path) else images
 
 
 def _encode(pixels: np.ndarray, jpeg: bool) -> tuple[bytes, str]:
@@ -113,17 +175,17 @@ def _encode(pixels: np.ndarray, jpeg: bool) -> tuple[bytes, str]:
     return np.ascontiguousarray(pixels).tobytes(), "raw"
 
 
-def _prepare(job: tuple[list[tuple[str, str]], Geometry]) -> list[tuple[str, bytes, int, int, str]]:
+def _prepare(job: tuple[Any, list[str], Geometry]) -> list[tuple[str, bytes, int, int, str]]:
     """Worker: (name, encoded bytes, height, width, codec) per source; codec "bad" carries the error."""
-    items, geometry = job
+    sources, names, geometry = job
     out = []
-    for name, path in items:
+    for name in names:
         try:
-            pixels = _decode_source(Path(path), geometry)
+            pixels = sources.decode(name, geometry)
         except UnreadableImage as err:
             out.append((name, str(err).encode(), 0, 0, "bad"))
             continue
-        data, codec = _encode(pixels, _is_jpeg(Path(path)))
+        data, codec = _encode(pixels, sources.keeps_jpeg(name))
         out.append((name, data, pixels.shape[0], pixels.shape[1], codec))
     return out
 
@@ -173,7 +235,7 @@ _parsed: dict[Path, tuple[tuple[int, int] | None, list]] = {}
 
 def _index_entries(index: Path) -> list:
     """The entries of one shard index; none for an index that is unreadable or of another format."""
-    key = _source_key(index)
+    key = source_key(index)
     if index in _parsed and _parsed[index][0] == key:
         return _parsed[index][1]
     try:
@@ -223,18 +285,19 @@ def _sweep(directory: Path) -> None:
 
 
 def open_store(
-    images: Path,
+    images: Path | Any,
     names: Sequence[str],
     geometry: Geometry,
     store_dir: Path,
     workers: int = 0,
 ) -> ImageStore:
-    """The store under ``store_dir`` of ``names`` (paths relative to ``images``), made for the ones no shard
-    holds yet."""
+    """The store under ``store_dir`` of ``names`` (paths relative to the folder ``images``, or names of
+    other sources), made for the ones no shard holds yet."""
+    sources = as_sources(images)
     directory = store_dir / geometry.name
     keys: dict[str, tuple[str, int, int]] = {}
     for name in names:
-        key = _source_key(images / name)
+        key = sources.key(name)
         keys[name] = (name, *key) if key is not None else (name, -1, -1)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -250,13 +313,13 @@ def open_store(
             found = _shard_entries(directory)  # another process may have made them meanwhile
             missing = sorted({key for key in keys.values() if key not in found})
             if missing:
-                _build_shard(images, directory, missing, geometry, workers)
+                _build_shard(sources, directory, missing, geometry, workers)
                 found = _shard_entries(directory)
     return ImageStore(directory, {name: found[key] for name, key in keys.items()})
 
 
 def _build_shard(
-    images: Path,
+    sources: Any,
     directory: Path,
     missing: list[tuple[str, int, int]],
     geometry: Geometry,
@@ -270,14 +333,12 @@ def _build_shard(
     first: dict[tuple[int, int], tuple[str, int, int]] = {}
     same: dict[tuple[str, int, int], tuple[str, int, int]] = {}
     for key in missing:
-        try:
-            stat = (images / key[0]).stat()
-        except OSError:
-            continue
-        same[key] = first.setdefault((stat.st_dev, stat.st_ino), key)
+        inode = sources.inode(key[0])
+        if inode is not None:
+            same[key] = first.setdefault(inode, key)
     unique = [key for key in missing if same.get(key, key) == key]
     chunks = [unique[s : s + CHUNK] for s in range(0, len(unique), CHUNK)]
-    jobs = [([(k[0], str(images / k[0])) for k in keys], geometry) for keys in chunks]
+    jobs = [(sources, [k[0] for k in keys], geometry) for keys in chunks]
     entries: list[list[Any]] = []
     offset = 0
     # On stderr, and only on a terminal (disable=None): logs and CI output stay clean.
@@ -333,17 +394,17 @@ def _check_space(directory: Path, first: list[tuple[str, bytes, int, int, str]],
 
 
 class SourceImages:
-    """Images decoded from their source files at every access (``data.store = false``)."""
+    """Images decoded from their sources at every access (``data.store = false``)."""
 
-    def __init__(self, images: Path, geometry: Geometry) -> None:
-        self.images = images
+    def __init__(self, sources: Any, geometry: Geometry) -> None:
+        self.sources = sources
         self.geometry = geometry
 
     def unreadable(self, name: str) -> str | None:
         return None  # found out only on access
 
     def read(self, name: str) -> np.ndarray:
-        return _decode_source(self.images / name, self.geometry)
+        return self.sources.decode(name, self.geometry)
 
 
 @dataclass(frozen=True)
@@ -358,22 +419,23 @@ class ImagesConfig:
 
 
 def open_images(
-    images: Path,
+    images: Path | Any,
     names: Sequence[str],
     geometry: Geometry,
     conf: ImagesConfig | None = None,
     home: Path | None = None,
 ) -> ImageStore | SourceImages:
-    """What a dataset reads ``names`` (relative to ``images``) from, as ``conf`` says; a store lives in
-    ``conf.store_dir``, else in ``<home>/.fedmml-store`` (``home``: the dataset's root, by default the
-    folder above ``images``)."""
+    """What a dataset reads ``names`` (relative to the folder ``images``, or names of other sources) from,
+    as ``conf`` says; a store lives in ``conf.store_dir``, else in ``<home>/.fedmml-store`` (``home``: the
+    dataset's root, by default the folder above ``images``)."""
     conf = conf or ImagesConfig()
+    sources = as_sources(images)
     if not conf.store:
-        return SourceImages(images, geometry)
+        return SourceImages(sources, geometry)
     # Small sets are prepared in this process: starting workers would cost more than it saves.
     workers = conf.workers if len(names) >= PARALLEL_FROM else 0
-    store_dir = conf.store_dir or default_store_dir(home or images.parent)
-    return open_store(images, names, geometry, store_dir, workers)
+    store_dir = conf.store_dir or default_store_dir(home or sources.root.parent)
+    return open_store(sources, names, geometry, store_dir, workers)
 
 
 def default_store_dir(home: Path) -> Path:

@@ -2,7 +2,9 @@
 
 Files are hard-linked where the target lies on the source's file system (no second copy of a large image
 set), else copied. Metadata keeps every field of the source's records, so a folder reads exactly as its
-samples did in the source: same ids, captions, categories, groups and identities.
+samples did in the source: same ids, captions, categories, groups and identities. Image-text data in another
+format (COCO 2017, Karpathy splits, a Hugging Face dataset) is written in fedmml's own layout, its images
+placed as they are named or, for rows of a data file, written out as ``<id>.jpg`` (or ``.png``).
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from fedmml.data import DataError
 from fedmml.data.advance import AdvanceIndex
 from fedmml.data.coco import CaptionIndex
+from fedmml.data.images import UnreadableImage
+from fedmml.data.store import FileSources, is_jpeg_data
 
 
 def place(source: Path, target: Path, link: bool = True) -> None:
@@ -30,6 +35,15 @@ def place(source: Path, target: Path, link: bool = True) -> None:
     shutil.copyfile(source, target)
 
 
+def _coco_captions(path: Path) -> dict | None:
+    """The COCO captions JSON at ``path``; None for a file of another kind (a Karpathy splits file, a
+    Hugging Face dataset's data file)."""
+    if path.suffix != ".json":
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) and "annotations" in data else None
+
+
 def write_caption_subset(
     index: CaptionIndex,
     positions: Iterable[int],
@@ -37,11 +51,14 @@ def write_caption_subset(
     split: str,
     images_dir: str = "images",
     link: bool = True,
+    identity_key: str = "",
 ) -> int:
     """The images of ``index`` at ``positions`` under ``dst / images_dir``, and its captions file restricted
-    to them (records and annotations as they are) as ``dst / captions_<split>.json``; the number of images
-    written."""
-    data = json.loads(index.captions_path.read_text(encoding="utf-8"))
+    to them as ``dst / captions_<split>.json`` (fedmml's own layout, whatever the source's format); the
+    number of images written. A COCO captions file keeps its records and annotations as they are."""
+    data = _coco_captions(index.captions_path)
+    if data is None:
+        return _write_from_index(index, list(positions), dst, split, images_dir, link, identity_key)
     keep = {index.image_ids[i] for i in positions}
     images = [im for im in data["images"] if isinstance(im, dict) and im.get("id") in keep]
     annotations = [
@@ -54,6 +71,51 @@ def write_caption_subset(
     dst.mkdir(parents=True, exist_ok=True)
     written = {key: value for key, value in data.items() if key not in ("images", "annotations")}
     written |= {"images": images, "annotations": annotations}
+    (dst / f"captions_{split}.json").write_text(json.dumps(written), encoding="utf-8")
+    return len(images)
+
+
+def _write_from_index(
+    index: CaptionIndex,
+    positions: list[int],
+    dst: Path,
+    split: str,
+    images_dir: str,
+    link: bool,
+    identity_key: str,
+) -> int:
+    """A COCO captions file made from the index's own columns (ids, captions, categories, identities), and
+    its images: files placed as they are named, rows of a data file written as ``<id>.jpg`` or ``.png``."""
+    sources = index.images()
+    images, annotations = [], []
+    for i in positions:
+        image_id, name = index.image_ids[i], index.file_names[i]
+        if isinstance(sources, FileSources):
+            file_name = name
+            if (sources.root / name).is_file():
+                place(sources.root / name, dst / images_dir / name, link)
+        else:
+            try:
+                data = sources.encoded(name)
+            except UnreadableImage:
+                data = b""  # a row without an image stays without one, counted where it is read
+            file_name = f"{image_id}.{'jpg' if not data or is_jpeg_data(data) else 'png'}"
+            if data:
+                (dst / images_dir).mkdir(parents=True, exist_ok=True)
+                (dst / images_dir / file_name).write_bytes(data)
+        record: dict[str, Any] = {"id": image_id, "file_name": file_name}
+        if index.labels[i] is not None:
+            record["category"] = index.labels[i]
+        if identity_key and index.identities[i].startswith(f"{identity_key}="):
+            record[identity_key] = index.identities[i].removeprefix(f"{identity_key}=")
+        images.append(record)
+        first = len(annotations)
+        annotations += [
+            {"id": first + k, "image_id": image_id, "caption": caption}
+            for k, caption in enumerate(index.captions[i])
+        ]
+    dst.mkdir(parents=True, exist_ok=True)
+    written = {"images": images, "annotations": annotations}
     (dst / f"captions_{split}.json").write_text(json.dumps(written), encoding="utf-8")
     return len(images)
 

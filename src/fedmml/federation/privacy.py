@@ -249,6 +249,11 @@ class Privacy:
             expected = self.rate * holders.get(key, 0)
             if expected > 0:
                 out[key] = (ref.double() + total / expected).to(ref.dtype)
+                if key.endswith("running_var"):
+                    # Noise can push a BatchNorm variance below zero, and every later forward pass to NaN
+                    # (the clients' next updates were all rejected as non-finite). Flooring the released
+                    # value is post-processing: it costs no privacy.
+                    out[key].clamp_(min=0)
         if acc.integers.sums:
             out.update(acc.integers.result())
         self.rounds += 1
