@@ -695,7 +695,7 @@ def _cmd_check(args: argparse.Namespace) -> None:
         raise DataError(f"{args.root} is not a folder")
     found = detect_format(args.root)
     preset = args.preset or (
-        "tuxpaint-av" if found is not None and found.task == "image-audio" else DEFAULT_PRESET
+        "tuxpaint-av" if found is not None and found.task_of(args.root) == "image-audio" else DEFAULT_PRESET
     )
     cfg = load_config(preset, [*_extra_overrides(args), f'data.root="{args.root}"'])
     report = check_folder(cfg, args.root, decode=args.decode)

@@ -24,6 +24,7 @@ from fedmml.data.advance import AdvanceDataset, AdvanceIndex, read_classes
 from fedmml.data.audio import feature_settings
 from fedmml.data.coco import CaptionDataset, CaptionIndex
 from fedmml.data.formats import format_of
+from fedmml.data.hf import hf_classes
 from fedmml.data.partition import carve, partition, partition_by_group, stratified_subset
 from fedmml.data.store import ImagesConfig
 from fedmml.data.subset import write_advance_subset, write_caption_subset
@@ -340,7 +341,8 @@ class ImageAudio(Task):
     def write_subset(
         self, cfg: Config, index: AdvanceIndex, positions: list[int], dst: Path, split: str, link: bool = True
     ) -> int:
-        return write_advance_subset(index, positions, dst, split, link)
+        keys = (cfg.partition.group, cfg.data.identity_key)
+        return write_advance_subset(index, positions, dst, split, link, *keys)
 
     def groups(self, index: AdvanceIndex) -> list[str | None]:
         return index.groups
@@ -432,6 +434,8 @@ def resolve_classes(cfg: Config) -> Config:
         return cfg
     classes = list(cfg.data.classes)
     root = Path(cfg.data.root)
+    if not classes and root.is_dir() and format_of(cfg, root).name == "hf":
+        classes = hf_classes(root, cfg)
     if not classes:
         classes = read_classes(root, cfg.data.train_split) or read_classes(root, cfg.data.test_split)
     if len(classes) < 2:

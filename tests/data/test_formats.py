@@ -361,3 +361,74 @@ def test_node_folders_of_another_format_hold_the_simulated_shares(shape: str, tm
         )
         assert own.take(0, 0)[0][0].equal(simulated.take(0, 0)[0][0])
     assert sum(node["train"] for node in written["nodes"]) == 14
+
+
+def hf_av_dataset(root: Path, source: Path) -> Path:
+    """The ADVANCE folder ``source`` as a Hugging Face dataset saved to disk: one row per pair with the
+    image's and the sound's bytes (``datasets.Image``, ``datasets.Audio``), a ClassLabel, the sample's id and
+    its language from meta.json."""
+    import datasets
+
+    from fedmml.data.advance import read_advance_index, read_classes
+
+    classes = read_classes(source)
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            # datasets.Audio's storage (encoding through it needs torchcodec, which is not installed here)
+            "audio": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
+            "label": datasets.ClassLabel(names=classes),
+            "sample": datasets.Value("string"),
+            "language": datasets.Value("string"),
+        }
+    )
+    splits = {}
+    for split in ("train", "test"):
+        index = read_advance_index(source, split, classes)
+        rows: dict[str, list] = {name: [] for name in features}
+        for (name, sample_id, image, sound), group in zip(index.pairs, index.groups, strict=True):
+            rows["image"].append({"bytes": image.read_bytes(), "path": None})
+            rows["audio"].append({"bytes": sound.read_bytes(), "path": None})
+            rows["label"].append(classes.index(name))
+            rows["sample"].append(sample_id)
+            rows["language"].append(group)
+        splits[split] = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict(splits).save_to_disk(str(root))
+    return root
+
+
+@pytest.mark.slow
+def test_an_image_and_sound_dataset_on_disk_reads_and_splits_as_its_folder(
+    tuxpaint_root: Path, tmp_path: Path
+) -> None:
+    from fedmml.client_data import SharedSplit, local_folder
+    from fedmml.node_split import split_for_nodes
+    from fedmml.tasks import resolve_classes
+
+    root = hf_av_dataset(tmp_path / "hf", tuxpaint_root)
+    found = detect_format(root)
+    assert found.name == "hf" and found.task_of(root) == "image-audio"
+    common = [
+        "run.threads=1",
+        "data.limit_train=0",
+        "data.limit_test=0",
+        "federation.num_clients=2",
+        f'data.store_dir="{tmp_path / "s"}"',
+    ]
+    cfg = resolve_classes(load_config("tiny-av", [f'data.root="{root}"', 'data.id_column="sample"', *common]))
+    official = resolve_classes(load_config("tiny-av", [f'data.root="{tuxpaint_root}"', *common]))
+    assert cfg.data.classes == official.data.classes  # the ClassLabel's names, in its order
+    assert _sizes(cfg) == _sizes(official)
+    ours, theirs = (task_for(c).load_split(c, "test", train=False) for c in (cfg, official))
+    assert (ours.ids, ours.labels, ours.groups) == (theirs.ids, theirs.labels, theirs.groups)
+    for i in (0, len(ours) - 1):  # the same pixels and the same filterbank frames
+        assert all(
+            a.equal(b) if hasattr(a, "equal") else a == b for a, b in zip(ours[i], theirs[i], strict=True)
+        )
+    # Node folders in the ADVANCE layout hold the simulated shares, languages kept for group partitions.
+    written = split_for_nodes(cfg, 2, tmp_path / "split")
+    shared = SharedSplit(cfg)
+    for cid, node in enumerate(written["nodes"]):
+        own, simulated = local_folder(cfg, cid, node["folder"]).dataset, shared.client(cid).dataset
+        assert detect_format(Path(node["folder"])).name == "advance"
+        assert (own.ids, own.labels, own.groups) == (simulated.ids, simulated.labels, simulated.groups)

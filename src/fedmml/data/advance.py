@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +27,7 @@ PREPARE_HINT = (
     "run `fedmml data prepare tuxpaint --out <root>` (or point data.root at an ADVANCE-layout folder)"
 )
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
-SOUND_EXTS = (".wav", ".ogg")
+SOUND_EXTS = (".wav", ".ogg", ".flac")
 
 Progress = Callable[[str], None]
 
@@ -83,17 +85,21 @@ class FbankCache:
         self.hits = 0
         self.misses = 0
 
-    def _entry(self, path: Path) -> Path | None:
+    def _entry(self, path: Path | str, sources: Any) -> Path | None:
         if self.folder is None:
             return None
-        stat = path.stat()
-        # Size and mtime in the key, so a replaced clip is featurised again instead of served stale.
-        name = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if sources is None:
+            stat = path.stat()
+            # Size and mtime in the key, so a replaced clip is featurised again instead of served stale.
+            name = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        else:
+            name = f"{sources.root.resolve()}|{path}|{sources.key(path)}"
         return self.folder / f"{hashlib.sha256(name.encode('utf-8')).hexdigest()[:24]}.npy"
 
-    def load(self, path: Path) -> np.ndarray:
-        """The clip's unpadded frames [n <= max_frames, mel], from the cache or computed and stored."""
-        entry = self._entry(path)
+    def load(self, path: Path | str, sources: Any = None) -> np.ndarray:
+        """The clip's unpadded frames [n <= max_frames, mel], from the cache or computed and stored; ``path``
+        is a file, or with ``sources`` (:class:`fedmml.data.hf.TableSources`) a clip's name there."""
+        entry = self._entry(path, sources)
         if entry is not None and entry.is_file():
             try:
                 features = np.load(entry)
@@ -101,7 +107,10 @@ class FbankCache:
                 return features
             except (OSError, ValueError):
                 pass  # a damaged cache file is recomputed below
-        features = load_fbank(path, self.settings, pad=False)
+        if sources is None:
+            features = load_fbank(path, self.settings, pad=False)
+        else:
+            features = load_fbank(io.BytesIO(sources.encoded(path)), self.settings, pad=False, name=str(path))
         self.misses += 1
         if entry is not None:
             try:
@@ -128,14 +137,19 @@ def collate(batch: list[tuple[torch.Tensor, torch.Tensor, int]]) -> dict[str, to
 @dataclass
 class AdvanceIndex:
     """One split as metadata only: its (class, id, image file, sound file) pairs in class then id order, each
-    sample's group from ``meta.json``, and the broken pairs counted. No file is decoded."""
+    sample's group from ``meta.json``, and the broken pairs counted. No file is decoded.
+
+    With ``sources`` and ``sounds`` (a Hugging Face dataset, :mod:`fedmml.data.hf`) a pair's image and sound
+    are names in them instead of files."""
 
     split_dir: Path
     classes: list[str]
-    pairs: list[tuple[str, str, Path, Path]]
+    pairs: list[tuple[str, str, Any, Any]]
     groups: list[str | None]
     skipped: dict[str, int]
     identities: list[str] = field(default_factory=list)  # see read_advance_index's identity_key
+    sources: Any = None
+    sounds: Any = None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -143,8 +157,9 @@ class AdvanceIndex:
     def subset(self, positions: Sequence[int]) -> AdvanceIndex:
         """The same split restricted to ``positions`` (in the order given); skip counts unchanged."""
         pick = [self.pairs[i] for i in positions], [self.groups[i] for i in positions]
+        identities = [self.identities[i] for i in positions]
         return AdvanceIndex(
-            self.split_dir, self.classes, *pick, dict(self.skipped), [self.identities[i] for i in positions]
+            self.split_dir, self.classes, *pick, dict(self.skipped), identities, self.sources, self.sounds
         )
 
     @property
@@ -251,22 +266,28 @@ class AdvanceDataset(Dataset):
         skipped.update(unreadable_image=0, unreadable_sound=0)
         chosen = range(len(index)) if whole else sorted(positions)
         say = progress or (lambda _msg: None)
-        names = [str(index.pairs[i][2].relative_to(self.root)) for i in chosen]
-        self.images = open_images(self.root, names, Geometry(image_size, augment), images, home=self.root)
+        tables = index.sources is not None
+        # Files by their path under the root (a store entry is then the same wherever the root moves).
+        names = [
+            index.pairs[i][2] if tables else str(index.pairs[i][2].relative_to(self.root)) for i in chosen
+        ]
+        where = index.sources if tables else self.root
+        self.images = open_images(where, names, Geometry(image_size, augment), images, home=self.root)
+        self.sound_sources = index.sounds
         self.ids: list[str] = []
         self.labels: list[int] = []
         self.groups: list[str | None] = []
         self.image_names: list[str] = []
         # With a feature cache on disk a clip's frames are read from it on access; without one they are
         # kept here (computing them again at every access would cost far more).
-        self.sounds: list[Path] = []
+        self.sounds: list[Path | str] = []
         self.features: list[np.ndarray] = []
         for n, (i, name) in enumerate(zip(chosen, names, strict=True)):
             if n and n % 500 == 0:
                 say(f"{split}: {n}/{len(chosen)} pairs checked")
             label, sample_id, _, sound_path = index.pairs[i]
             try:
-                features = self.cache.load(sound_path)
+                features = self.cache.load(sound_path, self.sound_sources)
             except UnreadableAudio:
                 skipped["unreadable_sound"] += 1
                 continue
@@ -287,7 +308,7 @@ class AdvanceDataset(Dataset):
     def fingerprint(self) -> str:
         """Which samples this is: ids, files and labels (see :func:`fedmml.data.fingerprint`)."""
         # Paths relative to the root: the same samples in a moved or copied folder are the same data.
-        sounds = [p.relative_to(self.root).as_posix() for p in self.sounds]
+        sounds = [p if isinstance(p, str) else p.relative_to(self.root).as_posix() for p in self.sounds]
         return fingerprint(self.ids, self.image_names, sounds, self.labels)
 
     def set_epoch(self, epoch: int) -> None:
@@ -322,7 +343,10 @@ class AdvanceDataset(Dataset):
         return to_tensor(pixels, self.image_size)
 
     def _fbank(self, index: int) -> torch.Tensor:
-        frames = self.features[index] if self.features else self.cache.load(self.sounds[index])
+        if self.features:
+            frames = self.features[index]
+        else:
+            frames = self.cache.load(self.sounds[index], self.sound_sources)
         return torch.from_numpy(pad_frames(frames, self.settings))
 
     collate = staticmethod(collate)

@@ -14,7 +14,7 @@ import warnings
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import BinaryIO, ClassVar
 
 import numpy as np
 
@@ -166,12 +166,15 @@ def resample(wave: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np
     return np.asarray(soxr.resample(wave, orig_sr, target_sr), dtype=np.float32)
 
 
-def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Decode an audio file (wav, ogg, flac, ...) to a mono float32 waveform in [-1, 1] at sample_rate."""
+def load_audio(path: str | Path | BinaryIO, sample_rate: int = SAMPLE_RATE, name: str = "") -> np.ndarray:
+    """Decode an audio file (wav, ogg, flac, ...; a path, or a file object named ``name`` in errors) to a
+    mono float32 waveform in [-1, 1] at sample_rate."""
     import soundfile as sf  # deferred: loads libsndfile
 
+    source = str(path) if isinstance(path, str | Path) else path
+    path = name or path
     try:
-        data, orig_sr = sf.read(str(path), dtype="float32", always_2d=True)
+        data, orig_sr = sf.read(source, dtype="float32", always_2d=True)
     except Exception as err:
         # Broad on purpose: libsndfile reports corrupt, truncated or unknown files in several ways.
         raise UnreadableAudio(f"cannot read audio {path}: {err}") from err
@@ -228,7 +231,10 @@ def pad_frames(features: np.ndarray, settings: FeatureSettings = DEFAULT_FBANK) 
     return np.concatenate([features.astype(np.float32, copy=False), pad])
 
 
-def load_fbank(path: str | Path, settings: FeatureSettings = DEFAULT_FBANK, pad: bool = True) -> np.ndarray:
-    """Decode, resample and featurise one audio file: [max_frames, bins], or only real frames if not pad."""
-    features = settings.compute(load_audio(path, settings.sample_rate))
+def load_fbank(
+    path: str | Path | BinaryIO, settings: FeatureSettings = DEFAULT_FBANK, pad: bool = True, name: str = ""
+) -> np.ndarray:
+    """Decode, resample and featurise one audio file (see :func:`load_audio`): [max_frames, bins], or only
+    real frames if not pad."""
+    features = settings.compute(load_audio(path, settings.sample_rate, name))
     return pad_frames(features, settings) if pad else features

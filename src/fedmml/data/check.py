@@ -20,15 +20,23 @@ from fedmml.data.store import FileSources
 EXAMPLES = 3  # missing or unreadable files named per split
 
 
-def _sources(index: Any) -> tuple[Any, list[str]]:
-    """Where a split's files are read from, and their names there."""
-    if isinstance(index, AdvanceIndex):
-        return FileSources(index.split_dir), [
-            str(path.relative_to(index.split_dir))
-            for _, _, image, sound in index.pairs
-            for path in (image, sound)
+def _files(index: Any) -> list[tuple[Any, str]]:
+    """A split's files as (where they are read from, their name there)."""
+    if not isinstance(index, AdvanceIndex):
+        sources = index.images()
+        return [(sources, name) for name in index.file_names]
+    if index.sources is not None:  # rows of a Hugging Face dataset
+        return [
+            (where, name)
+            for *_, image, sound in index.pairs
+            for where, name in ((index.sources, image), (index.sounds, sound))
         ]
-    return index.images(), list(index.file_names)
+    files = FileSources(index.split_dir)
+    return [
+        (files, str(path.relative_to(index.split_dir)))
+        for *_, image, sound in index.pairs
+        for path in (image, sound)
+    ]
 
 
 def check_split(index: Any, decode: bool = False) -> dict[str, Any]:
@@ -44,15 +52,17 @@ def check_split(index: Any, decode: bool = False) -> dict[str, Any]:
             "mean": round(statistics.fmean(counts), 2),
             "max": max(counts),
         }
-    sources, names = _sources(index)
-    missing = [name for name in names if sources.key(name) is None]
+    files = _files(index)
+    missing = [(where, name) for where, name in files if where.key(name) is None]
     out["missing_files"] = len(missing)
-    out["missing_examples"] = [str(sources.root / name) for name in missing[:EXAMPLES]]
+    out["missing_examples"] = [str(where.root / name) for where, name in missing[:EXAMPLES]]
     if decode:
         absent = set(missing)
-        bad = [name for name in names if name not in absent and not sources.verify(name)]
+        bad = [
+            (where, name) for where, name in files if (where, name) not in absent and not where.verify(name)
+        ]
         out["undecodable_files"] = len(bad)
-        out["undecodable_examples"] = [str(sources.root / name) for name in bad[:EXAMPLES]]
+        out["undecodable_examples"] = [str(where.root / name) for where, name in bad[:EXAMPLES]]
     return out
 
 
@@ -64,7 +74,7 @@ def check_folder(cfg: Any, root: Path, decode: bool = False) -> dict[str, Any]:
         "folder": str(root),
         "format": fmt.name,
         "layout": fmt.describe,
-        "task": fmt.task,
+        "task": cfg.model.task if fmt.task == "any" else fmt.task,
     }
     try:
         names = fmt.splits(root, cfg)

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from fedmml.data import DataError
 from fedmml.data.advance import read_advance_index
 from fedmml.data.coco import CaptionIndex, read_caption_index
-from fedmml.data.hf import data_files, hf_splits, read_hf_index
+from fedmml.data.hf import data_files, hf_splits, hf_task, read_hf
 
 if TYPE_CHECKING:
     from fedmml.config import Config
@@ -54,11 +54,15 @@ class Format:
     ``splits(root, cfg)`` the splits the folder holds, ``detect(root)`` whether a folder has its files."""
 
     name: str
-    task: str  # "image-text" | "image-audio"
+    task: str  # "image-text" | "image-audio" | "any" (read looks at cfg.model.task)
     read: Callable[[Path, str, Config], Any]
     splits: Callable[[Path, Config], list[str]]
     detect: Callable[[Path], bool]
     describe: str = ""
+
+    def task_of(self, root: Path) -> str:
+        """The task the folder ``root`` holds data of (a format of either task looks at its files)."""
+        return hf_task(root) if self.task == "any" else self.task
 
 
 FORMATS: dict[str, Format] = {}
@@ -75,8 +79,8 @@ def register_format(
     """Make ``data.format = name`` read a folder with ``read`` (see :class:`Format` and the module
     docstring for the contract); with ``detect``, ``data.format = "auto"`` finds it too (after the built-in
     formats). Registration lasts for the process: register in every process that opens data."""
-    if task not in ("image-text", "image-audio"):
-        raise ValueError(f"task must be image-text or image-audio, not {task!r}")
+    if task not in ("image-text", "image-audio", "any"):
+        raise ValueError(f"task must be image-text, image-audio or any, not {task!r}")
     if name in globals().get("BUILT_IN", ()):
         raise ValueError(f"data format {name!r} is built in; register yours under another name")
     FORMATS[name] = Format(name, task, read, splits, detect or (lambda root: False), describe)
@@ -88,12 +92,12 @@ def format_of(cfg: Config, root: str | Path) -> Format:
     if wanted != "auto":
         if wanted not in FORMATS:
             raise FormatError(f"unknown data.format {wanted!r}; valid: auto, {', '.join(FORMATS)}")
-        if FORMATS[wanted].task != task:
+        if FORMATS[wanted].task not in (task, "any"):
             raise FormatError(f"data.format {wanted!r} holds {FORMATS[wanted].task} data, the run is {task}")
         return FORMATS[wanted]
     root = Path(root)
     for fmt in FORMATS.values():
-        if fmt.task == task and root.is_dir() and fmt.detect(root):
+        if fmt.task in (task, "any") and root.is_dir() and fmt.detect(root):
             return fmt
     # Nothing found: the task's own layout, whose reader says what is missing.
     return next(fmt for fmt in FORMATS.values() if fmt.task == task)
@@ -252,8 +256,8 @@ register_format(
 )
 register_format(
     "hf",
-    "image-text",
-    read_hf_index,
+    "any",
+    read_hf,
     hf_splits,
     lambda root: bool(data_files(root)),
     "Hugging Face dataset on disk (save_to_disk's folder, or <split>*.parquet files)",

@@ -7,11 +7,13 @@ Two shapes, as ``datasets`` and the Hub write them:
 - Parquet files: ``<split>.parquet`` or ``<split>-00000-of-00002.parquet`` in the folder or in its
   ``data/`` (the Hub's layout, ``to_parquet``), or any ``.parquet`` in a ``<split>/`` folder.
 
-One row is one image: its image column (``datasets.Image``'s ``{bytes, path}``, raw bytes, or a path), its
-captions (a string or a list of strings), and optionally an id, a category and an identity column. The
-index reads the caption, id, label and identity columns only, so partitioning decodes nothing and copies
-nothing; a client reads its own rows' images when it prepares its share into the image store, as it would
-read files. A sample's name is ``<data file>#<row>``: a data file that changed makes its images again.
+For image-text, one row is one image: its image column (``datasets.Image``'s ``{bytes, path}``, raw bytes,
+or a path), its captions (a string or a list of strings), and optionally an id, a category and an identity
+column. For image + sound, one row is a pair: an image, an audio (``datasets.Audio``'s ``{bytes, path}``)
+and a label column. The index reads the caption (or label), id, group and identity columns only, so
+partitioning decodes nothing and copies nothing; a client reads its own rows' images and sounds when it
+prepares its share (into the image store and the feature cache), as it would read files. A sample's name is
+``<data file>#<row>``: a data file that changed makes its stored images and features again.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fedmml.data import DataError
+from fedmml.data.advance import AdvanceIndex
+from fedmml.data.audio import UnreadableAudio
 from fedmml.data.coco import CaptionIndex
 from fedmml.data.images import UnreadableImage
 from fedmml.data.store import Geometry, decode_encoded, is_jpeg_data, source_key, verify_encoded
@@ -141,16 +145,20 @@ def _captions(cell: Any, skipped: Counter) -> list[str]:
     return out
 
 
+def _split_files(root: Path, split: str) -> list[Path]:
+    found = data_files(root)
+    if not found.get(split):
+        raise DataError(
+            f"no split {split!r} in the Hugging Face dataset at {root} (found: {', '.join(found) or 'none'})"
+        )
+    return found[split]
+
+
 def read_hf_index(root: Path, split: str, cfg: Config) -> CaptionIndex:
     """The index of ``split`` of the dataset on disk at ``root``: ids, ``<file>#<row>`` names, captions,
     categories and identities, from the columns ``data.*_column`` name."""
     d = cfg.data
-    files = data_files(root).get(split)
-    if not files:
-        raise DataError(
-            f"no split {split!r} in the Hugging Face dataset at {root} (found: "
-            f"{', '.join(data_files(root)) or 'none'})"
-        )
+    files = _split_files(root, split)
     skipped = Counter(bad_image_entry=0, bad_caption=0, image_without_caption=0, unreadable_image=0)
     index = CaptionIndex(
         files[0], root, [], [], [], [], {}, home=root, sources=TableSources(root, d.image_column)
@@ -198,17 +206,99 @@ def read_hf_index(root: Path, split: str, cfg: Config) -> CaptionIndex:
     return index
 
 
+def read_hf_av_index(root: Path, split: str, cfg: Config) -> AdvanceIndex:
+    """The index of ``split`` for image + sound classification: one row per pair, its image and audio
+    columns (``data.image_column``, ``data.audio_column``), its class (``data.label_column``, by default
+    ``label``; the classes are ``data.classes``, else the column's ``ClassLabel`` names or the training
+    split's sorted labels), its group (the ``partition.group`` column, when there is one) and identity."""
+    d = cfg.data
+    files = _split_files(root, split)
+    label_column = d.label_column or "label"
+    names = list(d.classes) or hf_classes(root, cfg)
+    skipped = Counter(missing_image=0, missing_sound=0, unknown_class=0, duplicate_id=0)
+    sources = TableSources(root, d.image_column)
+    sounds = TableSources(root, d.audio_column, UnreadableAudio)
+    index = AdvanceIndex(root, names, [], [], {}, [], sources, sounds)
+    known, seen, position = set(names), set(), 0
+    for path in files:
+        wanted = [label_column, d.id_column, cfg.partition.group, d.identity_key]
+        columns, schema = _columns(path, [c for c in wanted if c])
+        for name, what in ((d.image_column, "image"), (d.audio_column, "audio"), (label_column, "label")):
+            if name not in schema.names:
+                raise DataError(
+                    f"{path} has no {what} column {name!r} (columns: {', '.join(schema.names)}); "
+                    f"set data.{what}_column"
+                )
+        classes = _class_names(schema, label_column)
+        for row, label in enumerate(columns[label_column]):
+            position += 1
+            sample_id = str(columns[d.id_column][row] if d.id_column else position - 1)
+            if isinstance(label, int) and classes and 0 <= label < len(classes):
+                label = classes[label]
+            if str(label) not in known:
+                skipped["unknown_class"] += 1
+                continue
+            if sample_id in seen:
+                skipped["duplicate_id"] += 1
+                continue
+            seen.add(sample_id)
+            name = f"{path.relative_to(root).as_posix()}#{row}"
+            index.pairs.append((str(label), sample_id, name, name))
+            group = columns[cfg.partition.group][row] if cfg.partition.group in columns else None
+            index.groups.append(group if isinstance(group, str) else None)
+            identity = columns[d.identity_key][row] if d.identity_key in columns else None
+            index.identities.append(
+                f"{d.identity_key}={identity}" if identity is not None else f"id={sample_id}"
+            )
+    index.skipped = dict(skipped)
+    if not index.pairs:
+        raise DataError(f"no usable image-sound pairs in split {split!r} of {root} ({index.skipped})")
+    return index
+
+
+def hf_classes(root: Path, cfg: Config) -> list[str]:
+    """The class names of an image + sound dataset on disk: its label column's ``ClassLabel`` names, else
+    the sorted labels of its training split (else of its test split)."""
+    label_column = cfg.data.label_column or "label"
+    found = data_files(root)
+    files = found.get(cfg.data.train_split) or found.get(cfg.data.test_split) or []
+    labels: set[str] = set()
+    for path in files:
+        columns, schema = _columns(path, [label_column])
+        names = _class_names(schema, label_column)
+        if names:
+            return list(names)
+        labels |= {str(v) for v in columns.get(label_column, []) if v is not None}
+    return sorted(labels)
+
+
+def read_hf(root: Path, split: str, cfg: Config) -> CaptionIndex | AdvanceIndex:
+    """The index of ``split`` for the run's task."""
+    if cfg.model.task == "image-audio":
+        return read_hf_av_index(root, split, cfg)
+    return read_hf_index(root, split, cfg)
+
+
+def hf_task(root: Path, column: str = "audio") -> str:
+    """``image-audio`` when the dataset at ``root`` has an audio column (by default ``audio``), else
+    ``image-text``."""
+    files = next(iter(data_files(root).values()), [])
+    return "image-audio" if files and column in _columns(files[0], [])[1].names else "image-text"
+
+
 def hf_splits(root: Path, cfg: Config) -> list[str]:
     return sorted(data_files(root))
 
 
 class TableSources:
-    """The images of a dataset on disk, by ``<data file>#<row>`` name (see :class:`~fedmml.data.store.
-    FileSources` for the methods); tables are opened once per process, so pickling sends two fields."""
+    """The images (or sounds) of a dataset on disk, by ``<data file>#<row>`` name (see :class:`~fedmml.
+    data.store.FileSources` for the methods); tables are opened once per process, so pickling sends the
+    fields. A row without a readable value raises ``error``."""
 
-    def __init__(self, root: Path, column: str) -> None:
+    def __init__(self, root: Path, column: str, error: type[Exception] = UnreadableImage) -> None:
         self.root = root
         self.column = column
+        self.error = error
 
     def _where(self, name: str) -> tuple[Path, int]:
         file, _, row = name.rpartition("#")
@@ -232,8 +322,8 @@ class TableSources:
             else:
                 cell = _arrow_table(path, key).column(self.column)[row].as_py()
         except (DataError, KeyError, IndexError, pa.ArrowException) as err:
-            raise UnreadableImage(f"cannot read image {name}: {err}") from None
-        if isinstance(cell, dict):  # datasets.Image: the bytes, or a file beside the data
+            raise self.error(f"cannot read {self.column} {name}: {err}") from None
+        if isinstance(cell, dict):  # datasets.Image and Audio: the bytes, or a file beside the data
             data, cell = cell.get("bytes"), cell.get("path")
             if data:
                 return data
@@ -243,8 +333,8 @@ class TableSources:
             try:
                 return (path.parent / cell).read_bytes()  # an absolute path stays as it is
             except OSError as err:
-                raise UnreadableImage(f"cannot read image {name} ({cell}): {err.strerror}") from None
-        raise UnreadableImage(f"cannot read image {name}: the row has no image")
+                raise self.error(f"cannot read {self.column} {name} ({cell}): {err.strerror}") from None
+        raise self.error(f"cannot read {self.column} {name}: the row has none")
 
     def decode(self, name: str, geometry: Geometry) -> np.ndarray:
         return decode_encoded(self.encoded(name), geometry, name)
@@ -254,6 +344,8 @@ class TableSources:
 
     def verify(self, name: str) -> bool:
         try:
-            return verify_encoded(io.BytesIO(self.encoded(name)))
-        except UnreadableImage:
+            data = self.encoded(name)
+        except self.error:
             return False
+        # Sounds are decoded where they are read, and counted there.
+        return verify_encoded(io.BytesIO(data)) if self.error is UnreadableImage else True

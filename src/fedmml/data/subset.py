@@ -120,17 +120,31 @@ def _write_from_index(
     return len(images)
 
 
+SOUND_TYPES = {b"RIFF": "wav", b"OggS": "ogg", b"fLaC": "flac"}
+
+
 def write_advance_subset(
-    index: AdvanceIndex, positions: Iterable[int], dst: Path, split: str, link: bool = True
+    index: AdvanceIndex,
+    positions: Iterable[int],
+    dst: Path,
+    split: str,
+    link: bool = True,
+    group_key: str = "",
+    identity_key: str = "",
 ) -> int:
     """The pairs of ``index`` at ``positions`` under ``dst / split`` (``vision/<class>/``,
     ``sound/<class>/`` and their ``meta.json`` entries); every class of the split gets its folders, so a
-    node that holds none of a class still names it. The number of pairs written."""
+    node that holds none of a class still names it. The pairs of a Hugging Face dataset's rows are written
+    as ``<id>.<jpg|png>`` and ``<id>.<wav|ogg|flac>``, their groups and identities (``group_key``,
+    ``identity_key``) into ``meta.json``. The number of pairs written."""
     folder = dst / split
     for kind in ("vision", "sound"):
         for name in index.classes:
             (folder / kind / name).mkdir(parents=True, exist_ok=True)
+    positions = list(positions)
     chosen = [index.pairs[i] for i in positions]
+    if index.sources is not None:
+        return _write_rows(index, positions, folder, group_key, identity_key)
     for name, _, image, sound in chosen:
         place(image, folder / "vision" / name / image.name, link)
         place(sound, folder / "sound" / name / sound.name, link)
@@ -144,3 +158,32 @@ def write_advance_subset(
         kept = {k: v for k, v in meta.items() if k in ids}
         (folder / "meta.json").write_text(json.dumps(kept, ensure_ascii=False), encoding="utf-8")
     return len(chosen)
+
+
+def _write_rows(
+    index: AdvanceIndex, positions: list[int], folder: Path, group_key: str, identity_key: str
+) -> int:
+    """The rows of a Hugging Face dataset at ``positions`` as ADVANCE files; a row's missing half stays
+    missing (the pair is then counted where it is read)."""
+    meta: dict[str, dict[str, str]] = {}
+    for i in positions:
+        name, sample_id, image, sound = index.pairs[i]
+        for kind, sources, what in (("vision", index.sources, image), ("sound", index.sounds, sound)):
+            try:
+                data = sources.encoded(what)
+            except sources.error:
+                continue
+            if kind == "vision":
+                suffix = "jpg" if is_jpeg_data(data) else "png"
+            else:
+                suffix = SOUND_TYPES.get(data[:4], "wav")
+            (folder / kind / name / f"{sample_id}.{suffix}").write_bytes(data)
+        entry = {}
+        if group_key and index.groups[i] is not None:
+            entry[group_key] = index.groups[i]
+        if identity_key and index.identities[i].startswith(f"{identity_key}="):
+            entry[identity_key] = index.identities[i].removeprefix(f"{identity_key}=")
+        if entry:
+            meta[sample_id] = entry
+    (folder / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+    return len(positions)
