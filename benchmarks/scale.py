@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/scale.py synth --out /data/coco118k --train 118287 --test 5000
     .venv/bin/python benchmarks/scale.py synth --out /data/c17 --layout coco2017 --captions-only
     .venv/bin/python benchmarks/scale.py index --data /data/c17
+    .venv/bin/python benchmarks/scale.py synth --out /data/hf118k --layout hf
+    .venv/bin/python benchmarks/scale.py index --data /data/hf118k --set data.id_column=image_id
     .venv/bin/python benchmarks/scale.py store --data /data/coco118k
     .venv/bin/python benchmarks/scale.py run --data /data/coco118k --workers 0 1 2 --steps 12
     .venv/bin/python benchmarks/scale.py retrieval --images 5000 --captions-per-image 5
@@ -206,7 +208,10 @@ def main() -> None:
     synth.add_argument("--train", type=int, default=118287)
     synth.add_argument("--test", type=int, default=5000)
     synth.add_argument(
-        "--layout", choices=["coco", "coco2017"], default="coco", help="fedmml's or the official"
+        "--layout",
+        choices=["coco", "coco2017", "hf"],
+        default="coco",
+        help="fedmml's, the official release's, or a Hugging Face dataset's Parquet files",
     )
     synth.add_argument("--captions-only", action="store_true", help="the captions files, no image")
     for name in ("store", "run", "measure", "index"):

@@ -25,7 +25,7 @@ METHODS = ("e2e", "lw", "prog", "frozen", "centralized", "lora", "hetero")  # se
 HETERO_SLICES = ("prog", "lw", "heads")  # what hetero may give a client, deepest first (federation.budgets)
 # What `fedmml bench resources` measures: lw-nocache is lw without its frozen-prefix cache (see fedmml.bench).
 BENCH_METHODS = ("e2e", "lw", "lw-nocache", "prog", "lora")
-TRACKERS = ("tensorboard",)  # run.log_to (fedmml.tracking)
+TRACKERS = ("tensorboard", "mlflow")  # run.log_to (fedmml.tracking)
 SPEED_METHODS = ("e2e", "lw", "prog")  # what `fedmml bench speed` measures (see fedmml.speed)
 ENGINES = ("inprocess", "flower-sim", "flower")  # flower-sim: Flower simulation; flower: deployment
 # group: whole groups (e.g. spoken languages) per client; local: each client reads a whole folder of its own
@@ -349,8 +349,11 @@ class RunConfig:
     compile: bool = False
     keep_checkpoints: int = 2  # per-round checkpoints kept in <run>/checkpoints; 0 keeps all
     # Experiment trackers that also get every round's figures, the config and the outputs (fedmml.tracking):
-    # "tensorboard" writes <run>/tensorboard (the optional extra fedmml[tracking])
+    # "tensorboard" writes <run>/tensorboard, "mlflow" an MLflow run (both in the extra fedmml[tracking])
     log_to: list[str] = field(default_factory=list)
+    # The MLflow store: "" for <run>/mlflow.db (fedmml compare: <out>/mlflow.db), else a tracking URI
+    # (sqlite:///path.db, http://host:5000, ...)
+    mlflow_uri: str = ""
 
 
 @dataclass

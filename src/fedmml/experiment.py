@@ -35,6 +35,7 @@ from fedmml.runs import (
 )
 from fedmml.setup import ServerSide, build_server, open_clients
 from fedmml.tasks import resolve_classes, task_for
+from fedmml.tracking import mlflow_uri
 
 
 @dataclass
@@ -191,6 +192,8 @@ def compare(
             run_dir = out_dir / method if len(seeds) == 1 else out_dir / f"seed-{seed}" / method
             raw = (tuned or {}).get(method, cfg).to_dict()
             method_cfg = config_from_dict({**raw, "run": {**raw["run"], "method": method, "seed": seed}})
+            if "mlflow" in method_cfg.run.log_to and not method_cfg.run.mlflow_uri:
+                method_cfg.run.mlflow_uri = mlflow_uri(out_dir)  # one store: the methods side by side
             if listener is not None:
                 listener(MethodStarted(method, seed if len(seeds) > 1 else None))
             per_seed[method][seed] = run_or_continue(method_cfg, run_dir, listener, overwrite, resume)

@@ -35,12 +35,13 @@ from fedmml.models.multimodal import MultimodalModel
 from fedmml.precision import autocast
 from fedmml.setup import ServerSide, final_depth
 from fedmml.tasks import task_for
-from fedmml.tracking import track
+from fedmml.tracking import TENSORBOARD_DIR, track
 
 CHECKPOINTS = "checkpoints"
 Checkpoint = tuple[dict[str, torch.Tensor], dict[str, Any]]
-# What a run writes into its directory (config.json first); a new run clears them.
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", CHECKPOINTS)
+# What a run writes into its directory (config.json first); a new run clears them. The MLflow store stays:
+# the new run replaces the old one's MLflow run in it (fedmml.tracking).
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", CHECKPOINTS, TENSORBOARD_DIR)
 
 
 class RunExists(FileExistsError):
@@ -202,7 +203,7 @@ def reopen_run(run_dir: Path, listener: Listener | None = None) -> tuple[Config,
     else:
         raise CheckpointDamaged(f"no checkpoint in {run_dir / CHECKPOINTS} can be read: {'; '.join(damaged)}")
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in state["metrics"]))
-    trackers = track(cfg, run_dir, listener, next_round=len(state["metrics"]) + 1)
+    trackers = track(cfg, run_dir, listener, history=state["metrics"])
     return cfg, (tensors, state), MetricsWriter(run_dir / "metrics.jsonl", trackers)
 
 

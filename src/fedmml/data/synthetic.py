@@ -3,7 +3,8 @@
 The images are 640x480 JPEGs with the statistics that set their decoding cost and file size (smooth colour
 fields, hard-edged shapes, fine texture and sensor noise; about 125 KB each, COCO's average is about 160 KB)
 but no real content: 1,000 distinct ones, repeated. Five captions per image are drawn from a small
-vocabulary. Written in parallel, once: files that exist are kept.
+vocabulary. Written in parallel, once: files that exist are kept. Three layouts: fedmml's, the official
+release's, and a Hugging Face dataset's Parquet files as the Hub lays them out (``layout = "hf"``).
 """
 
 from __future__ import annotations
@@ -83,11 +84,18 @@ def write_folder(
     root: Path, train: int, test: int, workers: int = 0, layout: str = "coco", images: bool = True
 ) -> Path:
     """``root`` with ``train`` and ``test`` images (ids 0..train-1 train, the next ``test`` test) and five
-    captions each, in fedmml's layout (``layout = "coco"``: images/, captions_train.json / captions_test.json)
-    or the official MS-COCO 2017 one (``"coco2017"``: train2017/, val2017/,
-    annotations/captions_{train,val}2017.json); without ``images`` only the captions files."""
+    captions each, in fedmml's layout (``layout = "coco"``: images/, captions_{train,test}.json), the
+    official MS-COCO 2017 one (``"coco2017"``: train2017/, val2017/,
+    annotations/captions_{train,val}2017.json) or a Hugging Face dataset's (``"hf"``: see :func:`write_hf`);
+    without ``images`` only the captions files."""
+    if layout == "hf":
+        if not images:
+            raise ValueError(
+                "a Hugging Face dataset holds its images in its rows: it cannot be captions-only"
+            )
+        return write_hf(root, train, test)
     if layout not in ("coco", "coco2017"):
-        raise ValueError(f"layout must be coco or coco2017, not {layout!r}")
+        raise ValueError(f"layout must be coco, coco2017 or hf, not {layout!r}")
     total = train + test
     for i in (0, total - 1):
         image_path(root, layout, train, i).parent.mkdir(parents=True, exist_ok=True)
@@ -110,4 +118,43 @@ def write_folder(
         records = [{"id": i, "file_name": f"{i:012d}.jpg", "width": WIDTH, "height": HEIGHT} for i in ids]
         notes = [{"image_id": i, "caption": c} for i in ids for c in _captions(rng)]
         path.write_text(json.dumps({"images": records, "annotations": notes}))
+    return root
+
+
+# The Hub's Parquet layout for image datasets: shards of at most about 500 MB, row groups of 100 rows.
+SHARD_ROWS = 4000
+GROUP_ROWS = 100
+
+
+def write_hf(root: Path, train: int, test: int) -> Path:
+    """``root/data/{train,test}-0000i-of-0000n.parquet``, as ``push_to_hub`` writes an image-caption dataset:
+    an ``image`` column of ``datasets.Image``'s ``{bytes, path}`` (the JPEGs whole), ``captions`` (five
+    strings) and ``image_id``. Shards that exist are kept."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        images = list(pool.map(synth_jpeg, range(min(POOL, train + test)), chunksize=50))
+    rng = np.random.default_rng(0)
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    for split, first, count in (("train", 0, train), ("test", train, test)):
+        shards = max(1, -(-count // SHARD_ROWS))
+        for shard in range(shards):
+            path = root / "data" / f"{split}-{shard:05d}-of-{shards:05d}.parquet"
+            ids = range(first + shard * SHARD_ROWS, first + min(count, (shard + 1) * SHARD_ROWS))
+            captions = [_captions(rng) for _ in ids]  # drawn for kept shards too: the same captions on rerun
+            if path.exists():
+                continue
+            table = pa.table(
+                {
+                    "image": pa.array(
+                        [{"bytes": images[i % POOL], "path": f"{i:012d}.jpg"} for i in ids], image_type
+                    ),
+                    "captions": captions,
+                    "image_id": list(ids),
+                }
+            )
+            pq.write_table(table, path.with_suffix(".tmp"), row_group_size=GROUP_ROWS)
+            path.with_suffix(".tmp").rename(path)
     return root
