@@ -228,18 +228,21 @@ def test_data_check_names_the_format_the_splits_and_what_is_missing(tmp_path: Pa
     assert "trains on 14 samples of train" in " ".join(shown.split())
 
 
-def test_the_synthetic_coco_folder_reads_the_same_in_both_layouts(tmp_path: Path) -> None:
+def test_the_synthetic_coco_folder_reads_the_same_in_every_layout(tmp_path: Path) -> None:
     from fedmml.data.synthetic import write_folder
 
     indexes = {}
-    for layout in ("coco", "coco2017"):
+    for layout in ("coco", "coco2017", "hf"):
         root = write_folder(tmp_path / layout, 6, 3, workers=1, layout=layout)
-        cfg = _cfg(root)
+        cfg = _cfg(root, *(["data.id_column=image_id"] if layout == "hf" else []))
         assert detect_format(root).name == layout
         indexes[layout] = [task_for(cfg).read_index(cfg, str(root), s, 0) for s in ("train", "test")]
-    for ours, official in zip(indexes["coco"], indexes["coco2017"], strict=True):
+    for ours, official, hub in zip(indexes["coco"], indexes["coco2017"], indexes["hf"], strict=True):
         assert (ours.image_ids, ours.captions) == (official.image_ids, official.captions)
+        assert (hub.image_ids, hub.captions) == (ours.image_ids, ours.captions)
         assert all((official.images_path / name).is_file() for name in official.file_names)
+        first = hub.file_names[0]
+        assert hub.sources.encoded(first) == (ours.images_path / ours.file_names[0]).read_bytes()
 
 
 def hf_dataset(root: Path, source: Path, shape: str) -> Path:

@@ -93,7 +93,7 @@ def write_folder(
             raise ValueError(
                 "a Hugging Face dataset holds its images in its rows: it cannot be captions-only"
             )
-        return write_hf(root, train, test)
+        return write_hf(root, train, test, workers)
     if layout not in ("coco", "coco2017"):
         raise ValueError(f"layout must be coco, coco2017 or hf, not {layout!r}")
     total = train + test
@@ -126,7 +126,7 @@ SHARD_ROWS = 4000
 GROUP_ROWS = 100
 
 
-def write_hf(root: Path, train: int, test: int) -> Path:
+def write_hf(root: Path, train: int, test: int, workers: int = 0) -> Path:
     """``root/data/{train,test}-0000i-of-0000n.parquet``, as ``push_to_hub`` writes an image-caption dataset:
     an ``image`` column of ``datasets.Image``'s ``{bytes, path}`` (the JPEGs whole), ``captions`` (five
     strings) and ``image_id``. Shards that exist are kept."""
@@ -134,7 +134,7 @@ def write_hf(root: Path, train: int, test: int) -> Path:
     import pyarrow.parquet as pq
 
     (root / "data").mkdir(parents=True, exist_ok=True)
-    with ProcessPoolExecutor(os.cpu_count()) as pool:
+    with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
         images = list(pool.map(synth_jpeg, range(min(POOL, train + test)), chunksize=50))
     rng = np.random.default_rng(0)
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
