@@ -176,6 +176,7 @@ def read_hf_index(root: Path, split: str, cfg: Config) -> CaptionIndex:
                     f"set data.{what}_column"
                 )
         classes = _class_names(schema, d.label_column) if d.label_column else None
+        where = path.relative_to(root).as_posix()
         for row, cell in enumerate(columns[caption_column]):
             position += 1
             image_id = columns[d.id_column][row] if d.id_column else position - 1
@@ -192,7 +193,7 @@ def read_hf_index(root: Path, split: str, cfg: Config) -> CaptionIndex:
                 label = classes[label]
             identity = columns[d.identity_key][row] if d.identity_key in columns else None
             index.image_ids.append(image_id)
-            index.file_names.append(f"{path.relative_to(root).as_posix()}#{row}")
+            index.file_names.append(f"{where}#{row}")
             index.captions.append(captions)
             index.labels.append(None if label is None else str(label))
             index.identities.append(
@@ -230,6 +231,7 @@ def read_hf_av_index(root: Path, split: str, cfg: Config) -> AdvanceIndex:
                     f"set data.{what}_column"
                 )
         classes = _class_names(schema, label_column)
+        where = path.relative_to(root).as_posix()
         for row, label in enumerate(columns[label_column]):
             position += 1
             sample_id = str(columns[d.id_column][row] if d.id_column else position - 1)
@@ -242,7 +244,7 @@ def read_hf_av_index(root: Path, split: str, cfg: Config) -> AdvanceIndex:
                 skipped["duplicate_id"] += 1
                 continue
             seen.add(sample_id)
-            name = f"{path.relative_to(root).as_posix()}#{row}"
+            name = f"{where}#{row}"
             index.pairs.append((str(label), sample_id, name, name))
             group = columns[cfg.partition.group][row] if cfg.partition.group in columns else None
             index.groups.append(group if isinstance(group, str) else None)
