@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from fedmml.cache import cache_dir
 from fedmml.config import SPEED_METHODS, Config, ConfigError, config_from_dict
 
 SCHEDULE_OF = {"e2e": "uniform", "lw": "late-heavy", "prog": "late-heavy"}  # the projections
@@ -298,7 +299,7 @@ def prepare_data(cfg: Config, data: Path | None, images: int, progress: Progress
             raise ConfigError(f"fedmml bench speed needs --data for a {cfg.model.task} preset")
         from fedmml.data.synthetic import write_folder
 
-        data = Path.home() / ".cache" / "fedmml" / f"speed-coco-{images}"
+        data = cache_dir(f"speed-coco-{images}")
         progress(f"writing {images:,} synthetic photographs to {data}")
         write_folder(data, images, TEST_IMAGES)
     tree = cfg.to_dict()

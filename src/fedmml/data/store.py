@@ -36,6 +36,7 @@ from filelock import FileLock
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from fedmml.cache import cache_dir
 from fedmml.data import DataError
 from fedmml.data.images import UnreadableImage, load_image
 
@@ -449,8 +450,7 @@ def default_store_dir(home: Path) -> Path:
             return beside
     except OSError:
         pass
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "fedmml" / "stores" / hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:16]
+    return cache_dir("stores", hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:16])
 
 
 def read_or_next(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import struct
 import subprocess
@@ -13,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+from fedmml.cache import cache_dir
 from fedmml.data.prepare.output import (
     PrepareError,
     check_owned,
@@ -37,8 +37,7 @@ Progress = Callable[[str], None]
 
 def default_cache_dir() -> Path:
     """Where downloaded npm tarballs are kept between runs."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "fedmml" / "npm"
+    return cache_dir("npm")
 
 
 def package_name(vendor: str) -> str:
