@@ -163,9 +163,8 @@ class DataConfig:
     # partition.label, for Dirichlet splits and limits), a ClassLabel read as its name; identity_key names a
     # column too
     image_column: str = "image"
-    audio_column: str = (
-        "audio"  # image-audio: datasets.Audio (or raw bytes, or a path); label_column "": label
-    )
+    # image-audio: datasets.Audio (or raw bytes, or a path); there label_column "" means "label"
+    audio_column: str = "audio"
     caption_column: str = ""
     id_column: str = ""
     label_column: str = ""

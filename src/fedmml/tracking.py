@@ -177,8 +177,8 @@ class MLflowTracker:
         # Creating the database prints Alembic's migrations line by line; the run's display is fedmml's.
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        db = Path(self.uri.removeprefix("sqlite:///"))
-        if self.uri.startswith("sqlite:///") and not db.exists():
+        db = Path(self.uri.removeprefix("sqlite:///")) if self.uri.startswith("sqlite:///") else None
+        if db is not None and not db.exists():
             _new_store(db)
         self.client = MlflowClient(tracking_uri=self.uri)
         found = self.client.get_experiment_by_name(MLFLOW_EXPERIMENT)
@@ -187,11 +187,7 @@ class MLflowTracker:
         else:
             # A SQLite store keeps its artifacts beside the database, not in the working directory (MLflow's
             # default for a database store).
-            location = (
-                (db.parent / MLFLOW_ARTIFACTS).resolve().as_uri()
-                if self.uri.startswith("sqlite:///")
-                else None
-            )
+            location = (db.parent / MLFLOW_ARTIFACTS).resolve().as_uri() if db is not None else None
             experiment = self.client.create_experiment(MLFLOW_EXPERIMENT, artifact_location=location)
         self._replace_earlier_run()
         tags = {

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fedmml.data import DataError, fingerprint
+from fedmml.data import DataError, fingerprint, sample_identity
 from fedmml.data.audio import DEFAULT_FBANK, FeatureSettings, UnreadableAudio, load_fbank, pad_frames
 from fedmml.data.coco import DatasetNotFound, sample_seed, stack_read
 from fedmml.data.images import random_resized_crop, to_tensor
@@ -213,7 +213,7 @@ def read_advance_index(
         group = entry.get(group_key)
         groups.append(group if isinstance(group, str) else None)
         identity = entry.get(identity_key) if identity_key else None
-        identities.append(f"{identity_key}={identity}" if identity is not None else f"id={sample_id}")
+        identities.append(sample_identity(identity_key, identity, sample_id))
     return AdvanceIndex(split_dir, names, pairs, groups, dict(skipped), identities)
 
 

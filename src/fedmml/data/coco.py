@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fedmml.data import DataError, fingerprint
+from fedmml.data import DataError, fingerprint, sample_identity
 from fedmml.data.images import random_resized_crop, to_tensor
 from fedmml.data.partition import stratified_subset
 from fedmml.data.store import FileSources, Geometry, ImagesConfig, open_images, read_or_next
@@ -137,7 +137,7 @@ def read_caption_index(
         category = record.get("category")
         index.labels.append(category if isinstance(category, str) else None)
         identity = record.get(identity_key) if identity_key else None
-        index.identities.append(f"{identity_key}={identity}" if identity is not None else f"id={image_id}")
+        index.identities.append(sample_identity(identity_key, identity, image_id))
     index.skipped = dict(skipped)
     keep = stratified_subset(index.labels, limit, limit_seed)
     if len(keep) < len(index):

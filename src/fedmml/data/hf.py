@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fedmml.data import DataError
+from fedmml.data import DataError, sample_identity
 from fedmml.data.advance import AdvanceIndex
 from fedmml.data.audio import UnreadableAudio
 from fedmml.data.coco import CaptionIndex
@@ -145,6 +145,16 @@ def _captions(cell: Any, skipped: Counter) -> list[str]:
     return out
 
 
+def _require(path: Path, schema: pa.Schema, *columns: tuple[str, str]) -> None:
+    """One line naming the first of ``columns`` ((name, what it holds) pairs) that ``path`` lacks."""
+    for name, what in columns:
+        if name not in schema.names:
+            raise DataError(
+                f"{path} has no {what} column {name!r} (columns: {', '.join(schema.names)}); "
+                f"set data.{what}_column"
+            )
+
+
 def _split_files(root: Path, split: str) -> list[Path]:
     found = data_files(root)
     if not found.get(split):
@@ -169,12 +179,7 @@ def read_hf_index(root: Path, split: str, cfg: Config) -> CaptionIndex:
         wanted = [d.caption_column or "", d.id_column, d.label_column, d.identity_key]
         columns, schema = _columns(path, [*CAPTION_COLUMNS, *(c for c in wanted if c)])
         caption_column = d.caption_column or next((c for c in CAPTION_COLUMNS if c in columns), "")
-        for name, what in ((d.image_column, "image"), (caption_column, "caption")):
-            if name not in schema.names:
-                raise DataError(
-                    f"{path} has no {what} column {name!r} (columns: {', '.join(schema.names)}); "
-                    f"set data.{what}_column"
-                )
+        _require(path, schema, (d.image_column, "image"), (caption_column, "caption"))
         classes = _class_names(schema, d.label_column) if d.label_column else None
         where = path.relative_to(root).as_posix()
         for row, cell in enumerate(columns[caption_column]):
@@ -196,9 +201,7 @@ def read_hf_index(root: Path, split: str, cfg: Config) -> CaptionIndex:
             index.file_names.append(f"{where}#{row}")
             index.captions.append(captions)
             index.labels.append(None if label is None else str(label))
-            index.identities.append(
-                f"{d.identity_key}={identity}" if identity is not None else f"id={image_id}"
-            )
+            index.identities.append(sample_identity(d.identity_key, identity, image_id))
     index.skipped = dict(skipped)
     if not index.image_ids:
         raise DataError(
@@ -224,12 +227,7 @@ def read_hf_av_index(root: Path, split: str, cfg: Config) -> AdvanceIndex:
     for path in files:
         wanted = [label_column, d.id_column, cfg.partition.group, d.identity_key]
         columns, schema = _columns(path, [c for c in wanted if c])
-        for name, what in ((d.image_column, "image"), (d.audio_column, "audio"), (label_column, "label")):
-            if name not in schema.names:
-                raise DataError(
-                    f"{path} has no {what} column {name!r} (columns: {', '.join(schema.names)}); "
-                    f"set data.{what}_column"
-                )
+        _require(path, schema, (d.image_column, "image"), (d.audio_column, "audio"), (label_column, "label"))
         classes = _class_names(schema, label_column)
         where = path.relative_to(root).as_posix()
         for row, label in enumerate(columns[label_column]):
@@ -249,9 +247,7 @@ def read_hf_av_index(root: Path, split: str, cfg: Config) -> AdvanceIndex:
             group = columns[cfg.partition.group][row] if cfg.partition.group in columns else None
             index.groups.append(group if isinstance(group, str) else None)
             identity = columns[d.identity_key][row] if d.identity_key in columns else None
-            index.identities.append(
-                f"{d.identity_key}={identity}" if identity is not None else f"id={sample_id}"
-            )
+            index.identities.append(sample_identity(d.identity_key, identity, sample_id))
     index.skipped = dict(skipped)
     if not index.pairs:
         raise DataError(f"no usable image-sound pairs in split {split!r} of {root} ({index.skipped})")

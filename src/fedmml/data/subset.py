@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fedmml.data import DataError
+from fedmml.data import DataError, identity_value
 from fedmml.data.advance import AdvanceIndex
 from fedmml.data.coco import CaptionIndex
 from fedmml.data.images import UnreadableImage
@@ -106,8 +106,8 @@ def _write_from_index(
         record: dict[str, Any] = {"id": image_id, "file_name": file_name}
         if index.labels[i] is not None:
             record["category"] = index.labels[i]
-        if identity_key and index.identities[i].startswith(f"{identity_key}="):
-            record[identity_key] = index.identities[i].removeprefix(f"{identity_key}=")
+        if (value := identity_value(identity_key, index.identities[i])) is not None:
+            record[identity_key] = value
         images.append(record)
         first = len(annotations)
         annotations += [
@@ -181,8 +181,8 @@ def _write_rows(
         entry = {}
         if group_key and index.groups[i] is not None:
             entry[group_key] = index.groups[i]
-        if identity_key and index.identities[i].startswith(f"{identity_key}="):
-            entry[identity_key] = index.identities[i].removeprefix(f"{identity_key}=")
+        if (value := identity_value(identity_key, index.identities[i])) is not None:
+            entry[identity_key] = value
         if entry:
             meta[sample_id] = entry
     (folder / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
