@@ -78,6 +78,26 @@ class Workspace:
         # afresh each round would spend them all finding its scale (skipping every step it overflows).
         self.precision = cfg.run.precision
         self.scalers: dict[int, torch.amp.GradScaler] = {}
+        # The frozen tensors the clients of this process hold, one copy of each value (see shared).
+        self.frozen: dict[str, torch.Tensor] = {}
+
+    def shared(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` with each one equal to the copy held for another client of this process replaced by
+        that copy. Every simulated client holds the same frozen weights, each decoded from its own message:
+        kept apart, they grow memory with the population (1,000 emoji clients under frozen: 100 MB each)."""
+        out: dict[str, torch.Tensor] = {}
+        for key, value in tensors.items():
+            held = self.frozen.get(key)
+            if held is not value and not (
+                held is not None
+                and held.shape == value.shape
+                and held.dtype == value.dtype
+                and torch.equal(held, value)
+            ):
+                # New, or a new value (a stage froze what it trained): clients holding the old keep theirs.
+                self.frozen[key] = held = value
+            out[key] = held
+        return out
 
     def scaler(self, cid: int) -> torch.amp.GradScaler | None:
         """Client ``cid``'s gradient scaler under fp16, kept between its rounds; None otherwise."""
@@ -155,7 +175,7 @@ class Client:
             raise PayloadError(f"client {self.cid} lacks {len(missing)} tensors, e.g. {missing[:3]}")
         model.load_state_dict(state, strict=True)
         # Frozen tensors are kept for later rounds; trainable ones change every round and are re-sent.
-        self.store = {k: v for k, v in state.items() if k not in trainable}
+        self.store = self.workspace.shared({k: v for k, v in state.items() if k not in trainable})
         return stage, model, trainable, received
 
     def evaluate(self, message: Message) -> Message:
