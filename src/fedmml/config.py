@@ -291,6 +291,15 @@ class PrivacyConfig:
     # seeded: the noise follows run.seed (reproducible simulations); system: the OS's randomness (anyone who
     # knows a seed could subtract seeded noise); auto: seeded in simulation, system in a deployment
     noise_source: str = "auto"
+    # SecAgg+ on the Flower engines (Flower's secaggplus_mod and SecAggPlusWorkflow): clients mask their
+    # updates so that the server learns only each round's sum (fedmml.engines.flower.secure); with or
+    # without DP
+    secure_aggregation: bool = False
+    secagg_shares: int = 3  # clients (itself included) that hold a share of each client's mask keys
+    secagg_threshold: int = 2  # shares that rebuild a dropped client's masks; fewer reveal nothing
+    # Without DP, each coordinate of a client's change is clipped to +-this before it is quantised to 2^22
+    # levels; under DP the range is the clipping bound (no coordinate of a clipped change exceeds it)
+    secagg_range: float = 1.0
 
     @property
     def enabled(self) -> bool:
@@ -589,8 +598,54 @@ def _validate_budgets(fed: FederationConfig) -> None:
         )
 
 
+# SecAgg+ sums 2^22-level integers modulo 2^32: more clients in one round could overflow the sum.
+SECAGG_MAX_CLIENTS = 1023
+
+
+def _validate_secure_aggregation(cfg: Config) -> None:
+    p, fed = cfg.privacy, cfg.federation
+    if not p.secure_aggregation:
+        return
+    if cfg.run.engine == "inprocess":
+        raise ConfigError(
+            'privacy.secure_aggregation runs on Flower: set run.engine = "flower-sim" or "flower"'
+        )
+    if not 2 <= p.secagg_threshold < p.secagg_shares:
+        raise ConfigError(
+            f"privacy.secagg_threshold must be at least 2 and below privacy.secagg_shares "
+            f"({p.secagg_shares}), got {p.secagg_threshold}"
+        )
+    if not (math.isfinite(p.secagg_range) and p.secagg_range > 0):
+        raise ConfigError(f"privacy.secagg_range must be finite and > 0, got {p.secagg_range}")
+    if (fed.clients_per_round or fed.num_clients) > SECAGG_MAX_CLIENTS:
+        raise ConfigError(
+            f"privacy.secure_aggregation sums at most {SECAGG_MAX_CLIENTS} clients a round without overflow: "
+            "lower federation.clients_per_round"
+        )
+    # The server sees only the sum: nothing that needs one client's update, or a different slice per client
+    # (memory budgets and unimodal clients are known only once the clients are set up: Server refuses them).
+    refused = [
+        (fed.aggregator != "fedavg", f"federation.aggregator = {fed.aggregator!r}: it needs every update"),
+        (fed.max_update_norm > 0, "federation.max_update_norm > 0: it checks each client's update"),
+        (
+            cfg.run.method in ("hetero", "centralized"),
+            f"run.method = {cfg.run.method}: one sum needs one slice",
+        ),
+        (cfg.transport.dtype != "float32", f"transport.dtype = {cfg.transport.dtype}: SecAgg+ quantises"),
+        (
+            cfg.model.neck_init == "fit" or (cfg.model.neck_init == "auto" and cfg.run.method == "prog"),
+            "a neck fit (model.neck_init, Prog's default): its sums would leave the clients unmasked; set "
+            'model.neck_init = "fresh"',
+        ),
+    ]
+    for broken, what in refused:
+        if broken:
+            raise ConfigError(f"privacy.secure_aggregation does not go with {what}")
+
+
 def _validate_privacy(cfg: Config) -> None:
     p = cfg.privacy
+    _validate_secure_aggregation(cfg)
     _choice(p.clipping, ("fixed", "adaptive"), "privacy.clipping")
     _choice(p.sampling, ("poisson", "fixed"), "privacy.sampling")
     _choice(p.accountant, ("rdp", "pld"), "privacy.accountant")

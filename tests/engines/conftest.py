@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import uuid
 from collections.abc import Iterable
@@ -52,7 +53,9 @@ class LocalGrid:
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             self.sent.append(msg)
-            replies.append(self.client_app(msg, self.contexts[msg.metadata.dst_node_id]))
+            # A copy, as a real transport delivers: SecAgg+'s workflow sends one content object to every node
+            # and its mod pops from what it receives.
+            replies.append(self.client_app(copy.deepcopy(msg), self.contexts[msg.metadata.dst_node_id]))
         return replies
 
 

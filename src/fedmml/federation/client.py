@@ -22,6 +22,7 @@ from fedmml.federation import neck_fit
 from fedmml.federation.payload import Message, PayloadError, lossy, pack, to_delta, unpack
 from fedmml.federation.prefix_cache import CacheShelf
 from fedmml.federation.privacy import clip_update
+from fedmml.federation.secure import changes
 from fedmml.federation.training import (
     IndexedSamples,
     LocalResult,
@@ -253,7 +254,9 @@ class Client:
         # The reply travels as the server asked; messages from before transport.dtype existed mean float32.
         transport = meta.get("transport", "float32")
         as_delta = lossy(transport)
-        if as_delta:
+        if "secure" in meta:
+            update = changes(update, received)  # a secure sum adds up changes, of counters too
+        elif as_delta:
             # A rounding transport carries this round's change rather than the weights: the rounding error
             # then scales with the (small) change, not with the weights, and the server adds the change to
             # its float32 master weights, which also cancels the rounding of what it sent.

@@ -167,6 +167,23 @@ class PrivateSum:
         self.unclipped += bool(unclipped and norm <= self.bound)
         self.clients += 1
 
+    def add_sum(
+        self,
+        changes: dict[str, torch.Tensor],
+        integers: dict[str, torch.Tensor],
+        clients: int,
+        unclipped: int,
+    ) -> None:
+        """Fold in the sum of ``clients`` changes that a secure aggregation gave (clipped by the clients
+        themselves), the mean of their integer buffers and the count the bound left whole."""
+        for key, value in changes.items():
+            value = value.double()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        if integers:
+            self.integers.add(integers, clients)
+        self.unclipped += unclipped
+        self.clients += clients
+
 
 class Privacy:
     """The server's side of DP-FedAvg: sampling, the bound, the noise, and the accountant's round count (all

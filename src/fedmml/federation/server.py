@@ -45,6 +45,7 @@ from fedmml.federation.payload import (
     validate,
 )
 from fedmml.federation.privacy import Privacy, PrivateSum
+from fedmml.federation.secure import SECURE_BYTES_UP, SecureRound, fold, rounded_bound
 from fedmml.methods import Stage, configure, trainable_keys, without_towers
 from fedmml.models.multimodal import MultimodalModel
 from fedmml.tasks import task_for
@@ -63,6 +64,12 @@ class Engine(Protocol):
     def dispatch(self, outgoing: Collection[tuple[int, Message]]) -> Iterable[tuple[int, Message]]:
         """Deliver one message per client; give the replies that arrived (failed clients send none), each as
         soon as it is there when the engine can (the server takes it in before the next one comes)."""
+
+    def dispatch_secure(
+        self, outgoing: Collection[tuple[int, Message]], secure: SecureRound
+    ) -> Iterable[tuple[int, Message]]:
+        """Deliver training messages under secure aggregation (privacy.secure_aggregation; the Flower engines
+        only): give the headers of the replies whose updates went into ``secure.mean``, which it sets."""
 
     def resume(self, server: Server, state: dict[str, Any]) -> None:
         """Restore the engine's state saved by :meth:`state_dict` when ``server`` continues a run."""
@@ -146,8 +153,9 @@ class _Tally:
         self.wave(sent, cids, set(replies))
 
     def reply(self, cid: int, reply: Message) -> None:
-        """Count one reply (its bytes still attached)."""
-        self.bytes_up += reply.nbytes
+        """Count one reply (its bytes still attached; under secure aggregation, what its header says the
+        client uploaded for the protocol)."""
+        self.bytes_up += reply.nbytes + reply.meta.get(SECURE_BYTES_UP, 0)
         # Cost counts every client that trained and replied, whether or not its update was accepted.
         self.flops += reply.meta.get("flops", 0)
         self.cache_bytes = max(self.cache_bytes, reply.meta.get("cache_bytes", 0))
@@ -212,6 +220,8 @@ class Server:
         # Client-level differential privacy (fedmml.federation.privacy), when asked for.
         self.privacy = Privacy(cfg) if cfg.privacy.enabled else None
         self.privacy_stop = ""  # why the run stopped before its last round (privacy.max_epsilon)
+        # Secure aggregation: the engine hands each round's updates over as one sum (federation.secure).
+        self.secure = cfg.privacy.secure_aggregation
 
     def sample_clients(self) -> list[int]:
         """Clients for one round: all set-up ones that train in this stage, or a seeded sample of them without
@@ -333,11 +343,13 @@ class Server:
         evaluate: bool = False,
         measure_memory: bool = False,
         neck_fit: NeckFit | None = None,
+        secure: SecureRound | None = None,
     ) -> tuple[Message, list[str]]:
         """The trainable tensors plus the frozen tensors this client lacks (also returned, by name); with
         ``evaluate``, an instruction to score them on the client's own held-out split instead of training;
         with ``measure_memory``, to measure its peak training memory; with ``neck_fit``, to send the sums
-        that fit the rebuilt necks (the previous necks travel with the model)."""
+        that fit the rebuilt necks (the previous necks travel with the model); with ``secure``, to send its
+        change for a secure sum."""
         state = self.model.state_dict()
         trainable = self.client_keys.get(cid, trainable)
         trainable_set = set(trainable)
@@ -364,6 +376,10 @@ class Server:
             meta["evaluate"] = True
         elif self.privacy is not None:
             meta["clip"] = self.privacy.bound  # the client clips its change to this before it replies
+            if secure is not None:
+                meta["clip"] = rounded_bound(self.privacy.bound, secure.dims)
+        if secure is not None:
+            meta["secure"] = secure.instruction()
         if neck_fit is not None:
             meta["neck_fit"] = neck_fit.depths
         if measure_memory:
@@ -490,6 +506,11 @@ class Server:
             engine.resume(self, self._engine_state)
             self._engine_state = None
         self.plan_budgets()
+        if self.secure and (self.budgeted or self.absent):
+            why = (
+                "memory budgets" if self.budgeted else f"clients {sorted(self.absent)} that hold one modality"
+            )
+            raise SetupFailed(f"privacy.secure_aggregation sums one slice for every client, not with {why}")
         self._bind_privacy()
         round_no = 0
         fit = NeckFit()
@@ -652,13 +673,20 @@ class Server:
         sizes: dict[int, int] = {}
         replied: set[int] = set()
         accepted: list[tuple[int, dict[str, torch.Tensor] | None, Message]] = []
-        for cid, reply in self._replies(engine, cids, stage, round_no, trainable, sizes, measurers=measurers):
+        secure = self._secure_round(expected, cids) if self.secure else None
+        replies = self._replies(
+            engine, cids, stage, round_no, trainable, sizes, measurers=measurers, secure=secure
+        )
+        for cid, reply in replies:
             replied.add(cid)
             tally.reply(cid, reply)
             peak = int(reply.meta.get("peak_mem_bytes", 0))
             if cid in measurers and peak:
                 self.client_peaks.setdefault(stage.index, {})[cid] = peak
                 self.stage_peaks[stage.index] = max(self.stage_peaks.get(stage.index, 0), peak)
+            if secure is not None:
+                accepted.append((cid, None, reply))  # its update is in the sum, folded in below
+                continue
             # Decoded, a reply's serialised bytes are let go: a round never holds an update twice.
             tensors = unpack(reply.blob, dtypes)
             reply = Message(reply.meta, b"")
@@ -679,7 +707,25 @@ class Server:
                 tensors = None
             accepted.append((cid, tensors, reply))
         tally.wave(list(sizes.values()), cids, replied)
+        if secure is not None and accepted:
+            assert mean is not None  # fedavg or DP: the config refuses the robust aggregators
+            fold(secure, [reply for _, _, reply in accepted], expected, mean)
         return accepted
+
+    def _secure_round(self, expected: dict[str, torch.Tensor], cids: list[int]) -> SecureRound:
+        """What a wave to ``cids`` sums securely: every client sends the whole slice, in one key order."""
+        privacy = self.privacy
+        bound = privacy.bound if privacy is not None else self.cfg.privacy.secagg_range
+        return SecureRound(
+            keys=sorted(expected),
+            dims=sum(v.numel() for v in expected.values() if v.is_floating_point()),
+            weighted=privacy is None,
+            count_unclipped=privacy is not None and self.cfg.privacy.clipping == "adaptive",
+            value_range=bound,
+            max_weight=max((int(self.clients[c]["num_samples"]) for c in cids), default=1)
+            if privacy is None
+            else 1,
+        )
 
     def _measurers(self, stage: Stage, cids: list[int]) -> set[int]:
         """Clients asked to measure their peak memory this wave: under budgets each one's first round of the
@@ -700,22 +746,32 @@ class Server:
         evaluate: bool = False,
         measurers: Collection[int] = (),
         neck_fit: NeckFit | None = None,
+        secure: SecureRound | None = None,
     ) -> Iterator[tuple[int, Message]]:
-        """The replies to one message to each of ``cids``, as the engine hands them over; ``sizes`` gets the
-        size of each message sent. Clients whose device lost everything since the last exchange are sent
-        their frozen tensors anew."""
+        """The replies to one message to each of ``cids``, as the engine hands them over (with ``secure``,
+        their headers, the updates summed into it); ``sizes`` gets the size of each message sent. Clients
+        whose device lost everything since the last exchange are sent their frozen tensors anew."""
         for cid in engine.lost_state():
             self.ledger.held.pop(cid, None)
         frozen: dict[int, list[str]] = {}
 
         def make(cid: int) -> Message:
             message, frozen[cid] = self.message_for(
-                cid, stage, round_no, trainable, evaluate, measure_memory=cid in measurers, neck_fit=neck_fit
+                cid,
+                stage,
+                round_no,
+                trainable,
+                evaluate,
+                measure_memory=cid in measurers,
+                neck_fit=neck_fit,
+                secure=secure,
             )
             sizes[cid] = message.nbytes
             return message
 
-        for cid, reply in engine.dispatch(Outgoing(cids, make)):
+        outgoing = Outgoing(cids, make)
+        replies = engine.dispatch(outgoing) if secure is None else engine.dispatch_secure(outgoing, secure)
+        for cid, reply in replies:
             # A client that replied processed the message, so it now holds the frozen tensors sent to it.
             self.ledger.record(cid, frozen[cid])
             yield cid, reply

@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from fedmml.client_data import ClientData, ClientDataError, SharedSplit, open_client_data, source_of
 from fedmml.config import Config, config_from_dict
 from fedmml.device import apply_threads, select_device
+from fedmml.engines.flower import secure
 from fedmml.engines.flower.codec import NO_RUN_STATE, pack, unpack
 from fedmml.federation.client import Client, Workspace
 from fedmml.federation.payload import PayloadError, deserialize, serialize
@@ -96,7 +97,8 @@ def setup(msg: Message, context: Context) -> Message:
 
 
 def _handle(msg: Message, context: Context) -> Message:
-    """This node's client answers one message (training or evaluation) with the state the node keeps."""
+    """This node's client answers one message (training or evaluation) with the state the node keeps; a
+    SecAgg+ round's instruction with the change its mod masks."""
     if STATE not in context.state.config_records:
         # A restarted node has lost its frozen tensors; the server must start over with it.
         raise PayloadError(f"{NO_RUN_STATE} (was it restarted?)")
@@ -105,16 +107,20 @@ def _handle(msg: Message, context: Context) -> Message:
     pid, _ = _partition(context)
     client = Client(pid, loaded.cfg, loaded.client_data(pid, _data_root(context)), loaded.workspace)
     client.store = deserialize(bytes(state["store"]))
+    summed = secure.instruction(msg.content)
     started = time.perf_counter()
-    reply = client.handle(unpack(msg.content))
+    reply = client.handle(summed or unpack(msg.content))
     handled = time.perf_counter() - started
     state["store"] = serialize(client.store)
+    if summed is not None:
+        return Message(secure.reply_content(summed, reply, handled), reply_to=msg)
     return Message(pack(reply, train=False, client_s=handled), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[secure.secure_mod])
 def train(msg: Message, context: Context) -> Message:
-    """One round of local training by this node's client."""
+    """One round of local training by this node's client (under privacy.secure_aggregation, each of the
+    SecAgg+ stages: the mod answers all but the one that trains)."""
     return _handle(msg, context)
 
 

@@ -58,4 +58,22 @@ def unpack(content: RecordDict) -> Message:
 
 def content_bytes(content: RecordDict) -> int:
     """Bytes of a message's records as Flower counts them (values plus keys, without transport framing)."""
-    return sum(record.count_bytes() for record in content.values())
+    return sum(_record_bytes(record) for record in content.values())
+
+
+def _record_bytes(record: Any) -> int:
+    if not isinstance(record, ConfigRecord):
+        return record.count_bytes()
+    # Flower's ConfigRecord.count_bytes raises on an empty str, bytes or list (flwr 1.42), which SecAgg+'s
+    # records and a FitRes' status hold; counted here alike: keys plus values, 8 bytes a number, 1 a bool.
+    return sum(len(key) + _value_bytes(value) for key, value in record.items())
+
+
+def _value_bytes(value: Any) -> int:
+    if isinstance(value, list):
+        return sum(_value_bytes(v) for v in value)
+    if isinstance(value, bool):
+        return 1
+    if isinstance(value, str):
+        return len(value.encode())
+    return len(value) if isinstance(value, bytes) else 8

@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,12 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from fedmml.config import Config, config_from_dict, load_config
+from fedmml.engines.flower import secure
 from fedmml.engines.flower.codec import CLIENT_SECONDS, METRICS, NO_RUN_STATE, content_bytes, pack, unpack
 from fedmml.events import ClientDropped, Event, Listener, Notice, RoundDone, RoundSkipped, StageStarted
 from fedmml.federation import SetupFailed
 from fedmml.federation.payload import Message as Payload
+from fedmml.federation.secure import SECURE_BYTES_UP, SecureRound
 from fedmml.federation.server import Server
 from fedmml.runs import CHECKPOINTS, finish_run, reopen_run, start_run
 from fedmml.setup import build_server
@@ -91,6 +93,30 @@ def exchange(
         if i is not None:
             answered[i] = reply
     return answered
+
+
+class _CountingGrid:
+    """A grid that adds the bytes of what it sends and receives to ``measured`` (a round's figures), and
+    keeps what each node sent (``up``, by node id)."""
+
+    def __init__(self, grid: Grid, measured: dict[str, Any]) -> None:
+        self.grid = grid
+        self.measured = measured
+        self.up: dict[int, int] = {}
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self.measured["flower_bytes_down"] += sum(content_bytes(m.content) for m in messages)
+        for reply in replies:
+            if reply.has_content():
+                size = content_bytes(reply.content)
+                self.measured["flower_bytes_up"] += size
+                self.up[reply.metadata.src_node_id] = self.up.get(reply.metadata.src_node_id, 0) + size
+        return replies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
 
 
 class GridEngine:
@@ -212,6 +238,30 @@ class GridEngine:
             metrics = reply.content.metric_records.get(METRICS, {})
             self.measured["client_s"] += float(metrics.get(CLIENT_SECONDS, 0.0))
         return payloads
+
+    def dispatch_secure(
+        self, outgoing: Collection[tuple[int, Payload]], secure_round: SecureRound
+    ) -> list[tuple[int, Payload]]:
+        """Training messages through SecAgg+ (fedmml.engines.flower.secure): the headers of the clients whose
+        masked updates went into ``secure_round.mean``. Flower's bytes count all four of its stages."""
+        outgoing = list(outgoing)
+        client_of = {self.node_of[cid]: cid for cid, _ in outgoing}
+        timeout = self.timeouts[min(self.calls, 1)]
+        self.calls += 1
+        counted = _CountingGrid(self.grid, self.measured)
+        instructions = [(self.node_of[cid], p) for cid, p in outgoing]
+        headers = secure.sum_round(counted, instructions, secure_round, self.cfg.privacy, timeout)
+        replies: list[tuple[int, Payload]] = []
+        for node, cid in client_of.items():
+            if node not in headers:
+                self.listener(ClientDropped(cid, "its masked update did not reach the secure sum"))
+                continue
+            header, client_s = secure.header_of(headers[node])
+            # What the client uploaded for the protocol (keys, shares, masked update) is its update's cost.
+            header.meta[SECURE_BYTES_UP] = counted.up.get(node, 0)
+            self.measured["client_s"] += client_s
+            replies.append((cid, header))
+        return replies
 
     def resume(self, server: Server, state: dict[str, Any]) -> None:
         """A resumed run is a new Flower run: its nodes start with empty state and hold no frozen tensors."""

@@ -1,0 +1,96 @@
+"""The privacy/utility curve: each method's tuned preset with and without client-level DP, many small clients.
+
+.venv/bin/python benchmarks/dp_curve.py --out /tmp/dpcurve --methods frozen lw e2e prog --epsilons 0 8 4 1 \
+    --seeds 0 --cpu 1
+
+Every run is ``fedmml run`` on ``presets/tuned/<data>/<method>.toml`` with ``--clients`` clients, Poisson
+sampling at ``--rate``, ``--local-epochs`` local epochs and batch ``--batch``; epsilon 0 means no DP, any
+other is privacy.target_epsilon (delta 1e-5, adaptive clipping from ``--clip``). A run whose summary.json
+exists is not run again, so the sweep can be stopped and continued. Runs go one after another, pinned to
+``--cpu`` with one torch thread (``taskset``). Prints a markdown table: rsum (or accuracy) per method and
+epsilon, the mean over seeds and each seed's figure, and the median wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SCORE = {"emoji": "rsum", "tuxpaint": "accuracy"}
+
+
+def _run(args: argparse.Namespace, method: str, epsilon: float, seed: int) -> Path:
+    out = args.out / f"{method}-eps{epsilon:g}-seed{seed}"
+    if (out / "summary.json").exists():
+        return out
+    preset = Path(__file__).resolve().parents[1] / "src/fedmml/presets/tuned" / args.data / f"{method}.toml"
+    sets = [
+        f"federation.num_clients={args.clients}",
+        f"federation.clients_per_round={round(args.rate * args.clients)}",
+        f"federation.local_epochs={args.local_epochs}",
+        f"federation.batch_size={args.batch}",
+        f"run.seed={seed}",
+        "run.threads=1",
+        "eval.every=0",
+        "eval.zeroshot=false",
+    ]
+    if epsilon:
+        sets += [f"privacy.target_epsilon={epsilon:g}", f"privacy.clip={args.clip:g}"]
+        sets.append('privacy.clipping="adaptive"')
+    cmd = ["taskset", "-c", str(args.cpu), sys.executable, "-m", "fedmml.cli", "run", "--preset", str(preset)]
+    cmd += ["--quiet", "--overwrite", "--out", str(out)]
+    for item in sets:
+        cmd += ["--set", item]
+    started = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    print(f"{out.name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--data", choices=sorted(SCORE), default="emoji")
+    parser.add_argument("--methods", nargs="+", default=["frozen", "lw", "e2e", "prog"])
+    parser.add_argument("--epsilons", nargs="+", type=float, default=[0, 8, 4, 1])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=0.1)
+    parser.add_argument("--local-epochs", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--clip", type=float, default=0.1)
+    parser.add_argument("--cpu", type=int, default=0)
+    args = parser.parse_args()
+    score = SCORE[args.data]
+    rows = ["| method | " + " | ".join(_level(e) for e in args.epsilons) + " | median wall |"]
+    rows.append("|---|" + "---:|" * (len(args.epsilons) + 1))
+    for method in args.methods:
+        cells, walls = [], []
+        for epsilon in args.epsilons:
+            figures = []
+            for seed in args.seeds:
+                summary = json.loads((_run(args, method, epsilon, seed) / "summary.json").read_text())
+                figures.append(summary[score])
+                walls.append(summary["wall_s"])
+            each = ", ".join(f"{f:.1f}" for f in figures)
+            mean = f"{statistics.mean(figures):.1f}"
+            cells.append(f"{mean} ({each})" if len(figures) > 1 else mean)
+        rows.append(f"| {method} | " + " | ".join(cells) + f" | {statistics.median(walls):.0f} s |")
+    print("\n".join(rows))
+
+
+def _level(epsilon: float) -> str:
+    return f"epsilon {epsilon:g}" if epsilon else "no DP"
+
+
+if __name__ == "__main__":
+    main()
