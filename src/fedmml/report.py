@@ -90,8 +90,17 @@ def write_run_report(
 def _privacy_section(summary: Mapping[str, Any]) -> list[str]:
     """Client-level differential privacy: the guarantee reached and the settings it rests on."""
     p = summary.get("privacy")
+    sa = summary.get("secure_aggregation")
+    secured = ""
+    if sa:
+        span = "the clipping bound" if sa["range"] == "clip" else f"{sa['range']:g}"
+        secured = (
+            f"Secure aggregation ({sa['protocol']}): the server learned each round's sum of updates, not "
+            f"one client's; a dropped client's masks are rebuilt from {sa['threshold']} of {sa['shares']} "
+            f"shares. Each coordinate travelled rounded to one of {sa['levels']:,} levels of +-{span}."
+        )
     if not p:
-        return []
+        return [f"## Privacy\n\n{secured}"] if secured else []
     rows = [
         ["epsilon", f"{p['epsilon']:.4g} at delta {p['delta']:g}, {p['accountant'].upper()} accountant"],
         ["noised rounds", str(p["rounds"])],
@@ -105,6 +114,8 @@ def _privacy_section(summary: Mapping[str, Any]) -> list[str]:
         "covers every model the server sent or wrote, not the metadata a client reports beside its update "
         "(sample count, training loss).\n\n" + _table(["", ""], rows)
     )
+    if secured:
+        text += f"\n\n{secured}"
     if "stopped_early" in summary:
         text += f"\n\nThe run {summary['stopped_early']}."
     return [text]

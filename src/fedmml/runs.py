@@ -28,7 +28,7 @@ from fedmml.config import Config, config_from_dict
 from fedmml.data.missing import incomplete
 from fedmml.device import select_device
 from fedmml.events import Event, Listener, Notice, Phase, RoundDone, RunFinished, ignore
-from fedmml.federation import budgets
+from fedmml.federation import budgets, secure
 from fedmml.federation.checkpoint import CheckpointDamaged, checkpoints, latest_checkpoint, load_checkpoint
 from fedmml.models.build import build_model
 from fedmml.models.multimodal import MultimodalModel
@@ -301,6 +301,8 @@ def finish_run(
         summary["privacy"] = server.privacy.describe()
     if server.privacy_stop:
         summary["stopped_early"] = server.privacy_stop
+    if server.secure:
+        summary["secure_aggregation"] = secure.describe(cfg.privacy, server.privacy is not None)
     if server.plans:
         # Memory budgets: each client's slice per stage and how its measured peaks compared with its budget.
         summary["budgets"] = budgets.summarize(metrics, server.limits)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedmml.config import PrivacyConfig
 from fedmml.federation.aggregate import RunningMean
 from fedmml.federation.payload import Message, unpack
 from fedmml.federation.privacy import PrivateSum
@@ -46,6 +47,17 @@ def rounded_bound(bound: float, dims: int) -> float:
     """The bound a client clips to so that, once each of ``dims`` coordinates is rounded to a level of the
     range +-``bound`` (an error under one level, 2 x bound / LEVELS), the norm is at most ``bound``."""
     return bound * (1 - 2 * math.sqrt(dims) / LEVELS)
+
+
+def describe(p: PrivacyConfig, private: bool) -> dict[str, Any]:
+    """The run's secure aggregation, for summary.json and the report (``private``: under DP)."""
+    return {
+        "protocol": "SecAgg+ (Flower)",
+        "shares": p.secagg_shares,
+        "threshold": p.secagg_threshold,
+        "levels": LEVELS,
+        "range": "clip" if private else p.secagg_range,
+    }
 
 
 @dataclass

@@ -4,8 +4,9 @@ Flower offers SecAgg+ to its legacy API only. ``SecAggPlusWorkflow`` runs one fi
 ``Strategy`` (``configure_fit``, then ``aggregate_fit`` with the unmasked result), and ``secaggplus_mod``
 masks a legacy ``FitRes`` on the node. Here a one-round strategy hands the workflow fedmml's training
 messages as ``FitIns`` (the header and blob in the FitIns config) and keeps what the workflow gives back; on
-the node, the mod runs for the messages that carry SecAgg+'s record, and the train handler answers the
-FitIns with the client's change as the FitRes arrays (fedmml.federation.secure says what they hold). No
+the node (fedmml.engines.flower.client_app), the mod runs for the messages that carry SecAgg+'s record, and
+the train handler answers the FitIns with the client's change as the FitRes arrays
+(fedmml.federation.secure says what they hold). No
 cryptography is written here: keys, shares, masks and their removal are Flower's.
 """
 
@@ -15,9 +16,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.client.mod import secaggplus_mod
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.common import (
     Code,
     FitIns,
@@ -27,7 +26,6 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
@@ -129,13 +127,6 @@ def sum_round(
         return {}
     secure.mean = parameters_to_ndarrays(strategy.results[0][1].parameters)
     return {proxy.node_id: dict(fitres.metrics) for proxy, fitres in strategy.results}
-
-
-def secure_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """SecAgg+'s mod for the messages of its protocol; every other message passes as it came."""
-    if RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, context, call_next)
-    return call_next(msg, context)
 
 
 def instruction(content: RecordDict) -> Payload | None:
