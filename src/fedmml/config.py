@@ -633,7 +633,9 @@ def _validate_secure_aggregation(cfg: Config) -> None:
         ),
         (cfg.transport.dtype != "float32", f"transport.dtype = {cfg.transport.dtype}: SecAgg+ quantises"),
         (
-            cfg.model.neck_init == "fit" or (cfg.model.neck_init == "auto" and cfg.run.method == "prog"),
+            # (under DP "auto" never fits: fedmml.federation.neck_fit.enabled)
+            cfg.model.neck_init == "fit"
+            or (cfg.model.neck_init == "auto" and cfg.run.method == "prog" and not p.enabled),
             "a neck fit (model.neck_init, Prog's default): its sums would leave the clients unmasked; set "
             'model.neck_init = "fresh"',
         ),
