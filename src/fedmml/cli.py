@@ -556,7 +556,7 @@ def _series_args(parser: argparse.ArgumentParser, what: str) -> None:
 
 def _tag(cfg: Config) -> str:
     """The part of a default run folder's name that says its privacy settings: -dp-eps8, or nothing."""
-    return f"-{cfg.privacy.label}" if cfg.privacy.enabled else ""
+    return f"-{cfg.privacy.label}" if cfg.privacy.label else ""
 
 
 def _series_out(args: argparse.Namespace, kind: str, preset: str, cfg: Config) -> Path:

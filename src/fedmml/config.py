@@ -307,11 +307,17 @@ class PrivacyConfig:
 
     @property
     def label(self) -> str:
-        """A short name for run folders: dp-eps8, dp-sigma1.1-adaptive; empty without privacy."""
-        if not self.enabled:
-            return ""
-        level = f"eps{self.target_epsilon:g}" if self.target_epsilon else f"sigma{self.noise_multiplier:g}"
-        return f"dp-{level}" + ("-adaptive" if self.clipping == "adaptive" else "")
+        """A short name for run folders: dp-eps8, dp-sigma1.1-adaptive, dp-eps8-secagg, secagg; empty without
+        privacy."""
+        parts = []
+        if self.enabled:
+            level = (
+                f"eps{self.target_epsilon:g}" if self.target_epsilon else f"sigma{self.noise_multiplier:g}"
+            )
+            parts.append(f"dp-{level}" + ("-adaptive" if self.clipping == "adaptive" else ""))
+        if self.secure_aggregation:
+            parts.append("secagg")
+        return "-".join(parts)
 
 
 @dataclass

@@ -270,11 +270,17 @@ def test_privacy_settings_name_the_runs_and_fill_the_comparison_and_grid_tables(
 
     eps = load_config("tiny", ["privacy.target_epsilon=8"])
     sigma = load_config("tiny", ["privacy.noise_multiplier=1.1", 'privacy.clipping="adaptive"'])
-    assert (eps.privacy.label, sigma.privacy.label, load_config("tiny").privacy.label) == (
+    secure = ['run.engine="flower-sim"', "privacy.secure_aggregation=true"]
+    labels = [
+        load_config("tiny", o).privacy.label for o in (secure, [*secure, "privacy.target_epsilon=8"], [])
+    ]
+    assert [eps.privacy.label, sigma.privacy.label, *labels] == [
         "dp-eps8",
         "dp-sigma1.1-adaptive",
+        "secagg",
+        "dp-eps8-secagg",
         "",
-    )
+    ]
     args = _build_parser().parse_args(["compare", "--set", "privacy.target_epsilon=8"])
     assert _series_out(args, "compare", "emoji", eps).name.startswith("compare-emoji-dp-eps8-")
 
