@@ -27,7 +27,7 @@ import torch
 
 from fedmml.config import PrivacyConfig
 from fedmml.federation.aggregate import RunningMean
-from fedmml.federation.payload import Message, unpack
+from fedmml.federation.payload import Message, PayloadError, unpack
 from fedmml.federation.privacy import PrivateSum
 
 LEVELS = 2**22  # SecAgg+'s quantisation levels (Flower's default quantization_range)
@@ -91,6 +91,9 @@ def client_arrays(reply: Message, spec: dict[str, Any]) -> tuple[list[np.ndarray
         (tensors[k].double() * scale[tensors[k].is_floating_point()]).reshape(-1).numpy()
         for k in sorted(tensors)
     ]
+    if not all(np.isfinite(a).all() for a in arrays):
+        # The server cannot reject what it never sees: a NaN would turn into an arbitrary integer in the sum.
+        raise PayloadError(f"client {meta.get('cid')}: its update is not finite, so it leaves the secure sum")
     if spec["count_unclipped"]:
         arrays.append(np.array([spec["range"] if unclipped else 0.0]))
     weight = int(meta["num_samples"]) if spec["weighted"] else 1
