@@ -3,8 +3,9 @@
 .venv/bin/python benchmarks/dp_curve.py --out /tmp/dpcurve --methods frozen lw e2e prog --epsilons 0 8 4 1 \
     --seeds 0 --cpu 1
 
-Every run is ``fedmml run`` on ``presets/tuned/<data>/<method>.toml`` with ``--clients`` clients, Poisson
-sampling at ``--rate``, ``--local-epochs`` local epochs and batch ``--batch``; epsilon 0 means no DP, any
+Every run is ``fedmml run`` on ``presets/tuned/<data>/<method>.toml`` over all its training data, with
+``--clients`` clients, Poisson sampling at ``--rate``, ``--local-epochs`` local epochs and batch ``--batch``;
+epsilon 0 means no DP, any
 other is privacy.target_epsilon (delta 1e-5, adaptive clipping from ``--clip``). A run whose summary.json
 exists is not run again, so the sweep can be stopped and continued. Runs go one after another, pinned to
 ``--cpu`` with one torch thread (``taskset``). Prints a markdown table: rsum (or accuracy) per method and
@@ -30,6 +31,7 @@ def _run(args: argparse.Namespace, method: str, epsilon: float, seed: int) -> Pa
         return out
     preset = Path(__file__).resolve().parents[1] / "src/fedmml/presets/tuned" / args.data / f"{method}.toml"
     sets = [
+        "data.limit_train=0",  # every training sample: the tuned Tux Paint presets were tuned on 1,000
         f"federation.num_clients={args.clients}",
         f"federation.clients_per_round={round(args.rate * args.clients)}",
         f"federation.local_epochs={args.local_epochs}",
@@ -39,6 +41,7 @@ def _run(args: argparse.Namespace, method: str, epsilon: float, seed: int) -> Pa
         "eval.every=0",
         "eval.zeroshot=false",
     ]
+    sets += args.set
     if epsilon:
         sets += [f"privacy.target_epsilon={epsilon:g}", f"privacy.clip={args.clip:g}"]
         sets.append('privacy.clipping="adaptive"')
@@ -69,6 +72,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--clip", type=float, default=0.1)
     parser.add_argument("--cpu", type=int, default=0)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a further override for every run"
+    )
     args = parser.parse_args()
     score = SCORE[args.data]
     rows = ["| method | " + " | ".join(_level(e) for e in args.epsilons) + " | median wall |"]

@@ -6,6 +6,7 @@ aggregation functions are for fedavg.
 """
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -130,6 +131,20 @@ def test_epsilon_is_the_librarys_for_the_sampling_used() -> None:
         ["privacy.target_epsilon=4", "federation.clients_per_round=10"], population=1000, rounds=50
     )
     assert 3.99 < solved.epsilon(50) <= 4 and solved.epsilon(49) < solved.epsilon(50)
+
+
+def test_solving_for_the_noise_is_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    """The search tries multipliers where RDP's series fails to converge for some orders (q = 0.1, 12
+    rounds); dp_accounting warns for each, and fedmml keeps that search's noise out of the run's output."""
+    accountant = Accountant(
+        _privacy(["privacy.target_epsilon=8"], population=1000).p, Sampling("poisson", 1000, 100)
+    )
+    before = logging.getLogger("absl").level
+    with caplog.at_level(logging.WARNING):
+        sigma = accountant.solve(8, 12)
+    assert 7.99 < accountant.epsilon(sigma, 12) <= 8
+    assert not [r for r in caplog.records if r.name == "absl"]
+    assert logging.getLogger("absl").level == before
 
 
 def test_adaptive_clipping_follows_the_quantile_and_noises_as_flower_does() -> None:

@@ -7,7 +7,7 @@ import torch
 
 from fedmml.config import load_config
 from fedmml.experiment import build_setup
-from fedmml.federation.payload import deserialize
+from fedmml.federation.payload import Message, deserialize
 from fedmml.methods import trainable_keys
 
 
@@ -119,3 +119,25 @@ def test_lw_moves_fewer_bytes_than_e2e(emoji_root: Path) -> None:
         setup = _setup(emoji_root, method)
         totals[method] = sum(m["bytes_up"] for m in setup.server.run(setup.engine))
     assert totals["lw"] < totals["e2e"] / 2
+
+
+def test_a_client_without_a_step_leaves_the_round_loss_to_the_others(emoji_root: Path) -> None:
+    """A client holding one sample takes no step (a batch needs two) and reports no loss: the round's loss
+    is the sample-weighted mean over the clients that trained, not NaN."""
+    setup = _setup(emoji_root, "lw", "schedules.uniform.rounds=[1, 0, 0]")
+    dispatch = setup.engine.dispatch
+    seen = []
+
+    def one_idle(outgoing):
+        for i, (cid, reply) in enumerate(dispatch(outgoing)):
+            if i == 0:
+                reply = Message({**reply.meta, "steps": 0, "train_loss": float("nan")}, reply.blob)
+            seen.append(reply.meta)
+            yield cid, reply
+
+    setup.engine.dispatch = one_idle
+    (record,) = setup.server.run(setup.engine)
+    trained = seen[1:]
+    samples = sum(m["num_samples"] for m in trained)
+    expected = sum(m["train_loss"] * m["num_samples"] for m in trained) / samples
+    assert record["train_loss"] == pytest.approx(expected, rel=1e-12)

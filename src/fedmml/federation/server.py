@@ -866,9 +866,12 @@ class Server:
             )
         self.model.load_state_dict(averaged, strict=False)
         self.ledger.bump(list(averaged))
-        replies = [reply for _, _, reply in accepted]
-        total = sum(r.meta["num_samples"] for r in replies)
-        record["train_loss"] = sum(r.meta["train_loss"] * r.meta["num_samples"] for r in replies) / total
+        # A client with one sample takes no step (a batch needs two) and has no loss to report; it still
+        # took part in the round.
+        stepped = [reply.meta for _, _, reply in accepted if reply.meta["steps"]]
+        total = sum(meta["num_samples"] for meta in stepped)
+        losses = sum(meta["train_loss"] * meta["num_samples"] for meta in stepped)
+        record["train_loss"] = losses / total if total else float("nan")
         return record
 
     def _holders(self, expected: dict[str, torch.Tensor]) -> dict[str, int]:
