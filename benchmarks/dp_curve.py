@@ -4,12 +4,12 @@
     --seeds 0 --cpu 1
 
 Every run is ``fedmml run`` on ``presets/tuned/<data>/<method>.toml`` over all its training data, with
-``--clients`` clients, Poisson sampling at ``--rate``, ``--local-epochs`` local epochs and batch ``--batch``;
-epsilon 0 means no DP, any
-other is privacy.target_epsilon (delta 1e-5, adaptive clipping from ``--clip``). A run whose summary.json
-exists is not run again, so the sweep can be stopped and continued. Runs go one after another, pinned to
-``--cpu`` with one torch thread (``taskset``). Prints a markdown table: rsum (or accuracy) per method and
-epsilon, the mean over seeds and each seed's figure, and the median wall time.
+``--clients`` clients, Poisson sampling at ``--rate``, ``--local-epochs`` local epochs and batch ``--batch``,
+and any ``--set`` overrides; epsilon 0 means no DP, any other is privacy.target_epsilon (delta 1e-5,
+adaptive clipping from ``--clip``). A run whose summary.json exists is not run again, so the sweep can be
+stopped and continued. Runs go one after another, pinned to ``--cpu`` with one torch thread (``taskset``).
+Prints a markdown table: rsum (or accuracy) per method and epsilon, the mean over seeds and each seed's
+figure, and the median wall time.
 """
 
 from __future__ import annotations
