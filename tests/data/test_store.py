@@ -80,6 +80,29 @@ def test_a_changed_source_is_prepared_again_never_served_stale(folder: Path) -> 
     )
 
 
+def test_an_unchanged_store_is_not_gathered_again_and_a_new_shard_is_seen(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedmml.data.store as store_module
+
+    read: list[Path] = []
+    entries = store_module._index_entries
+    monkeypatch.setattr(store_module, "_index_entries", lambda index: read.append(index) or entries(index))
+    geometry = Geometry(16, False)
+    first = open_images(folder, ["0.jpg", "1.jpg"], geometry)
+    read.clear()
+    again = open_images(folder, ["1.jpg"], geometry)  # the next client of the same simulation
+    assert read == []
+    assert np.array_equal(again.read("1.jpg"), first.read("1.jpg"))
+    # A shard made by another process (which leaves this one's gathered entries as they were) is found
+    # without the lock that building would take.
+    key = ("2.jpg", *store_module.source_key(folder / "2.jpg"))
+    store_module._build_shard(store_module.as_sources(folder), first.directory, [key], geometry, 0)
+    monkeypatch.setattr(store_module, "FileLock", None)  # taking it would fail
+    both = open_images(folder, ["0.jpg", "2.jpg"], geometry)
+    assert both.read("2.jpg").shape == (16, 16, 3)
+
+
 def test_a_truncated_shard_is_made_again_and_a_killed_builds_leftovers_are_removed(folder: Path) -> None:
     geometry = Geometry(16, augment=False)
     store_dir = folder.parent / ".fedmml-store"

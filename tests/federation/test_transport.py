@@ -137,6 +137,30 @@ def test_only_lossy_replies_carry_deltas(emoji_root: Path, dtype: str) -> None:
     assert reply.meta.get("delta", False) is (dtype != "float32")
 
 
+def test_a_rounds_messages_pack_each_selection_of_tensors_once(
+    emoji_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedmml.federation.server as server_module
+
+    cfg = load_config("tiny", [f'data.root="{emoji_root}"', "data.limit_train=32"])
+    server = build_setup(cfg).server
+    stage = server.stages[-1]  # with earlier stages frozen
+    trainable = server.enter_stage(stage)
+    packed: list[list[str]] = []
+    monkeypatch.setattr(server_module, "pack", lambda t, d: packed.append(sorted(t)) or pack(t, d))
+    blobs = server.packer()
+    one, frozen = server.message_for(0, stage, 1, trainable, blobs=blobs)
+    two, _ = server.message_for(1, stage, 1, trainable, blobs=blobs)
+    assert len(packed) == 1 and two.blob is one.blob  # two new clients: one packing
+    state = server.model.state_dict()
+    got = unpack(one.blob)
+    assert sorted(got) == sorted(trainable + frozen) and frozen
+    assert all(torch.equal(got[k], state[k]) for k in got)
+    server.ledger.record(0, frozen)
+    known, _ = server.message_for(0, stage, 1, trainable, blobs=blobs)
+    assert sorted(unpack(known.blob)) == sorted(trainable) and len(packed) == 2
+
+
 def test_decode_leaves_mismatches_for_validate() -> None:
     expected = {"w": torch.zeros(3), "n": torch.tensor(1)}
     # int8 codes without a scale and a float where an integer buffer belongs are not silently fixed.

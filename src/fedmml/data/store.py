@@ -248,10 +248,24 @@ def _index_entries(index: Path) -> list:
     return entries
 
 
-def _shard_entries(directory: Path) -> dict[tuple[str, int, int], tuple]:
+# The entries of every complete shard of a store directory, by directory, with the directory's mtime when
+# they were gathered: adding, renaming or removing a shard changes it. Each client of a simulation opens the
+# store for its own samples; with thousands of clients and shards, gathering anew each time (a stat per
+# shard, the whole set rebuilt) took most of the run's setup.
+_gathered: dict[Path, tuple[int, dict[tuple[str, int, int], tuple]]] = {}
+
+
+def _shard_entries(directory: Path, fresh: bool = False) -> dict[tuple[str, int, int], tuple]:
     """(name, size, mtime_ns) -> (shard, offset, length, height, width, codec) over every complete shard: one
     whose images file is shorter than its index says (a disk that filled up, a copy cut short) holds none,
-    so its images are made again."""
+    so its images are made again. Reused while the directory is unchanged, unless ``fresh`` (under the
+    store's lock, where a shard added within the same mtime tick must not be missed)."""
+    try:
+        stamp = directory.stat().st_mtime_ns
+    except OSError:
+        stamp = None
+    if not fresh and stamp is not None and directory in _gathered and _gathered[directory][0] == stamp:
+        return _gathered[directory][1]
     found: dict[tuple[str, int, int], tuple] = {}
     for index in sorted(directory.glob("*.json")):
         entries = _index_entries(index)
@@ -259,6 +273,8 @@ def _shard_entries(directory: Path) -> dict[tuple[str, int, int], tuple]:
             continue
         for name, size, mtime, offset, length, height, width, codec in entries:
             found[(name, size, mtime)] = (index.stem, offset, length, height, width, codec)
+    if stamp is not None:
+        _gathered[directory] = (stamp, found)
     return found
 
 
@@ -311,11 +327,11 @@ def open_store(
     if any(key not in found for key in keys.values()):
         with FileLock(str(directory / ".lock")):
             _sweep(directory)
-            found = _shard_entries(directory)  # another process may have made them meanwhile
+            found = _shard_entries(directory, fresh=True)  # another process may have made them meanwhile
             missing = sorted({key for key in keys.values() if key not in found})
             if missing:
                 _build_shard(sources, directory, missing, geometry, workers)
-                found = _shard_entries(directory)
+                found = _shard_entries(directory, fresh=True)
     return ImageStore(directory, {name: found[key] for name, key in keys.items()})
 
 
