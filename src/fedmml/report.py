@@ -116,6 +116,8 @@ def _privacy_section(summary: Mapping[str, Any]) -> list[str]:
     )
     if secured:
         text += f"\n\n{secured}"
+    if "clip_advice" in p:
+        text += f"\n\nNote: {p['clip_advice']}."
     if "stopped_early" in summary:
         text += f"\n\nThe run {summary['stopped_early']}."
     return [text]

@@ -69,6 +69,10 @@ def adaptive_noise(noise_multiplier: float, count_stddev: float) -> float:
     return (noise_multiplier**-2 - (2 * count_stddev) ** -2) ** -0.5
 
 
+# clip_advice: rounds at the end whose noised unclipped share is averaged (one round's is noisy).
+STARVED_ROUNDS = 3
+
+
 @dataclass
 class Sampling:
     """How a round's clients are drawn, as the accountant assumes: each client of ``population`` with
@@ -218,6 +222,7 @@ class Privacy:
         self.rounds = 0  # noised aggregates released
         self.noise_multiplier = p.noise_multiplier  # solved by bind() under target_epsilon
         self.accountant: Accountant | None = None
+        self.unclipped_shares: list[float] = []  # adaptive: each round's noised share (released, so public)
 
     def bind(self, population: int, planned_rounds: int) -> None:
         """Set the accountant for the clients that could be set up (``population``); solve the noise for
@@ -305,7 +310,23 @@ class Privacy:
             fraction = noised / expected_clients
             self.bound = acc.bound * math.exp(-self.p.clip_lr * (fraction - self.p.target_quantile))
             record["unclipped_fraction"] = fraction
+            self.unclipped_shares.append(fraction)
         return out, record
+
+    def clip_advice(self) -> str:
+        """One line when the adaptive bound was still far below the updates' norms at the end: each round then
+        moved the model by at most the bound, and a bound started far too low (0.1 against norms of 5, as
+        AdamW's dense updates reach) leaves the model where it started even without noise. From the noised
+        shares the run released: saying it costs no privacy."""
+        last = self.unclipped_shares[-STARVED_ROUNDS:]
+        if len(last) < STARVED_ROUNDS or sum(last) / len(last) >= self.p.target_quantile / 4:
+            return ""
+        return (
+            f"the adaptive clipping bound ({self.bound:.3g} at the end, from {self.p.clip:g}) still clipped "
+            f"nearly every update in the last {STARVED_ROUNDS} rounds (noised unclipped share "
+            f"{sum(last) / len(last):.2f}, target {self.p.target_quantile:g}), so each round moved the model "
+            "by at most the bound: start privacy.clip nearer the updates' norms or raise privacy.clip_lr"
+        )
 
     def describe(self) -> dict[str, Any]:
         """The run's privacy settings and guarantee so far, for summary.json and the report."""
@@ -325,10 +346,12 @@ class Privacy:
             "rounds": self.rounds,
             "accountant": self.p.accountant,
             "noise_source": "seeded" if self.seeded else "system",
+            **({"clip_advice": advice} if (advice := self.clip_advice()) else {}),
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rounds": self.rounds, "bound": self.bound}
+        return {"rounds": self.rounds, "bound": self.bound, "unclipped_shares": self.unclipped_shares}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rounds, self.bound = int(state["rounds"]), float(state["bound"])
+        self.unclipped_shares = [float(x) for x in state.get("unclipped_shares", [])]  # older checkpoints

@@ -563,6 +563,8 @@ class Server:
                     save_checkpoint(
                         self.checkpoint_dir, round_no, tensors, state, self.cfg.run.keep_checkpoints
                     )
+        if self.privacy is not None and (advice := self.privacy.clip_advice()):
+            self.listener(Notice(advice))
         return self.metrics
 
     def check_update(self, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
