@@ -286,6 +286,10 @@ class PrivacyConfig:
     accountant: str = "rdp"  # rdp | pld (dp-accounting; pld with poisson sampling only)
     target_quantile: float = 0.5  # adaptive: the fraction of updates the bound should leave unclipped
     clip_lr: float = 0.2  # adaptive: geometric step of the bound per round
+    # BatchNorm running statistics are clipped apart from the weights, to this share of the bound (the weights
+    # to sqrt(1 - share^2) of it: the whole change stays within clip); 0 keeps them as the server sent them,
+    # 1 clips the whole change as one. A statistic of a small batch moves far more than the weights.
+    stats_share: float = 0.1
     # adaptive: noise on the count of unclipped updates; 0: expected clients per round / 20 (Andrew et al.)
     count_stddev: float = 0.0
     # seeded: the noise follows run.seed (reproducible simulations); system: the OS's randomness (anyone who
@@ -675,6 +679,8 @@ def _validate_privacy(cfg: Config) -> None:
         raise ConfigError(f"privacy.delta must be in (0, 1), got {p.delta}")
     if not 0 < p.target_quantile < 1:
         raise ConfigError(f"privacy.target_quantile must be in (0, 1), got {p.target_quantile}")
+    if not 0 <= p.stats_share <= 1:
+        raise ConfigError(f"privacy.stats_share must be in [0, 1], got {p.stats_share}")
     if p.accountant == "pld" and p.sampling != "poisson":
         raise ConfigError("privacy.accountant = pld accounts Poisson sampling only: set privacy.sampling")
     # Each of these would break the guarantee the accountant reports.

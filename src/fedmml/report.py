@@ -105,7 +105,7 @@ def _privacy_section(summary: Mapping[str, Any]) -> list[str]:
         ["epsilon", f"{p['epsilon']:.4g} at delta {p['delta']:g}, {p['accountant'].upper()} accountant"],
         ["noised rounds", str(p["rounds"])],
         ["noise multiplier", f"{p['noise_multiplier']:.4g} (updates: {p['update_noise_multiplier']:.4g})"],
-        ["clipping", f"{p['clipping']}, bound {p['clip']:.4g} (last: {p['final_clip']:.4g})"],
+        ["clipping", f"{p['clipping']}, bound {p['clip']:.4g} (last: {p['final_clip']:.4g}){_stats(p)}"],
         ["sampling", f"{p['sampling']}, rate {p['sampling_rate']:.4g} of {p['population']} clients"],
         ["noise", p["noise_source"]],
     ]
@@ -121,6 +121,12 @@ def _privacy_section(summary: Mapping[str, Any]) -> list[str]:
     if "stopped_early" in summary:
         text += f"\n\nThe run {summary['stopped_early']}."
     return [text]
+
+
+def _stats(p: Mapping[str, Any]) -> str:
+    """How the BatchNorm statistics were clipped (summaries from before privacy.stats_share: as one)."""
+    share = p.get("stats_share", 1.0)
+    return "" if share >= 1 else f"; BatchNorm statistics apart, {share:g} of it"
 
 
 def _epsilon(summaries: Iterable[Mapping[str, Any]]) -> str:

@@ -56,6 +56,30 @@ def test_an_update_above_the_bound_is_clipped_as_flower_clips_it() -> None:
     assert clip_update(reference, reference, 1.0)[1]
 
 
+def test_batchnorm_statistics_are_clipped_apart_within_their_share_of_the_bound() -> None:
+    count = "bn.num_batches_tracked"
+    reference = {"w": torch.zeros(9), "bn.running_var": torch.ones(16), count: torch.tensor(3)}
+    update = {"w": torch.ones(9), "bn.running_var": torch.full((16,), 11.0), count: torch.tensor(6)}
+    # The weights moved by 3, the statistics by 40: one bound of 4 over both keeps 4 / 40.1 of the weights'.
+    joint, within = clip_update(update, reference, 4.0)
+    assert not within and privacy.l2_norm({"w": joint["w"]}) == pytest.approx(3 * 4 / math.hypot(3, 40))
+    split, within = clip_update(update, reference, 4.0, stats_share=0.1)
+    assert not within and torch.equal(split["w"], update["w"])  # within sqrt(0.99) x 4 = 3.98: untouched
+    assert privacy.l2_norm({"s": split["bn.running_var"] - 1}) == pytest.approx(0.4)
+    change = {k: split[k] - reference[k] for k in ("w", "bn.running_var")}
+    assert privacy.l2_norm(change) <= 4.0  # the whole change within the bound: the noise is as before
+    assert torch.equal(split[count], update[count])
+    kept, _ = clip_update(update, reference, 4.0, stats_share=0.0)
+    assert torch.equal(kept["bn.running_var"], reference["bn.running_var"])
+    # The server clips what arrives the same way, whatever the client did.
+    acc = PrivateSum(4.0, 0.1)
+    acc.add(update, reference, True, 1)
+    assert acc.unclipped == 0 and torch.allclose(acc.sums["w"], torch.ones(9, dtype=torch.float64))
+    assert float(acc.sums["bn.running_var"].norm()) == pytest.approx(0.4)
+    with pytest.raises(ConfigError, match="stats_share"):
+        load_config("tiny", ["privacy.target_epsilon=4", "privacy.stats_share=1.5"])
+
+
 def _privacy(overrides: list[str], population: int = 100, rounds: int = 10) -> Privacy:
     cfg = load_config("tiny", [f"federation.num_clients={population}", *overrides])
     p = Privacy(cfg)

@@ -250,7 +250,9 @@ class Client:
         unclipped = None
         if "clip" in meta:
             # Client-level privacy: the change this round made goes out clipped (fedmml.federation.privacy).
-            update, unclipped = clip_update(update, {k: received[k] for k in update}, meta["clip"])
+            reference = {k: received[k] for k in update}
+            # Messages from before privacy.stats_share clipped the whole change as one.
+            update, unclipped = clip_update(update, reference, meta["clip"], meta.get("stats_share", 1.0))
         # The reply travels as the server asked; messages from before transport.dtype existed mean float32.
         transport = meta.get("transport", "float32")
         as_delta = lossy(transport)

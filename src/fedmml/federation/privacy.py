@@ -1,8 +1,9 @@
 """Client-level differential privacy: DP-FedAvg (McMahan et al. 2018) with a fixed or adaptive clipping bound
 (Andrew et al. 2021), and an accountant (Google's dp-accounting) that says epsilon at delta after each round.
 
-A client clips the change it made to the slice it trains (every float tensor of that slice together, one L2
-bound) and says whether the bound cut it. The server clips again what it decodes, so the bound holds for
+A client clips the change it made to the slice it trains (every float tensor of that slice, one L2 bound;
+BatchNorm's running statistics within their own share of it, privacy.stats_share) and says whether the
+bound cut it. The server clips again what it decodes, so the bound holds for
 whatever a client sent and after int8/fp16 transport has rounded it; it sums the clipped changes, adds
 Gaussian noise of standard deviation noise_multiplier x clip to the sum of every tensor trained, and divides
 each tensor by the number of clients expected to send it (sampling rate x the clients whose slice holds it).
@@ -39,21 +40,51 @@ def l2_norm(tensors: dict[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float((v.double() ** 2).sum()) for v in tensors.values() if v.is_floating_point()))
 
 
-def clip(delta: dict[str, torch.Tensor], bound: float) -> tuple[dict[str, torch.Tensor], float]:
-    """``delta``'s float tensors scaled together to an L2 norm of at most ``bound``; and the norm before."""
+def _scaled(delta: dict[str, torch.Tensor], bound: float) -> tuple[dict[str, torch.Tensor], bool]:
     norm = l2_norm(delta)
     scale = bound / norm if norm > bound else 1.0  # a zero change has nothing to clip
-    return {k: v * scale if v.is_floating_point() else v for k, v in delta.items()}, norm
+    return {k: v * scale for k, v in delta.items()}, norm <= bound
+
+
+def is_statistic(key: str) -> bool:
+    """Whether ``key`` is a BatchNorm running statistic: a float that training moves without a gradient."""
+    return key.endswith(("running_mean", "running_var"))
+
+
+def clip(
+    delta: dict[str, torch.Tensor], bound: float, stats_share: float = 1.0
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """``delta``'s float tensors scaled to an L2 norm of at most ``bound``, and whether they were within it.
+    With ``stats_share`` below 1 (privacy.stats_share) the BatchNorm running statistics are clipped apart,
+    to ``stats_share x bound``, and the rest to ``sqrt(1 - stats_share^2) x bound``: the whole change stays
+    within ``bound``, so the noise and the guarantee are as with one clip. The statistics of small batches
+    move far more than the weights (LW on Tux Paint, batches of 2: by 44 against 3.6 in L2 norm); clipped
+    together, the weights would keep a few percent of the bound."""
+    floats = {k: v for k, v in delta.items() if v.is_floating_point()}
+    if stats_share >= 1:
+        clipped, within = _scaled(floats, bound)
+    else:
+        stats = {k: v for k, v in floats.items() if is_statistic(k)}
+        weights = {k: v for k, v in floats.items() if k not in stats}
+        clipped, within = _scaled(weights, math.sqrt(1 - stats_share**2) * bound)
+        kept, stats_within = _scaled(stats, stats_share * bound)
+        clipped.update(kept)
+        within = within and stats_within
+    return {**delta, **clipped}, within
 
 
 def clip_update(
-    update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], bound: float
+    update: dict[str, torch.Tensor],
+    reference: dict[str, torch.Tensor],
+    bound: float,
+    stats_share: float = 1.0,
 ) -> tuple[dict[str, torch.Tensor], bool]:
-    """``update`` moved back towards ``reference`` until its change is at most ``bound``; and whether the
-    change was within the bound to begin with (the bit adaptive clipping counts)."""
+    """``update`` moved back towards ``reference`` until its change is within ``bound`` (with ``stats_share``,
+    as :func:`clip` says); and whether the change was within it to begin with (the bit adaptive clipping
+    counts)."""
     floats = [k for k, v in update.items() if v.is_floating_point()]
-    clipped, norm = clip({k: update[k] - reference[k] for k in floats}, bound)
-    return {**update, **{k: reference[k] + clipped[k] for k in floats}}, norm <= bound
+    clipped, within = clip({k: update[k] - reference[k] for k in floats}, bound, stats_share)
+    return {**update, **{k: reference[k] + clipped[k] for k in floats}}, within
 
 
 def adaptive_noise(noise_multiplier: float, count_stddev: float) -> float:
@@ -165,6 +196,7 @@ class PrivateSum:
     """One round's clipped changes, summed per tensor, and the count of those the bound left whole."""
 
     bound: float
+    stats_share: float = 1.0  # privacy.stats_share: see clip
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     integers: RunningMean = field(default_factory=RunningMean)
     unclipped: int = 0
@@ -180,14 +212,16 @@ class PrivateSum:
         """Fold in one client's update of the tensors in ``reference``, clipped here again; ``unclipped``: the
         client's word that its own clipping left the update whole."""
         floats = {k: v for k, v in tensors.items() if v.is_floating_point()}
-        change, norm = clip({k: v.double() - reference[k].double() for k, v in floats.items()}, self.bound)
+        change, within = clip(
+            {k: v.double() - reference[k].double() for k, v in floats.items()}, self.bound, self.stats_share
+        )
         for key, value in change.items():
             self.sums[key] = self.sums[key] + value if key in self.sums else value
         others = {k: v for k, v in tensors.items() if k not in floats}
         if others:
             self.integers.add(others, samples)
         # A client that did not clip its own update (or says so wrongly) is counted by what arrived.
-        self.unclipped += bool(unclipped and norm <= self.bound)
+        self.unclipped += bool(unclipped and within)
         self.clients += 1
 
     def add_sum(
@@ -270,7 +304,7 @@ class Privacy:
         return adaptive_noise(self.noise_multiplier, self.count_stddev)
 
     def start(self) -> PrivateSum:
-        return PrivateSum(self.bound)
+        return PrivateSum(self.bound, self.p.stats_share)
 
     def finish(
         self, acc: PrivateSum, reference: dict[str, torch.Tensor], holders: dict[str, int], seed: int
@@ -340,6 +374,7 @@ class Privacy:
             "clipping": self.p.clipping,
             "clip": self.p.clip,
             "final_clip": self.bound,
+            "stats_share": self.p.stats_share,
             "sampling": sampling.kind,
             "sampling_rate": sampling.rate,
             "population": sampling.population,

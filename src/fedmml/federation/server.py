@@ -380,6 +380,7 @@ class Server:
             meta["evaluate"] = True
         elif self.privacy is not None:
             meta["clip"] = self.privacy.bound  # the client clips its change to this before it replies
+            meta["stats_share"] = self.cfg.privacy.stats_share
             if secure is not None:
                 meta["clip"] = rounded_bound(self.privacy.bound, secure.dims)
         if secure is not None:
