@@ -64,17 +64,19 @@ def test_batchnorm_statistics_are_clipped_apart_within_their_share_of_the_bound(
     joint, within = clip_update(update, reference, 4.0)
     assert not within and privacy.l2_norm({"w": joint["w"]}) == pytest.approx(3 * 4 / math.hypot(3, 40))
     split, within = clip_update(update, reference, 4.0, stats_share=0.1)
-    assert not within and torch.equal(split["w"], update["w"])  # within sqrt(0.99) x 4 = 3.98: untouched
+    # The weights are within sqrt(0.99) x 4 = 3.98: untouched, and "within" (what adaptive clipping counts).
+    assert within and torch.equal(split["w"], update["w"])
     assert privacy.l2_norm({"s": split["bn.running_var"] - 1}) == pytest.approx(0.4)
     change = {k: split[k] - reference[k] for k in ("w", "bn.running_var")}
     assert privacy.l2_norm(change) <= 4.0  # the whole change within the bound: the noise is as before
     assert torch.equal(split[count], update[count])
+    assert not clip_update({**update, "w": torch.full((9,), 2.0)}, reference, 4.0, stats_share=0.1)[1]
     kept, _ = clip_update(update, reference, 4.0, stats_share=0.0)
     assert torch.equal(kept["bn.running_var"], reference["bn.running_var"])
     # The server clips what arrives the same way, whatever the client did.
     acc = PrivateSum(4.0, 0.1)
     acc.add(update, reference, True, 1)
-    assert acc.unclipped == 0 and torch.allclose(acc.sums["w"], torch.ones(9, dtype=torch.float64))
+    assert acc.unclipped == 1 and torch.allclose(acc.sums["w"], torch.ones(9, dtype=torch.float64))
     assert float(acc.sums["bn.running_var"].norm()) == pytest.approx(0.4)
     with pytest.raises(ConfigError, match="stats_share"):
         load_config("tiny", ["privacy.target_epsilon=4", "privacy.stats_share=1.5"])
