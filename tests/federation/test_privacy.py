@@ -278,7 +278,7 @@ def test_the_server_clips_a_client_that_does_not(
 ) -> None:
     # The clients skip their own clipping: the server's bound alone keeps each round's move within it.
     monkeypatch.setattr(
-        "fedmml.federation.client.clip_update", lambda update, reference, bound: (update, True)
+        "fedmml.federation.client.clip_update", lambda update, reference, bound, share: (update, True)
     )
     bound = 1e-3
     cfg = load_config(
@@ -385,8 +385,8 @@ def test_a_client_clips_the_slice_it_sends(
     clipped: list[tuple[frozenset[str], float, float, float]] = []
     clip = privacy.clip_update
 
-    def recording(update, reference, bound):
-        out, within = clip(update, reference, bound)
+    def recording(update, reference, bound, stats_share):
+        out, within = clip(update, reference, bound, stats_share)
         floats = [k for k, v in update.items() if v.is_floating_point()]
         before = privacy.l2_norm({k: update[k].double() - reference[k].double() for k in floats})
         after = privacy.l2_norm({k: out[k].double() - reference[k].double() for k in floats})
