@@ -4,10 +4,11 @@
     --seeds 0 --cpu 1
 
 About 1,000 clients a round, the regime where client-level DP lets Tux Paint learn (2,500 clients of 2
-samples, Poisson rate 0.4; adaptive clipping from 2, near AdamW's update norms):
+samples, Poisson rate 0.4; adaptive clipping from near the norm of the weights' change: 4 for frozen and LW,
+16 for e2e):
 
 .venv/bin/python benchmarks/dp_curve.py --data tuxpaint --out /tmp/dp1000 --methods frozen lw \
-    --clients 2500 --rate 0.4 --batch 2 --clip 2 --set 'partition.kind="iid"' --cpu 0
+    --clients 2500 --rate 0.4 --batch 2 --clip 4 --set 'partition.kind="iid"' --cpu 0
 
 Every run is ``fedmml run`` on ``presets/tuned/<data>/<method>.toml`` over all its training data, with
 ``--clients`` clients, Poisson sampling at ``--rate``, ``--local-epochs`` local epochs and batch ``--batch``,
