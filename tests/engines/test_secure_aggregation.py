@@ -104,9 +104,12 @@ def test_the_server_gets_the_plain_mean_within_one_level_and_no_update(
     secure = _run(grid, emoji_root, tmp_path / "secure", SECURE)
     # Each coordinate of the mean is off by less than one level of the range +-1 (privacy.secagg_range).
     assert _within_one_level(tmp_path / "plain", tmp_path / "secure")
-    for p, s in zip(plain, secure, strict=True):
+    for n, (p, s) in enumerate(zip(plain, secure, strict=True)):
         assert s["clients"] == p["clients"] == [0, 1, 2]
-        assert s["train_loss"] == pytest.approx(p["train_loss"], rel=1e-4)
+        # The first round trains the same model; later ones start from a mean that Flower's quantisation
+        # rounds stochastically (np.random, unseeded) to within one level, which moved round 2's loss by up
+        # to 5e-4 relative across runs; a wrong mean (not divided, a client missing) moves whole updates.
+        assert s["train_loss"] == pytest.approx(p["train_loss"], rel=1e-4 if n == 0 else 1e-2)
         # What the clients upload for the protocol is counted: more than the plain update (masked integers).
         assert s["bytes_up"] > p["bytes_up"]
     # Four SecAgg+ stages per round, three nodes, two rounds; no reply carries a tensor or fedmml's payload.
