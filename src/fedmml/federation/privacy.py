@@ -3,10 +3,10 @@
 
 A client clips the change it made to the slice it trains (every float tensor of that slice, one L2 bound;
 BatchNorm's running statistics within their own share of it, privacy.stats_share) and says whether the
-bound cut it. The server clips again what it decodes, so the bound holds for
-whatever a client sent and after int8/fp16 transport has rounded it; it sums the clipped changes, adds
-Gaussian noise of standard deviation noise_multiplier x clip to the sum of every tensor trained, and divides
-each tensor by the number of clients expected to send it (sampling rate x the clients whose slice holds it).
+bound cut it. The server clips again what it decodes, so the bound holds for whatever a client sent and
+after int8/fp16 transport has rounded it; it sums the clipped changes, adds Gaussian noise of standard
+deviation noise_multiplier x clip to the sum of every tensor trained, and divides each tensor by the number
+of clients expected to send it (sampling rate x the clients whose slice holds it).
 The denominator is fixed in advance, as the analysis needs: a client that fails lowers the sum, not the
 noise. Each client counts once, whatever its sample count.
 
@@ -63,7 +63,8 @@ def clip_factors(
     share is meant to cut them."""
     if stats_share >= 1:
         norm = l2_norm(delta)
-        return _factor(norm, bound), _factor(norm, bound), norm <= bound
+        factor = _factor(norm, bound)
+        return factor, factor, norm <= bound
     weights = l2_norm({k: v for k, v in delta.items() if not is_statistic(k)})
     stats = l2_norm({k: v for k, v in delta.items() if is_statistic(k)})
     weights_bound = math.sqrt(1 - stats_share**2) * bound
@@ -363,8 +364,8 @@ class Privacy:
 
     def clip_advice(self) -> str:
         """One line when the adaptive bound was still far below the updates' norms at the end: each round then
-        moved the model by at most the bound, and a bound started far too low (0.1 against norms of 5, as
-        AdamW's dense updates reach) leaves the model where it started even without noise. From the noised
+        moved the model by at most the bound, and a bound started far too low (0.1 against the norms of 5 of
+        frozen's updates on Tux Paint) leaves the model where it started even without noise. From the noised
         shares the run released: saying it costs no privacy."""
         last = self.unclipped_shares[-STARVED_ROUNDS:]
         if len(last) < STARVED_ROUNDS or sum(last) / len(last) >= self.p.target_quantile / 4:
