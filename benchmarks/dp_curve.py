@@ -16,7 +16,9 @@ and any ``--set`` overrides; epsilon 0 means no DP, any other is privacy.target_
 adaptive clipping from ``--clip``). A run whose summary.json exists is not run again, so the sweep can be
 stopped and continued. Runs go one after another, pinned to ``--cpu`` with one torch thread (``taskset``).
 Prints a markdown table: rsum (or accuracy) per method and epsilon, the mean over seeds and each seed's
-figure, and the median wall time.
+figure, and the median wall time; and draws the curve, a line per method against epsilon with the random
+ranking (or majority class) beneath, in ``<out>/privacy_utility.png``. ``--collect`` runs nothing and
+tabulates what is in ``--out`` (a point not run says so), to read a sweep that is still going.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import time
 from pathlib import Path
 
 SCORE = {"emoji": "rsum", "tuxpaint": "accuracy"}
+CHANCE = {"emoji": "chance_rsum", "tuxpaint": "majority_rate"}  # the floor each score is read against
+CHANCE_LABEL = {"rsum": "random ranking", "accuracy": "majority class"}
 
 
 def _run(args: argparse.Namespace, method: str, epsilon: float, seed: int) -> Path:
@@ -82,23 +86,80 @@ def main() -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a further override for every run"
     )
+    parser.add_argument(
+        "--collect", action="store_true", help="run nothing: tabulate and plot the runs already in --out"
+    )
     args = parser.parse_args()
     score = SCORE[args.data]
     rows = ["| method | " + " | ".join(_level(e) for e in args.epsilons) + " | median wall |"]
     rows.append("|---|" + "---:|" * (len(args.epsilons) + 1))
+    points: dict[str, dict[float, list[float]]] = {}
+    chance = []
     for method in args.methods:
         cells, walls = [], []
         for epsilon in args.epsilons:
             figures = []
             for seed in args.seeds:
-                summary = json.loads((_run(args, method, epsilon, seed) / "summary.json").read_text())
+                out = args.out / f"{method}-eps{epsilon:g}-seed{seed}"
+                if not args.collect:
+                    _run(args, method, epsilon, seed)
+                if not (out / "summary.json").exists():
+                    continue
+                summary = json.loads((out / "summary.json").read_text())
                 figures.append(summary[score])
                 walls.append(summary["wall_s"])
-            each = ", ".join(f"{f:.1f}" for f in figures)
-            mean = f"{statistics.mean(figures):.1f}"
-            cells.append(f"{mean} ({each})" if len(figures) > 1 else mean)
-        rows.append(f"| {method} | " + " | ".join(cells) + f" | {statistics.median(walls):.0f} s |")
+                chance.append(summary.get(CHANCE[args.data]))
+            points.setdefault(method, {})[epsilon] = figures
+            cells.append(_cell(figures))
+        wall = f"{statistics.median(walls):.0f} s" if walls else ""
+        rows.append(f"| {method} | " + " | ".join(cells) + f" | {wall} |")
     print("\n".join(rows))
+    plot = _plot(points, args.epsilons, score, next((c for c in chance if c is not None), None), args.out)
+    print(f"\n![privacy/utility]({plot})")
+
+
+def _cell(figures: list[float]) -> str:
+    if not figures:
+        return "not run"
+    mean = f"{statistics.mean(figures):.1f}"
+    return f"{mean} ({', '.join(f'{f:.1f}' for f in figures)})" if len(figures) > 1 else mean
+
+
+def _plot(
+    points: dict[str, dict[float, list[float]]],
+    epsilons: list[float],
+    score: str,
+    chance: float | None,
+    out: Path,
+) -> Path:
+    """Score against epsilon: a line per method through its seeds' means, a dot per seed, no DP last."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+
+    order = sorted(epsilons, key=lambda e: (e == 0, e))  # the strongest privacy first, no DP last
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, by_epsilon in points.items():
+        xs = [i for i, e in enumerate(order) if by_epsilon.get(e)]
+        if not xs:
+            continue
+        line = ax.plot(xs, [statistics.mean(by_epsilon[order[i]]) for i in xs], marker="o", label=method)
+        for i in xs:
+            seeds = by_epsilon[order[i]]
+            ax.scatter([i] * len(seeds), seeds, s=12, color=line[0].get_color(), alpha=0.5)
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle=":", label=CHANCE_LABEL[score])
+    ax.set_xticks(range(len(order)), [_level(e) for e in order])
+    ax.set_ylabel(f"{score} (%)" if score == "accuracy" else score)
+    ax.set_title("Privacy/utility: client-level DP at each epsilon")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out / "privacy_utility.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _level(epsilon: float) -> str:
