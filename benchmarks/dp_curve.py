@@ -36,10 +36,9 @@ CHANCE = {"emoji": "chance_rsum", "tuxpaint": "majority_rate"}  # the floor each
 CHANCE_LABEL = {"rsum": "random ranking", "accuracy": "majority class"}
 
 
-def _run(args: argparse.Namespace, method: str, epsilon: float, seed: int) -> Path:
-    out = args.out / f"{method}-eps{epsilon:g}-seed{seed}"
+def _run(args: argparse.Namespace, out: Path, method: str, epsilon: float, seed: int) -> None:
     if (out / "summary.json").exists():
-        return out
+        return
     preset = Path(__file__).resolve().parents[1] / "src/fedmml/presets/tuned" / args.data / f"{method}.toml"
     sets = [
         "data.limit_train=0",  # every training sample: the tuned Tux Paint presets were tuned on 1,000
@@ -65,7 +64,6 @@ def _run(args: argparse.Namespace, method: str, epsilon: float, seed: int) -> Pa
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     print(f"{out.name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-    return out
 
 
 def main() -> None:
@@ -94,7 +92,7 @@ def main() -> None:
     rows = ["| method | " + " | ".join(_level(e) for e in args.epsilons) + " | median wall |"]
     rows.append("|---|" + "---:|" * (len(args.epsilons) + 1))
     points: dict[str, dict[float, list[float]]] = {}
-    chance = []
+    chance = None
     for method in args.methods:
         cells, walls = [], []
         for epsilon in args.epsilons:
@@ -102,19 +100,19 @@ def main() -> None:
             for seed in args.seeds:
                 out = args.out / f"{method}-eps{epsilon:g}-seed{seed}"
                 if not args.collect:
-                    _run(args, method, epsilon, seed)
+                    _run(args, out, method, epsilon, seed)
                 if not (out / "summary.json").exists():
                     continue
                 summary = json.loads((out / "summary.json").read_text())
                 figures.append(summary[score])
                 walls.append(summary["wall_s"])
-                chance.append(summary.get(CHANCE[args.data]))
+                chance = chance if chance is not None else summary.get(CHANCE[args.data])
             points.setdefault(method, {})[epsilon] = figures
             cells.append(_cell(figures))
         wall = f"{statistics.median(walls):.0f} s" if walls else ""
         rows.append(f"| {method} | " + " | ".join(cells) + f" | {wall} |")
     print("\n".join(rows))
-    plot = _plot(points, args.epsilons, score, next((c for c in chance if c is not None), None), args.out)
+    plot = _plot(points, args.epsilons, score, chance, args.out)
     print(f"\n![privacy/utility]({plot})")
 
 
