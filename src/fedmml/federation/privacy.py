@@ -105,7 +105,7 @@ def adaptive_noise(noise_multiplier: float, count_stddev: float) -> float:
 
 
 # clip_advice: rounds at the end whose noised unclipped share is averaged (one round's is noisy).
-STARVED_ROUNDS = 3
+ADVICE_ROUNDS = 3
 
 
 @dataclass
@@ -363,18 +363,28 @@ class Privacy:
         return out, record
 
     def clip_advice(self) -> str:
-        """One line when the adaptive bound was still far below the updates' norms at the end: each round then
-        moved the model by at most the bound, and a bound started far too low (0.1 against the norms of 5 of
-        frozen's updates on Tux Paint) leaves the model where it started even without noise. From the noised
-        shares the run released: saying it costs no privacy."""
-        last = self.unclipped_shares[-STARVED_ROUNDS:]
-        if len(last) < STARVED_ROUNDS or sum(last) / len(last) >= self.p.target_quantile / 4:
+        """One line when the adaptive bound was still far from the updates' norms at the end. Far below: each
+        round moved the model by at most the bound, and a bound started far too low (0.1 against the norms of
+        5 of frozen's updates on Tux Paint) leaves the model where it started even without noise. Far above:
+        the noise, which scales with the bound, drowned updates much smaller than it (LW on emoji from 4,
+        against norms of 0.2-1.3: the bound shrinks by a factor of about exp(-clip_lr / 2) a round and was
+        still above them after 12). From the noised shares the run released: saying it costs no privacy."""
+        last = self.unclipped_shares[-ADVICE_ROUNDS:]
+        if len(last) < ADVICE_ROUNDS:
+            return ""
+        share, target = sum(last) / len(last), self.p.target_quantile
+        if share < target / 4:
+            where = "still clipped nearly every"
+            cost = "each round moved the model by at most the bound"
+        elif share > 1 - (1 - target) / 4:
+            where = "stayed above nearly every"
+            cost = "the noise, which scales with the bound, was larger than the updates needed"
+        else:
             return ""
         return (
-            f"the adaptive clipping bound ({self.bound:.3g} at the end, from {self.p.clip:g}) still clipped "
-            f"nearly every update in the last {STARVED_ROUNDS} rounds (noised unclipped share "
-            f"{sum(last) / len(last):.2f}, target {self.p.target_quantile:g}), so each round moved the model "
-            "by at most the bound: start privacy.clip nearer the updates' norms or raise privacy.clip_lr"
+            f"the adaptive clipping bound ({self.bound:.3g} at the end, from {self.p.clip:g}) {where} update "
+            f"in the last {ADVICE_ROUNDS} rounds (noised unclipped share {share:.2f}, target {target:g}), so "
+            f"{cost}: start privacy.clip nearer the updates' norms or raise privacy.clip_lr"
         )
 
     def describe(self) -> dict[str, Any]:
