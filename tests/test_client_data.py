@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedmml.cli import main
 from fedmml.client_data import SharedSplit, open_client_data
@@ -189,3 +190,27 @@ def test_federated_evaluation_on_the_clients_own_test_splits(
         assert record["eval_clients"] == [0, 2] and list(record["eval_skipped_clients"]) == ["1"]
         assert "client 1 has no usable test split" in record["eval_skipped_clients"]["1"]
         assert record["test_images"] == 2 * 96 and 0 <= record["rsum"] <= 600
+
+
+def _shards(store_dir: Path) -> int:
+    return len(list(store_dir.glob("*/*.json")))  # an index per shard, in a folder per image geometry
+
+
+def test_a_simulation_stores_its_clients_images_at_once_and_each_reads_its_own(
+    emoji_root: Path, tmp_path: Path
+) -> None:
+    # Opened one by one, 12 clients would add 12 shards a split, each sweeping the ones before it; an
+    # in-process run stores them all at once: one shard for the training shares, one for the held-out ones.
+    sets = [f'data.root="{emoji_root}"', "federation.num_clients=12", 'eval.where="federated"', *TINY]
+    setup = build_setup(load_config("tiny", [*sets, f'data.store_dir="{tmp_path / "at-once"}"']))
+    assert _shards(tmp_path / "at-once") == 2
+    # Each client reads what it would read from a store it made itself, and only its own samples.
+    alone = load_config("tiny", [*sets, f'data.store_dir="{tmp_path / "alone"}"'])
+    shared = SharedSplit(alone)
+    for cid in (0, 7):
+        own = open_client_data(alone, cid, shared)
+        client = setup.clients[cid]
+        assert client.data.describe() == own.describe()
+        assert torch.equal(client.dataset[0][0], own.dataset[0][0])
+        assert torch.equal(client.data.test[1][0], own.test[1][0])
+    assert _shards(tmp_path / "alone") == 4  # the two clients' shares of each split

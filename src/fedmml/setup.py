@@ -90,6 +90,8 @@ def open_clients(cfg: Config, workspace: Workspace) -> tuple[dict[int, Client], 
     """Every client of an in-process run with its own data; those that cannot open theirs, with the line
     that says why."""
     shared = source_of(cfg)
+    if shared is not None:
+        shared.store_images(range(cfg.federation.num_clients))
     clients: dict[int, Client] = {}
     failures: dict[int, str] = {}
     for cid in range(cfg.federation.num_clients):

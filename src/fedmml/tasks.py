@@ -26,7 +26,7 @@ from fedmml.data.coco import CaptionDataset, CaptionIndex
 from fedmml.data.formats import format_of
 from fedmml.data.hf import hf_classes
 from fedmml.data.partition import carve, partition, partition_by_group, stratified_subset
-from fedmml.data.store import ImagesConfig
+from fedmml.data.store import Geometry, ImagesConfig
 from fedmml.data.subset import write_advance_subset, write_caption_subset
 from fedmml.evaluation.classification import (
     accuracy,
@@ -47,6 +47,11 @@ def images_config(cfg: Config) -> ImagesConfig:
     with every core of the machine."""
     d = cfg.data
     return ImagesConfig(d.store, Path(d.store_dir) if d.store_dir else None, os.cpu_count() or 1)
+
+
+def _geometry(cfg: Config, train: bool) -> Geometry:
+    """The stored images' geometry of a training (``train``) or held-out split, as its dataset reads them."""
+    return Geometry(cfg.model.image.image_size, cfg.data.augment and train)
 
 
 class Task:
@@ -76,6 +81,11 @@ class Task:
 
     def labels(self, index: Any) -> list[str | None]:
         """The label of every indexed sample that a Dirichlet split is over."""
+        raise NotImplementedError
+
+    def store_images(self, cfg: Config, index: Any, positions: list[int], train: bool, root: str) -> None:
+        """Put the images of the samples of ``index`` (a split under ``root``; a training split if ``train``)
+        at ``positions`` into the image store, where it lacks them."""
         raise NotImplementedError
 
     def has_split(self, cfg: Config, root: str, split: str) -> bool:
@@ -243,6 +253,11 @@ class ImageText(Task):
     def labels(self, index: CaptionIndex) -> list[str | None]:
         return index.labels
 
+    def store_images(
+        self, cfg: Config, index: CaptionIndex, positions: list[int], train: bool, root: str
+    ) -> None:
+        index.open_images(positions, _geometry(cfg, train), images_config(cfg))
+
     def has_split(self, cfg: Config, root: str, split: str) -> bool:
         return Path(root).is_dir() and split in format_of(cfg, root).splits(Path(root), cfg)
 
@@ -334,6 +349,11 @@ class ImageAudio(Task):
 
     def labels(self, index: AdvanceIndex) -> list[str | None]:
         return list(index.label_names)
+
+    def store_images(
+        self, cfg: Config, index: AdvanceIndex, positions: list[int], train: bool, root: str
+    ) -> None:
+        index.open_images(positions, Path(root), _geometry(cfg, train), images_config(cfg))
 
     def has_split(self, cfg: Config, root: str, split: str) -> bool:
         return Path(root).is_dir() and split in format_of(cfg, root).splits(Path(root), cfg)

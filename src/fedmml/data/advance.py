@@ -21,7 +21,14 @@ from fedmml.data.audio import DEFAULT_FBANK, FeatureSettings, UnreadableAudio, l
 from fedmml.data.coco import DatasetNotFound, sample_seed, stack_read
 from fedmml.data.images import random_resized_crop, to_tensor
 from fedmml.data.partition import stratified_subset
-from fedmml.data.store import Geometry, ImagesConfig, open_images, read_or_next
+from fedmml.data.store import (
+    Geometry,
+    ImagesConfig,
+    ImageStore,
+    SourceImages,
+    open_images,
+    read_or_next,
+)
 
 PREPARE_HINT = (
     "run `fedmml data prepare tuxpaint --out <root>` (or point data.root at an ADVANCE-layout folder)"
@@ -162,6 +169,16 @@ class AdvanceIndex:
             self.split_dir, self.classes, *pick, dict(self.skipped), identities, self.sources, self.sounds
         )
 
+    def open_images(
+        self, positions: Sequence[int], root: Path, geometry: Geometry, images: ImagesConfig | None
+    ) -> tuple[ImageStore | SourceImages, list[Any]]:
+        """What the pairs at ``positions`` read their pixels from (see :func:`open_images`; the split lies
+        under ``root``), and their images' names in it."""
+        tables = self.sources is not None
+        # Files by their path under the root (a store entry is then the same wherever the root moves).
+        names = [self.pairs[i][2] if tables else str(self.pairs[i][2].relative_to(root)) for i in positions]
+        return open_images(self.sources if tables else root, names, geometry, images, home=root), names
+
     @property
     def label_names(self) -> list[str]:
         """The class name of every pair (what a per-class Dirichlet split is over)."""
@@ -266,13 +283,7 @@ class AdvanceDataset(Dataset):
         skipped.update(unreadable_image=0, unreadable_sound=0)
         chosen = range(len(index)) if whole else sorted(positions)
         say = progress or (lambda _msg: None)
-        tables = index.sources is not None
-        # Files by their path under the root (a store entry is then the same wherever the root moves).
-        names = [
-            index.pairs[i][2] if tables else str(index.pairs[i][2].relative_to(self.root)) for i in chosen
-        ]
-        where = index.sources if tables else self.root
-        self.images = open_images(where, names, Geometry(image_size, augment), images, home=self.root)
+        self.images, names = index.open_images(chosen, self.root, Geometry(image_size, augment), images)
         self.sound_sources = index.sounds
         self.ids: list[str] = []
         self.labels: list[int] = []

@@ -17,7 +17,15 @@ from torch.utils.data import Dataset
 from fedmml.data import DataError, fingerprint, sample_identity
 from fedmml.data.images import random_resized_crop, to_tensor
 from fedmml.data.partition import stratified_subset
-from fedmml.data.store import FileSources, Geometry, ImagesConfig, open_images, read_or_next
+from fedmml.data.store import (
+    FileSources,
+    Geometry,
+    ImagesConfig,
+    ImageStore,
+    SourceImages,
+    open_images,
+    read_or_next,
+)
 
 PREPARE_HINT = "run `fedmml data prepare emoji` (or point data.root at a COCO-format folder)"
 
@@ -83,6 +91,13 @@ class CaptionIndex:
     def images(self) -> Any:
         """Where this split's images are read from."""
         return self.sources if self.sources is not None else FileSources(self.images_path)
+
+    def open_images(
+        self, positions: Sequence[int], geometry: Geometry, images: ImagesConfig | None
+    ) -> ImageStore | SourceImages:
+        """What the samples at ``positions`` read their pixels from (see :func:`open_images`)."""
+        names = [self.file_names[i] for i in positions]
+        return open_images(self.images(), names, geometry, images, home=self.home)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -184,8 +199,7 @@ class CaptionDataset(Dataset):
         self.images_path = index.images_path
         whole = positions is None
         chosen = range(len(index)) if whole else sorted(positions)
-        names = [index.file_names[i] for i in chosen]
-        source = open_images(index.images(), names, Geometry(image_size, augment), images, home=index.home)
+        source = index.open_images(chosen, Geometry(image_size, augment), images)
         skipped = Counter(index.skipped) if whole else Counter(unreadable_image=0)
         kept = [i for i in chosen if source.unreadable(index.file_names[i]) is None]
         skipped["unreadable_image"] += len(chosen) - len(kept)

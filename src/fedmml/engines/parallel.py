@@ -91,6 +91,8 @@ class _Worker:
             apply_threads(cfg)
             self.workspace = Workspace(cfg, select_device(cfg.run.device), cache_dir, processes)
             shared = source_of(cfg)
+            if shared is not None:
+                shared.store_images(cids)
             reports: dict[int, dict[str, Any]] = {}
             for cid in cids:
                 try:
