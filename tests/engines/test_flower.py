@@ -86,6 +86,24 @@ def test_server_app_on_an_inprocess_grid_matches_the_inprocess_engine(
         assert "fedmml-state" in context.state.config_records  # the frozen-tensor store lives in the node
 
 
+def test_a_simulation_stores_its_clients_images_at_once_and_trains_as_the_inprocess_engine(
+    emoji_root: Path, inprocess: Path, tmp_path: Path, local_grid
+) -> None:
+    from flwr.app import Context, RecordDict
+
+    from fedmml.engines.flower.client_app import app as client_app
+    from fedmml.engines.flower.server_app import main
+
+    store = tmp_path / "store"
+    sets = _overrides(emoji_root, 'run.engine="flower-sim"', f'data.store_dir="{store}"')
+    run_config = {"preset": "tiny", "overrides": ";".join(sets), "run-dir": str(tmp_path / "run")}
+    main(local_grid(client_app, num_nodes=3), Context(0, 0, {}, RecordDict(), run_config))
+    assert_same_run(inprocess, tmp_path / "run")
+    # The server's test split and one shard for the three clients' shares, where each client opening its own
+    # would have added three.
+    assert len(list(store.glob("*/*.json"))) == 2
+
+
 def test_nodes_declare_their_memory_budgets_and_hetero_plans_with_them(
     emoji_root: Path, tmp_path: Path, local_grid
 ) -> None:

@@ -45,7 +45,12 @@ class _Loaded:
         if (pid, root) not in self.data:
             if root not in self.sources:
                 # A shared split's metadata only; the node decodes just its own share below.
-                self.sources[root] = source_of(self.cfg, root or None)
+                shared = source_of(self.cfg, root or None)
+                if shared is not None and self.cfg.run.engine == "flower-sim":
+                    # Except in a simulation, whose clients all share this machine and its image store:
+                    # stored at once (see SharedSplit.store_images), not a shard each.
+                    shared.store_images(range(self.cfg.federation.num_clients))
+                self.sources[root] = shared
             self.data[(pid, root)] = open_client_data(self.cfg, pid, self.sources[root], root or None)
         return self.data[(pid, root)]
 
