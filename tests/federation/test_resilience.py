@@ -100,6 +100,9 @@ class Poisoned:
         key = sorted(tensors)[0]
         if self.how == "nan":
             tensors[key] = torch.full_like(tensors[key], float("nan"))
+        elif self.how == "inf":  # one value among finite ones
+            tensors[key] = tensors[key].clone()
+            tensors[key].view(-1)[0] = float("inf")
         elif self.how == "shape":
             tensors[key] = torch.zeros(3, 3)
         elif self.how == "missing":
@@ -112,19 +115,19 @@ class Poisoned:
 def test_poisoned_updates_are_rejected_and_never_reach_the_model(emoji_root: Path) -> None:
     cfg = load_config(
         "tiny",
-        [f'data.root="{emoji_root}"', "federation.num_clients=5", "federation.max_update_norm=10.0"],
+        [f'data.root="{emoji_root}"', "federation.num_clients=6", "federation.max_update_norm=10.0"],
     )
     setup = build_setup(cfg)
-    kinds = ["nan", "shape", "missing", "huge"]
+    kinds = ["nan", "shape", "missing", "huge", "inf"]
     for cid, how in enumerate(kinds):
         setup.clients[cid] = Poisoned(setup.clients[cid], how)
     metrics = setup.server.run(setup.engine)
     for record in metrics:
-        assert set(record["rejected_clients"]) == {"0", "1", "2", "3"}
-        assert record["clients"] == [4]
+        assert set(record["rejected_clients"]) == {"0", "1", "2", "3", "4"}
+        assert record["clients"] == [5]
     reasons = metrics[0]["rejected_clients"]
     assert "non-finite" in reasons["0"] and "expected" in reasons["1"]
-    assert "missing" in reasons["2"] and "exceeds" in reasons["3"]
+    assert "missing" in reasons["2"] and "exceeds" in reasons["3"] and "non-finite" in reasons["4"]
     assert all(
         torch.isfinite(v).all() for v in setup.server.model.state_dict().values() if v.is_floating_point()
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import math
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -575,7 +576,9 @@ class Server:
         except PayloadError as err:
             return str(err)
         for key, value in tensors.items():
-            if value.is_floating_point() and not torch.isfinite(value).all():
+            # A float64 sum is non-finite exactly when a value is (no float32 or narrower tensor can overflow
+            # it), and a third the cost of isfinite's mask at a thousand clients of 5.8 M values a round.
+            if value.is_floating_point() and not math.isfinite(value.sum(dtype=torch.float64)):
                 return f"non-finite values in {key}"
         bound = self.cfg.federation.max_update_norm
         if bound > 0:
