@@ -19,6 +19,14 @@ Prints a markdown table: rsum (or accuracy) per method and epsilon, the mean ove
 figure, and the median wall time; and draws the curve, a line per method against epsilon with the random
 ranking (or majority class) beneath, in ``<out>/privacy_utility.png``. ``--collect`` runs nothing and
 tabulates what is in ``--out`` (a point not run says so), to read a sweep that is still going.
+
+A sweep of 2-hour runs outlives the machine that ran its first points. ``--ledger FILE`` keeps each finished
+run's point (its score, wall time, client peak and privacy figures, with the regime: data, clients, rate,
+local epochs, batch) as a JSON line, and the table and plot take the ledger's points of the same regime that
+``--out`` lacks: the repository's ``benchmarks/dp_curve_points.jsonl`` holds the curves measured so far
+(points whose folders were lost before the ledger existed carry their RESULTS figures and say so in
+``source``). ``--variant NAME`` names the ``--set`` overrides (e2e at Prog's rates: ``x4``), so that they
+draw a line of their own.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 SCORE = {"emoji": "rsum", "tuxpaint": "accuracy"}
 CHANCE = {"emoji": "chance_rsum", "tuxpaint": "majority_rate"}  # the floor each score is read against
@@ -87,33 +96,102 @@ def main() -> None:
     parser.add_argument(
         "--collect", action="store_true", help="run nothing: tabulate and plot the runs already in --out"
     )
+    parser.add_argument(
+        "--variant", default="", help="a name for the --set overrides, in the ledger and legend"
+    )
+    parser.add_argument("--ledger", type=Path, help="a JSON-lines file of points: written and read")
     args = parser.parse_args()
-    score = SCORE[args.data]
-    rows = ["| method | " + " | ".join(_level(e) for e in args.epsilons) + " | median wall |"]
-    rows.append("|---|" + "---:|" * (len(args.epsilons) + 1))
-    points: dict[str, dict[float, list[float]]] = {}
-    chance = None
+    found = []
     for method in args.methods:
-        cells, walls = [], []
         for epsilon in args.epsilons:
-            figures = []
             for seed in args.seeds:
                 out = args.out / f"{method}-eps{epsilon:g}-seed{seed}"
                 if not args.collect:
                     _run(args, out, method, epsilon, seed)
-                if not (out / "summary.json").exists():
-                    continue
-                summary = json.loads((out / "summary.json").read_text())
-                figures.append(summary[score])
-                walls.append(summary["wall_s"])
-                chance = chance if chance is not None else summary.get(CHANCE[args.data])
-            points.setdefault(method, {})[epsilon] = figures
-            cells.append(_cell(figures))
-        wall = f"{statistics.median(walls):.0f} s" if walls else ""
-        rows.append(f"| {method} | " + " | ".join(cells) + f" | {wall} |")
+                if (out / "summary.json").exists():
+                    found.append(_point(args, method, epsilon, seed, out / "summary.json"))
+    if args.ledger:
+        found = _merge_ledger(args.ledger, found, _regime(args))
+    rows, points, chance = _table(found, args)
     print("\n".join(rows))
-    plot = _plot(points, args.epsilons, score, chance, args.out)
+    plot = _plot(points, args.epsilons, SCORE[args.data], chance, args.out)
     print(f"\n![privacy/utility]({plot})")
+
+
+def _regime(args: argparse.Namespace) -> dict[str, Any]:
+    """What makes two points comparable: the data and the federation they trained in."""
+    return {
+        "data": args.data,
+        "clients": args.clients,
+        "rate": args.rate,
+        "local_epochs": args.local_epochs,
+        "batch": args.batch,
+    }
+
+
+def _point(args: argparse.Namespace, method: str, epsilon: float, seed: int, path: Path) -> dict[str, Any]:
+    summary = json.loads(path.read_text())
+    summary_time = path.stat().st_mtime
+    privacy = summary.get("privacy") or {}
+    return {
+        **_regime(args),
+        "method": method,
+        "variant": args.variant,
+        "epsilon": epsilon,
+        "seed": seed,
+        "score": summary[SCORE[args.data]],
+        "chance": summary.get(CHANCE[args.data]),
+        "macro_f1": summary.get("macro_f1"),
+        "wall_s": summary["wall_s"],
+        "client_peak_mem_bytes": summary["client_peak_mem_bytes"],
+        "noise_multiplier": privacy.get("noise_multiplier"),
+        "final_clip": privacy.get("final_clip"),
+        "source": f"run of {time.strftime('%Y-%m-%d', time.gmtime(summary_time))}",
+    }
+
+
+def _key(point: dict[str, Any]) -> tuple:
+    return tuple(point[k] for k in ("data", "clients", "rate", "local_epochs", "batch", "method", "variant"))
+
+
+def _merge_ledger(ledger: Path, found: list[dict[str, Any]], regime: dict[str, Any]) -> list[dict[str, Any]]:
+    """Write ``found`` into ``ledger`` (a point of the same run replaced) and return every point of ``regime``
+    there, the new ones included."""
+    kept = (
+        [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
+        if ledger.exists()
+        else []
+    )
+    fresh = {(*_key(p), p["epsilon"], p["seed"]) for p in found}
+    kept = [p for p in kept if (*_key(p), p["epsilon"], p["seed"]) not in fresh] + found
+    kept.sort(key=lambda p: (*_key(p), p["epsilon"], p["seed"]))
+    ledger.write_text("".join(json.dumps(p) + "\n" for p in kept))
+    return [p for p in kept if all(p[k] == v for k, v in regime.items())]
+
+
+def _table(
+    found: list[dict[str, Any]], args: argparse.Namespace
+) -> tuple[list[str], dict[str, dict[float, list[float]]], float | None]:
+    """The markdown table and the plot's points: a row per method and variant of ``--methods``, a column per
+    epsilon of ``--epsilons``, each cell the mean over seeds and each seed's figure."""
+    rows = ["| method | " + " | ".join(_level(e) for e in args.epsilons) + " | median wall |"]
+    rows.append("|---|" + "---:|" * (len(args.epsilons) + 1))
+    points: dict[str, dict[float, list[float]]] = {}
+    chance = next((p["chance"] for p in found if p.get("chance") is not None), None)
+    lines = {(p["method"], p["variant"]) for p in found if p["method"] in args.methods}
+    lines |= {(method, args.variant) for method in args.methods}  # a line not run yet says so
+    for method, variant in sorted(lines, key=lambda line: (args.methods.index(line[0]), line[1])):
+        label = f"{method} ({variant})" if variant else method
+        mine = [p for p in found if (p["method"], p["variant"]) == (method, variant)]
+        cells = []
+        for epsilon in args.epsilons:
+            figures = [p["score"] for p in sorted(mine, key=lambda p: p["seed"]) if p["epsilon"] == epsilon]
+            points.setdefault(label, {})[epsilon] = figures
+            cells.append(_cell(figures))
+        walls = [p["wall_s"] for p in mine if p.get("wall_s")]
+        wall = f"{statistics.median(walls):.0f} s" if walls else ""
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | {wall} |")
+    return rows, points, chance
 
 
 def _cell(figures: list[float]) -> str:
@@ -137,7 +215,7 @@ def _plot(
     import matplotlib.pyplot as plt
 
     order = sorted(epsilons, key=lambda e: (e == 0, e))  # the strongest privacy first, no DP last
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     for method, by_epsilon in points.items():
         xs = [i for i, e in enumerate(order) if by_epsilon.get(e)]
         if not xs:
@@ -152,8 +230,9 @@ def _plot(
     ax.set_ylabel(f"{score} (%)" if score == "accuracy" else score)
     ax.set_title("Privacy/utility: client-level DP at each epsilon")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the points, not on them
     fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)  # a --collect from the ledger alone names a new folder
     path = out / "privacy_utility.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
