@@ -118,15 +118,12 @@ def main() -> None:
     print(f"\n![privacy/utility]({plot})")
 
 
+# What makes two points comparable: the data and the federation they trained in (options of these names).
+REGIME = ("data", "clients", "rate", "local_epochs", "batch")
+
+
 def _regime(args: argparse.Namespace) -> dict[str, Any]:
-    """What makes two points comparable: the data and the federation they trained in."""
-    return {
-        "data": args.data,
-        "clients": args.clients,
-        "rate": args.rate,
-        "local_epochs": args.local_epochs,
-        "batch": args.batch,
-    }
+    return {k: getattr(args, k) for k in REGIME}
 
 
 def _point(args: argparse.Namespace, method: str, epsilon: float, seed: int, path: Path) -> dict[str, Any]:
@@ -151,7 +148,8 @@ def _point(args: argparse.Namespace, method: str, epsilon: float, seed: int, pat
 
 
 def _key(point: dict[str, Any]) -> tuple:
-    return tuple(point[k] for k in ("data", "clients", "rate", "local_epochs", "batch", "method", "variant"))
+    """The run a point is of: a rerun's point replaces the old one."""
+    return tuple(point[k] for k in (*REGIME, "method", "variant", "epsilon", "seed"))
 
 
 def _merge_ledger(ledger: Path, found: list[dict[str, Any]], regime: dict[str, Any]) -> list[dict[str, Any]]:
@@ -162,9 +160,8 @@ def _merge_ledger(ledger: Path, found: list[dict[str, Any]], regime: dict[str, A
         if ledger.exists()
         else []
     )
-    fresh = {(*_key(p), p["epsilon"], p["seed"]) for p in found}
-    kept = [p for p in kept if (*_key(p), p["epsilon"], p["seed"]) not in fresh] + found
-    kept.sort(key=lambda p: (*_key(p), p["epsilon"], p["seed"]))
+    fresh = {_key(p) for p in found}
+    kept = sorted([p for p in kept if _key(p) not in fresh] + found, key=_key)
     ledger.write_text("".join(json.dumps(p) + "\n" for p in kept))
     return [p for p in kept if all(p[k] == v for k, v in regime.items())]
 

@@ -577,7 +577,7 @@ class Server:
             return str(err)
         for key, value in tensors.items():
             # A float64 sum is non-finite exactly when a value is (no float32 or narrower tensor can overflow
-            # it), and a third the cost of isfinite's mask at a thousand clients of 5.8 M values a round.
+            # it), and needs no mask: 18-32 ms against isfinite's 42-51 ms on e2e's 5.8 M values (RESULTS).
             if value.is_floating_point() and not math.isfinite(value.sum(dtype=torch.float64)):
                 return f"non-finite values in {key}"
         bound = self.cfg.federation.max_update_norm
